@@ -1,0 +1,338 @@
+"""The audit store: engine set-up, migrations, chained appends and reads.
+
+SQLite (WAL, ``synchronous=FULL``) locally, PostgreSQL (psycopg 3) in
+production. ``append`` writes a whole batch in one transaction: it locks the
+chain head row, numbers and hashes the records, inserts them with one
+multi-row statement per table and moves the heads. Several appenders (policyd
+replicas, the CLI recording an evidence read) therefore extend one chain in
+turn, never interleaving inside a batch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.engine import Connection, make_url
+
+from policyd.audit.events import Event
+from policyd.audit.models import (
+    GENESIS,
+    ChainHead,
+    SessionHead,
+    WriterState,
+    chain_hash,
+    event_to_content,
+    record_tables,
+    table_of,
+)
+from policyd.audit.scrub import scrub_event
+
+DEFAULT_URL = "sqlite:///.run/audit.db"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def store_url(url: str | None = None) -> str:
+    """The store URL: explicit, else ``PGWARDEN_AUDIT_URL``, else the local
+    SQLite default."""
+    return url or os.environ.get("PGWARDEN_AUDIT_URL") or DEFAULT_URL
+
+
+def _sqlalchemy_url(url: str) -> str:
+    """Accept plain ``postgresql://`` URLs and use the psycopg 3 driver."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    sa_url = make_url(_sqlalchemy_url(url))
+    if sa_url.get_backend_name() == "sqlite":
+        if sa_url.database and sa_url.database != ":memory:":
+            Path(sa_url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(sa_url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Take transaction control from pysqlite so BEGIN IMMEDIATE is used:
+            # the chain head must be locked before it is read.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(sa_url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply the Alembic migrations to the store at ``url``."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored record: its table and all its columns."""
+
+    table: str
+    row: dict[str, Any]
+
+    @property
+    def seq(self) -> int:
+        return int(self.row["seq"])
+
+
+class AuditStore:
+    """Chained, batched access to the record tables."""
+
+    def __init__(self, url: str | None = None, *, migrate: bool = True) -> None:
+        self.url = store_url(url)
+        if migrate:
+            upgrade(self.url)
+        self.engine = make_engine(self.url)
+        self.tables = record_tables()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- writing -------------------------------------------------------------
+
+    def append(
+        self,
+        events: Sequence[Event],
+        *,
+        writer_id: str | None = None,
+        spool_n: int | None = None,
+        scrubbed: bool = False,
+    ) -> list[int]:
+        """Store ``events`` in order in one transaction; return their ``seq``.
+
+        With ``writer_id``/``spool_n`` the writer's spool position is moved in
+        the same transaction. Unless ``scrubbed``, events are scrubbed here.
+        """
+        if not scrubbed:
+            events = [scrub_event(e) for e in events]
+        head_t = table_of(ChainHead)
+        shead_t = table_of(SessionHead)
+        with self.engine.begin() as conn:
+            head = conn.execute(
+                select(head_t.c.seq, head_t.c.hash).where(head_t.c.id == 1).with_for_update()
+            ).one_or_none()
+            seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
+            sids = sorted({e.session_id for e in events})
+            heads: dict[str, tuple[int, str]] = {}
+            for chunk_start in range(0, len(sids), 500):
+                chunk = sids[chunk_start : chunk_start + 500]
+                for sid, sseq, shash in conn.execute(
+                    select(shead_t.c.session_id, shead_t.c.session_seq, shead_t.c.hash).where(
+                        shead_t.c.session_id.in_(chunk)
+                    )
+                ):
+                    heads[sid] = (int(sseq), str(shash))
+            known = set(heads)
+            by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            seqs: list[int] = []
+            for ev in events:
+                table, row = event_to_content(ev)
+                seq += 1
+                sseq, sprev = heads.get(ev.session_id, (0, GENESIS))
+                row.update(seq=seq, session_seq=sseq + 1, session_prev_hash=sprev, prev_hash=prev)
+                row["hash"] = prev = chain_hash(prev, table, row)
+                row["session_hash"] = chain_hash(sprev, table, row)
+                heads[ev.session_id] = (sseq + 1, row["session_hash"])
+                by_table[table].append(row)
+                seqs.append(seq)
+            for table, rows in by_table.items():
+                conn.execute(self.tables[table].insert(), rows)
+            if head is None:
+                conn.execute(head_t.insert(), [{"id": 1, "seq": seq, "hash": prev}])
+            else:
+                conn.execute(
+                    update(head_t).where(head_t.c.id == 1).values(seq=seq, hash=prev)
+                )
+            self._move_session_heads(conn, heads, known, set(sids))
+            if writer_id is not None and spool_n is not None:
+                self._set_writer_position(conn, writer_id, spool_n)
+        return seqs
+
+    def _move_session_heads(
+        self,
+        conn: Connection,
+        heads: dict[str, tuple[int, str]],
+        known: set[str],
+        touched: set[str],
+    ) -> None:
+        t = table_of(SessionHead)
+        new = [
+            {"session_id": s, "session_seq": heads[s][0], "hash": heads[s][1]}
+            for s in sorted(touched - known)
+        ]
+        if new:
+            conn.execute(t.insert(), new)
+        for s in sorted(touched & known):
+            conn.execute(
+                update(t)
+                .where(t.c.session_id == s)
+                .values(session_seq=heads[s][0], hash=heads[s][1])
+            )
+
+    def _set_writer_position(self, conn: Connection, writer_id: str, spool_n: int) -> None:
+        t = table_of(WriterState)
+        done = conn.execute(
+            update(t).where(t.c.writer_id == writer_id).values(spool_n=spool_n)
+        ).rowcount
+        if not done:
+            conn.execute(t.insert(), [{"writer_id": writer_id, "spool_n": spool_n}])
+
+    def writer_position(self, writer_id: str) -> int:
+        """Last spool number of ``writer_id`` already stored (0 if none)."""
+        t = table_of(WriterState)
+        with self.engine.connect() as conn:
+            got = conn.execute(select(t.c.spool_n).where(t.c.writer_id == writer_id)).scalar()
+        return int(got or 0)
+
+    # -- reading -------------------------------------------------------------
+
+    def head(self) -> tuple[int, str]:
+        t = table_of(ChainHead)
+        with self.engine.connect() as conn:
+            got = conn.execute(select(t.c.seq, t.c.hash).where(t.c.id == 1)).one_or_none()
+        return (int(got[0]), str(got[1])) if got else (0, GENESIS)
+
+    def iter_records(
+        self, since_seq: int = 0, *, since_ts: str | None = None, batch: int = 2000
+    ) -> Iterator[Record]:
+        """All records with ``seq >= since_seq`` (and ``ts >= since_ts``) in
+        global order, merged from the tables in bounded memory."""
+
+        def one_table(name: str) -> Iterator[Record]:
+            table = self.tables[name]
+            last = since_seq - 1
+            while True:
+                q = select(table).where(table.c.seq > last)
+                if since_ts is not None:
+                    q = q.where(table.c.ts >= since_ts)
+                q = q.order_by(table.c.seq).limit(batch)
+                with self.engine.connect() as conn:
+                    rows = [dict(r._mapping) for r in conn.execute(q)]
+                if not rows:
+                    return
+                for row in rows:
+                    yield Record(name, row)
+                last = int(rows[-1]["seq"])
+
+        yield from heapq.merge(*(one_table(n) for n in self.tables), key=lambda r: r.seq)
+
+    def session_records(self, session_id: str) -> list[Record]:
+        out: list[Record] = []
+        with self.engine.connect() as conn:
+            for name, table in self.tables.items():
+                for r in conn.execute(select(table).where(table.c.session_id == session_id)):
+                    out.append(Record(name, dict(r._mapping)))
+        out.sort(key=lambda r: r.seq)
+        return out
+
+    def list_sessions(
+        self,
+        *,
+        since: str | None = None,
+        subject: str | None = None,
+        group: str | None = None,
+        decision: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Session summaries (start row plus counts and how it ended)."""
+        s = self.tables["audit_sessions"]
+        st = self.tables["audit_statements"]
+        se = self.tables["audit_session_ends"]
+        q = select(s)
+        if since:
+            q = q.where(s.c.ts >= since)
+        if subject:
+            q = q.where(s.c.subject == subject)
+        if decision:
+            q = q.where(
+                s.c.session_id.in_(select(st.c.session_id).where(st.c.verdict == decision))
+            )
+        q = q.order_by(s.c.seq)
+        out: list[dict[str, Any]] = []
+        with self.engine.connect() as conn:
+            for r in conn.execute(q):
+                row = dict(r._mapping)
+                if group and group not in (row.get("groups") or []):
+                    continue
+                verdicts = [
+                    v for (v,) in conn.execute(
+                        select(st.c.verdict).where(st.c.session_id == row["session_id"])
+                    )
+                ]
+                end = conn.execute(
+                    select(se.c.ts, se.c.reason).where(se.c.session_id == row["session_id"])
+                ).first()
+                row["statements"] = len(verdicts)
+                row["denied"] = sum(1 for v in verdicts if v == "deny")
+                row["held"] = sum(1 for v in verdicts if v == "hold")
+                row["ended_at"] = end[0] if end else None
+                row["end_reason"] = end[1] if end else None
+                out.append(row)
+        return out
+
+    def delete_before(self, seq: int) -> int:
+        """Delete every record with ``seq < seq`` (prune); returns the count."""
+        n = 0
+        with self.engine.begin() as conn:
+            for table in self.tables.values():
+                n += conn.execute(table.delete().where(table.c.seq < seq)).rowcount
+        return n
+
+    def first_seq_at_or_after(self, ts: str) -> int | None:
+        """Smallest ``seq`` whose record is at or after ``ts``."""
+        best: int | None = None
+        with self.engine.connect() as conn:
+            for table in self.tables.values():
+                got = conn.execute(
+                    select(table.c.seq).where(table.c.ts >= ts).order_by(table.c.seq).limit(1)
+                ).scalar()
+                if got is not None and (best is None or got < best):
+                    best = int(got)
+        return best
+
+    def record(self, seq: int) -> Record | None:
+        with self.engine.connect() as conn:
+            for name, table in self.tables.items():
+                r = conn.execute(select(table).where(table.c.seq == seq)).first()
+                if r is not None:
+                    return Record(name, dict(r._mapping))
+        return None
+
+    def __enter__(self) -> AuditStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
