@@ -1,0 +1,1186 @@
+"""What a SQL message does, in terms a policy can judge.
+
+The SQL is parsed by PostgreSQL's own parser (libpg_query through pglast),
+never by regular expressions: comments, case, quoting, ``U&"..."`` escapes and
+dollar quoting are undone by the parser exactly as the server would undo them,
+so a policy sees ``pg_read_file`` however it was spelt.
+
+Hot path choice: ``pglast.parser.parse_sql_json`` + :func:`json.loads` is
+several times faster than ``pglast.parse_sql`` (which builds Python node
+objects); see bench/policy_bench.py. The walker therefore works on the plain
+JSON tree (dicts, lists, strings).
+
+The result is conservative where the catalog would be needed to be exact:
+an unqualified relation lists every schema of the search path it may resolve
+to (``candidates``), an unqualified column in a join is attributed to every
+table in scope. Over-reporting makes a policy stricter, never looser.
+A message the parser rejects is reported ``parseable=False``; the policy
+denies it (fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pglast import parser as pg
+
+Node = dict[str, Any]
+
+#: Languages whose functions run arbitrary code in the server process.
+UNTRUSTED_LANGUAGES = frozenset(
+    {"c", "internal", "plpython3u", "plpythonu", "plpython2u", "plperlu", "pltclu", "plsh",
+     "plrustu", "pljavau", "plv8u"}
+)
+
+_ROLE_STMTS = {
+    "CreateRoleStmt": "create_role",
+    "AlterRoleStmt": "alter_role",
+    "AlterRoleSetStmt": "alter_role",
+    "DropRoleStmt": "drop_role",
+    "ReassignOwnedStmt": "reassign_owned",
+    "DropOwnedStmt": "drop_owned",
+}
+_SIMPLE_COMMANDS = {
+    "TransactionStmt": "transaction",
+    "VariableShowStmt": "show",
+    "AlterSystemStmt": "alter_system",
+    "DropdbStmt": "drop_database",
+    "CreatedbStmt": "create_database",
+    "AlterDatabaseStmt": "alter_database",
+    "AlterDatabaseSetStmt": "alter_database",
+    "GrantStmt": "grant",
+    "GrantRoleStmt": "grant",
+    "AlterDefaultPrivilegesStmt": "grant",
+    "DoStmt": "do",
+    "CallStmt": "call",
+    "ExecuteStmt": "execute",
+    "PrepareStmt": "prepare",
+    "DeallocateStmt": "deallocate",
+    "ListenStmt": "listen",
+    "UnlistenStmt": "listen",
+    "NotifyStmt": "notify",
+    "DiscardStmt": "discard",
+    "LoadStmt": "load",
+    "LockStmt": "lock",
+    "CheckPointStmt": "maintenance",
+    "VacuumStmt": "maintenance",
+    "ClusterStmt": "maintenance",
+    "ReindexStmt": "maintenance",
+    "DeclareCursorStmt": "declare_cursor",
+    "FetchStmt": "fetch",
+    "ClosePortalStmt": "close",
+    "ExplainStmt": "explain",
+    "TruncateStmt": "truncate",
+    "CreateFunctionStmt": "create_function",
+    "CreateExtensionStmt": "ddl",
+    "ConstraintsSetStmt": "set",
+}
+_COMPARISON_OPS = frozenset({"=", "<>", "!=", "<", "<=", ">", ">=", "~~", "!~~", "~~*", "!~~*"})
+_FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "=", "<>": "<>", "!=": "!="}
+# Sublinks whose value is the subquery's output (EXISTS/ANY/ALL yield booleans).
+_VALUE_SUBLINKS = frozenset({"EXPR_SUBLINK", "ARRAY_SUBLINK", "MULTIEXPR_SUBLINK"})
+_PAN_LIKE = re.compile(r"(?:\d[ -]?){12,18}\d")
+
+
+def _looks_like_pan(text: str) -> bool:
+    """Luhn-valid 13..19 digits: kept out of the analysis (PCI DSS 3.5.1)."""
+    for match in _PAN_LIKE.finditer(text):
+        digits = [int(c) for c in match.group() if c.isdigit()]
+        if not 13 <= len(digits) <= 19:
+            continue
+        total = 0
+        for i, d in enumerate(reversed(digits)):
+            if i % 2:
+                d *= 2
+                if d > 9:
+                    d -= 9
+            total += d
+        if total % 10 == 0:
+            return True
+    return False
+
+
+def scrub_pan(text: str) -> str:
+    """Replace digit runs that could be a PAN (13..19 digits) by a marker."""
+    return _PAN_LIKE.sub(lambda m: "[redacted]" if _looks_like_pan(m.group()) else m.group(),
+                         text)
+
+
+def parse_search_path(search_path: str) -> list[str]:
+    """Split a ``search_path`` setting into schema names (``"$user"`` kept)."""
+    names: list[str] = []
+    for raw in search_path.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if item.startswith('"') and item.endswith('"') and len(item) >= 2:
+            names.append(item[1:-1].replace('""', '"'))
+        else:
+            names.append(item.lower())
+    return names
+
+
+@dataclass(slots=True)
+class Analysis:
+    """The analysis of one protocol message (one or more statements).
+
+    ``statements`` are JSON-ready dicts (the ``input.statements`` array of the
+    policy input, documented in docs/policy-input.schema.json).
+    """
+
+    sql: str
+    parseable: bool
+    statements: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+    fingerprint: str = ""
+    params_used: tuple[int, ...] = ()  # $n referenced anywhere in the message
+
+    def to_input(self) -> dict[str, Any]:
+        """The ``input.analysis`` document given to the policy."""
+        return {
+            "parseable": self.parseable,
+            "error": self.error,
+            "fingerprint": self.fingerprint,
+            "statement_count": len(self.statements),
+            "statements": self.statements,
+            "params_used": list(self.params_used),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """A short form for decisions and audit records."""
+        return {
+            "parseable": self.parseable,
+            "error": self.error,
+            "fingerprint": self.fingerprint,
+            "commands": [s["command"] for s in self.statements],
+            "relations": sorted({
+                f'{r["schema"]}.{r["name"]}:{r["access"]}'
+                for s in self.statements for r in s["relations"]
+            }),
+            "functions": sorted({
+                f'{f["schema"]}.{f["name"]}' for s in self.statements for f in s["functions"]
+            }),
+        }
+
+
+def analyse(
+    sql: str,
+    *,
+    search_path: str = '"$user", public',
+    user: str = "",
+    params: tuple[str | None, ...] | None = None,
+) -> Analysis:
+    """Analyse one message's SQL.
+
+    ``user`` stands for ``"$user"`` in the search path (the role the session
+    runs as upstream). ``params`` are Bind values in text form; a comparison
+    against ``$n`` then carries the value, and ``params_read`` of the
+    statement lists ``n`` so a decision cache can key on exactly those values.
+    """
+    try:
+        tree = json.loads(pg.parse_sql_json(sql))
+    except pg.ParseError as exc:
+        return Analysis(sql=sql, parseable=False,
+                        error=f"unparseable SQL: {scrub_pan(str(exc))}")
+    except Exception as exc:  # libpg_query refusing input we cannot even hand it
+        return Analysis(sql=sql, parseable=False,
+                        error=f"unparseable SQL: {type(exc).__name__}")
+    try:
+        fingerprint = pg.fingerprint(sql)
+    except Exception:
+        fingerprint = ""
+    ctx = _Message(sql, parse_search_path(search_path), user, params)
+    statements = [ctx.statement(raw) for raw in tree.get("stmts", [])]
+    return Analysis(sql=sql, parseable=True, statements=statements, fingerprint=fingerprint,
+                    params_used=tuple(sorted(ctx.params_used)))
+
+
+def _strings(items: list[Node] | None) -> list[str]:
+    return [i["String"]["sval"] for i in items or () if "String" in i]
+
+
+def _const_value(node: Node) -> tuple[bool, Any]:
+    """(known, value) of an A_Const, through type casts."""
+    while "TypeCast" in node:
+        node = node["TypeCast"].get("arg", {})
+    if "A_Const" not in node:
+        return False, None
+    const = node["A_Const"]
+    if const.get("isnull"):
+        return True, None
+    if "ival" in const:
+        return True, const["ival"].get("ival", 0)
+    if "fval" in const:
+        text = const["fval"].get("fval", "0")
+        try:
+            return True, float(text) if not text.isdigit() else int(text)
+        except ValueError:
+            return True, text
+    if "sval" in const:
+        return True, const["sval"].get("sval", "")
+    if "boolval" in const:
+        return True, bool(const["boolval"].get("boolval", False))
+    if "bsval" in const:
+        return True, const["bsval"].get("bsval", "")
+    return False, None
+
+
+def _param_value(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@dataclass(slots=True)
+class _Table:
+    key: tuple[str, str, str]  # (schema, name, access) into _Statement.relations
+    candidates: list[str]  # "schema.name" the name may resolve to
+
+
+@dataclass(slots=True)
+class _Derived:
+    columns: list[tuple[str, frozenset[str]]]  # output name -> source columns
+
+    def lookup(self, name: str) -> frozenset[str] | None:
+        for col, sources in self.columns:
+            if col == name:
+                return sources
+        return None
+
+    def all_sources(self) -> frozenset[str]:
+        out: set[str] = set()
+        for _, sources in self.columns:
+            out |= sources
+        return frozenset(out)
+
+
+@dataclass(slots=True)
+class _Scope:
+    parent: _Scope | None = None
+    entries: list[tuple[str, _Table | _Derived]] = field(default_factory=list)
+    ctes: dict[str, _Derived] = field(default_factory=dict)
+    referenced: set[tuple[str, str, str]] = field(default_factory=set)  # tables a WHERE used
+
+    def find_cte(self, name: str) -> _Derived | None:
+        scope: _Scope | None = self
+        while scope is not None:
+            if name in scope.ctes:
+                return scope.ctes[name]
+            scope = scope.parent
+        return None
+
+
+class _Message:
+    """State shared by the statements of one message (search_path, PREPAREs)."""
+
+    def __init__(self, sql: str, search_path: list[str], user: str,
+                 params: tuple[str | None, ...] | None) -> None:
+        self.raw = sql.encode()
+        self.search_path = search_path
+        self.user = user
+        self.params = params
+        self.params_used: set[int] = set()
+        self.prepared: dict[str, dict[str, Any]] = {}
+
+    def statement(self, raw: Node) -> dict[str, Any]:
+        start = raw.get("stmt_location", 0)
+        length = raw.get("stmt_len", 0)
+        text = (self.raw[start:start + length] if length else self.raw[start:]).decode(
+            errors="replace")
+        walker = _Statement(self)
+        result = walker.run(raw.get("stmt", {}), text)
+        return result
+
+
+class _Statement:
+    """Walks one statement's JSON tree and collects what the policy needs."""
+
+    def __init__(self, msg: _Message) -> None:
+        self.msg = msg
+        self.command = "unknown"
+        self.node_type = ""
+        self.relations: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.functions: dict[tuple[str, str], dict[str, Any]] = {}
+        self.comparisons: list[dict[str, Any]] = []
+        self.outputs: list[dict[str, Any]] = []
+        self.params_read: set[int] = set()
+        self.flags: dict[str, Any] = {
+            "data_modifying_cte": False,
+            "select_into": False,
+            "dynamic_sql": False,
+            "opaque_sql": False,
+            "set_role": False,
+            "session_authorization": False,
+            "alter_system": False,
+            "role_statement": False,
+            "grant": False,
+            "drop_database": False,
+            "untrusted_language": False,
+            "transaction_control": False,
+        }
+        self.details: dict[str, Any] = {}
+        self.limited = False
+        self.unbounded_reads: set[tuple[str, str, str]] = set()
+
+    # -- entry ---------------------------------------------------------------
+    def run(self, stmt: Node, text: str) -> dict[str, Any]:
+        if not stmt:
+            self.command = "empty"
+        else:
+            (self.node_type, body), = stmt.items()
+            self._dispatch(self.node_type, body, _Scope(), top=True, text=text)
+        relations = []
+        for key, rel in self.relations.items():
+            out = dict(rel)
+            out["columns"] = sorted(rel["columns"])
+            out["bounded"] = key not in self.unbounded_reads
+            relations.append(out)
+        return {
+            "command": self.command,
+            "node": self.node_type,
+            "relations": relations,
+            "functions": list(self.functions.values()),
+            "comparisons": self.comparisons,
+            "outputs": self.outputs,
+            "bounded": not any(
+                k[2] == "read" for k in self.unbounded_reads if k in self.relations),
+            "limited": self.limited,
+            "params_read": sorted(self.params_read),
+            **self.flags,
+            **self.details,
+        }
+
+    def _dispatch(self, kind: str, body: Node, scope: _Scope, *, top: bool,
+                  text: str = "", emit: bool | None = None) -> list[tuple[str, frozenset[str]]]:
+        """Handle one statement node; returns its output columns (lineage).
+
+        ``top``: the statement itself (sets the command); ``emit``: its result
+        columns reach the client (defaults to ``top``).
+        """
+        emit = top if emit is None else emit
+        if kind == "SelectStmt":
+            if top:
+                self.command = "select"
+            into = body.get("intoClause")
+            cols = self._select(body, scope, top=emit and not into)
+            if into:
+                self.flags["select_into"] = True
+                if top:
+                    self.command = "select_into"
+                self._relation(into.get("rel", {}), "write", scope)
+                return []
+            return cols
+        if kind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+            if top:
+                self.command = kind[: -len("Stmt")].lower()
+            return self._dml(kind, body, scope, emit=emit)
+        if top:
+            self.command = self._command_for(kind, body)
+        if kind in _ROLE_STMTS:
+            self.flags["role_statement"] = True
+            self.details["role_action"] = _ROLE_STMTS[kind]
+        elif kind == "RenameStmt" and body.get("renameType") == "OBJECT_ROLE":
+            self.flags["role_statement"] = True
+            self.details["role_action"] = "rename_role"
+        elif kind in ("GrantStmt", "GrantRoleStmt", "AlterDefaultPrivilegesStmt"):
+            self.flags["grant"] = True
+            self.details["grant_is_grant"] = bool(body.get("is_grant", False))
+        elif kind == "DropdbStmt":
+            self.flags["drop_database"] = True
+            self.details["database"] = body.get("dbname", "")
+        elif kind == "AlterSystemStmt":
+            self.flags["alter_system"] = True
+        elif kind == "TransactionStmt":
+            self.flags["transaction_control"] = True
+            self.details["transaction"] = body.get("kind", "").removeprefix(
+                "TRANS_STMT_").lower()
+        elif kind == "VariableSetStmt":
+            self._set(body)
+            return []
+        elif kind == "CopyStmt":
+            return self._copy(body, scope)
+        elif kind == "DoStmt":
+            self.flags["dynamic_sql"] = True
+            lang = "plpgsql"
+            code = ""
+            for opt in body.get("args", []):
+                d = opt.get("DefElem", {})
+                if d.get("defname") == "language":
+                    lang = d.get("arg", {}).get("String", {}).get("sval", lang)
+                elif d.get("defname") == "as":
+                    code = d.get("arg", {}).get("String", {}).get("sval", "")
+            self.details["language"] = lang.lower()
+            if lang.lower() in UNTRUSTED_LANGUAGES:
+                self.flags["untrusted_language"] = True
+            self._body(lang.lower(), code, scope)
+            return []
+        elif kind == "CreateFunctionStmt":
+            self._create_function(body, scope)
+            return []
+        elif kind == "CallStmt":
+            call = body.get("funccall", {})
+            self._expr({"FuncCall": call}, scope)
+            return []
+        elif kind == "PrepareStmt":
+            name = body.get("name", "")
+            query = body.get("query", {})
+            self.details["prepared_name"] = name
+            if query:
+                (qkind, qbody), = query.items()
+                self._dispatch(qkind, qbody, scope, top=False)
+                self.details["prepared_command"] = self._command_for(qkind, qbody)
+            self.msg.prepared[name] = {"command": self.details.get("prepared_command", "")}
+            return []
+        elif kind == "ExecuteStmt":
+            name = body.get("name", "")
+            self.details["prepared_name"] = name
+            for p in body.get("params", []):
+                self._expr(p, scope)
+            if name not in self.msg.prepared:
+                # The text was prepared by an earlier message: this statement
+                # alone does not say what runs.
+                self.flags["opaque_sql"] = True
+            return []
+        elif kind == "ExplainStmt":
+            inner = body.get("query", {})
+            analyze = any(o.get("DefElem", {}).get("defname") == "analyze"
+                          for o in body.get("options", []))
+            self.details["explain_analyze"] = analyze
+            if inner:
+                (ikind, ibody), = inner.items()
+                self._dispatch(ikind, ibody, scope, top=False)
+                self.details["explained_command"] = self._command_for(ikind, ibody)
+            return []
+        elif kind == "DeclareCursorStmt":
+            inner = body.get("query", {})
+            if inner:
+                (ikind, ibody), = inner.items()
+                return self._dispatch(ikind, ibody, scope, top=False)
+            return []
+        elif kind == "CreateTableAsStmt":
+            inner = body.get("query", {})
+            if inner:
+                (ikind, ibody), = inner.items()
+                self._dispatch(ikind, ibody, scope, top=False)
+            self._relation(body.get("into", {}).get("rel", {}), "ddl", scope)
+            return []
+        elif kind == "ViewStmt":
+            inner = body.get("query", {})
+            if inner:
+                (ikind, ibody), = inner.items()
+                self._dispatch(ikind, ibody, scope, top=False)
+            self._relation(body.get("view", {}), "ddl", scope)
+            return []
+        elif kind == "TruncateStmt":
+            for rel in body.get("relations", []):
+                self._relation(rel.get("RangeVar", {}), "write", scope)
+            return []
+        elif kind == "DropStmt":
+            self._drop(body)
+            return []
+        # Everything else: any relation named is touched as DDL, any function
+        # or expression walked for calls.
+        access = "read" if kind in ("LockStmt",) else "ddl"
+        if kind == "LockStmt":
+            access = "lock"
+        self._generic(body, scope, access)
+        return []
+
+    @staticmethod
+    def _command_for(kind: str, body: Node) -> str:
+        if kind == "SelectStmt":
+            return "select_into" if body.get("intoClause") else "select"
+        if kind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+            return kind[: -len("Stmt")].lower()
+        if kind in _SIMPLE_COMMANDS:
+            return _SIMPLE_COMMANDS[kind]
+        if kind in _ROLE_STMTS:
+            return "role"
+        if kind == "VariableSetStmt":
+            return "set"
+        if kind == "CopyStmt":
+            return "copy"
+        if kind == "RenameStmt" and body.get("renameType") == "OBJECT_ROLE":
+            return "role"
+        if kind.startswith(("Create", "Alter", "Drop", "Rename", "Comment", "Define",
+                            "Composite", "Index", "View", "Rule", "SecLabel", "Import",
+                            "Reassign", "Refresh")):
+            return "ddl"
+        return "utility"
+
+    # -- statements ----------------------------------------------------------
+    def _select(self, body: Node, outer: _Scope, *, top: bool) -> list[
+            tuple[str, frozenset[str]]]:
+        op = body.get("op", "SETOP_NONE")
+        scope = _Scope(parent=outer)
+        self._with(body.get("withClause"), scope)
+        if op != "SETOP_NONE":
+            left = self._select(body.get("larg", {}), scope, top=False)
+            right = self._select(body.get("rarg", {}), scope, top=False)
+            cols = [(name, lsrc | (right[i][1] if i < len(right) else frozenset()))
+                    for i, (name, lsrc) in enumerate(left)]
+            self._limit(body, scope)
+            if top:
+                self._emit_outputs(cols, exprs=None)
+            return cols
+        if "valuesLists" in body:
+            cols = []
+            for row in body["valuesLists"]:
+                for i, item in enumerate(row.get("List", {}).get("items", [])):
+                    src = self._expr(item, scope)
+                    if i < len(cols):
+                        cols[i] = (cols[i][0], cols[i][1] | src)
+                    else:
+                        cols.append((f"column{i + 1}", src))
+            return cols
+        for item in body.get("fromClause", []):
+            self._from(item, scope)
+        reads_here = [e for _, e in scope.entries if isinstance(e, _Table)]
+        if "whereClause" in body:
+            self._where(body["whereClause"], scope)
+        for clause in ("groupClause", "havingClause", "sortClause", "distinctClause",
+                       "windowClause", "lockingClause"):
+            if clause in body:
+                self._generic(body[clause], scope, "read")
+        limited = self._limit(body, scope)
+        for table in reads_here:
+            if not limited and table.key not in scope.referenced:
+                self.unbounded_reads.add(table.key)
+        cols, kinds = self._targets(body.get("targetList", []), scope)
+        if top:
+            self._emit_outputs(cols, exprs=kinds)
+        return cols
+
+    def _limit(self, body: Node, scope: _Scope) -> bool:
+        count = body.get("limitCount")
+        if count is None:
+            return False
+        known, value = _const_value(count)
+        self._expr(count, scope)
+        if known and value is None:  # LIMIT ALL / LIMIT NULL
+            return False
+        self.limited = True
+        if known:
+            self.details["limit"] = value
+        return True
+
+    def _emit_outputs(self, cols: list[tuple[str, frozenset[str]]],
+                      exprs: list[str] | None) -> None:
+        for i, (name, sources) in enumerate(cols):
+            kind = exprs[i] if exprs is not None and i < len(exprs) else (
+                "expression" if sources else "constant")
+            self.outputs.append({"position": i, "name": name, "sources": sorted(sources),
+                                 "kind": kind})
+
+    def _targets(self, targets: list[Node], scope: _Scope) -> tuple[
+            list[tuple[str, frozenset[str]]], list[str]]:
+        cols: list[tuple[str, frozenset[str]]] = []
+        kinds: list[str] = []
+        for t in targets:
+            rt = t.get("ResTarget", {})
+            val = rt.get("val", {})
+            ref = val.get("ColumnRef")
+            if ref is not None and "A_Star" in ref["fields"][-1]:
+                for name, src in self._star(ref["fields"], scope):
+                    cols.append((name, src))
+                    kinds.append("star" if name == "*" else "column")
+                continue
+            sources = self._expr(val, scope)
+            name = rt.get("name") or self._default_name(val)
+            cols.append((name, sources))
+            if ref is not None:
+                kinds.append("column")
+            else:
+                kinds.append("expression" if sources else "constant")
+        return cols, kinds
+
+    @staticmethod
+    def _default_name(val: Node) -> str:
+        if "ColumnRef" in val:
+            names = _strings(val["ColumnRef"]["fields"])
+            return names[-1] if names else "?column?"
+        if "FuncCall" in val:
+            names = _strings(val["FuncCall"].get("funcname"))
+            return names[-1] if names else "?column?"
+        if "TypeCast" in val:
+            return _Statement._default_name(val["TypeCast"].get("arg", {}))
+        return "?column?"
+
+    def _star(self, fields: list[Node], scope: _Scope) -> list[tuple[str, frozenset[str]]]:
+        qual = _strings(fields[:-1])
+        out: list[tuple[str, frozenset[str]]] = []
+        for alias, entry in self._visible(scope, qual[-1] if qual else None):
+            if isinstance(entry, _Table):
+                self.relations[entry.key]["columns"].add("*")
+                out.append(("*", frozenset(f"{c}.*" for c in entry.candidates)))
+            else:
+                out.extend(entry.columns)
+            del alias
+        return out
+
+    def _visible(self, scope: _Scope, alias: str | None) -> list[tuple[str, _Table | _Derived]]:
+        s: _Scope | None = scope
+        while s is not None:
+            if alias is None:
+                if s.entries:
+                    return list(s.entries)
+            else:
+                found = [(a, e) for a, e in s.entries if a == alias]
+                if found:
+                    return found
+            s = s.parent
+        return []
+
+    def _dml(self, kind: str, body: Node, outer: _Scope, *, emit: bool) -> list[
+            tuple[str, frozenset[str]]]:
+        scope = _Scope(parent=outer)
+        self._with(body.get("withClause"), scope)
+        rel = body.get("relation", {})
+        target = self._relation(rel, "write", scope)
+        alias = rel.get("alias", {}).get("aliasname") or rel.get("relname", "")
+        if kind == "InsertStmt":
+            for col in body.get("cols", []):
+                name = col.get("ResTarget", {}).get("name")
+                if name and target is not None:
+                    self.relations[target.key]["columns"].add(name)
+            sel = body.get("selectStmt")
+            if sel:
+                (skind, sbody), = sel.items()
+                self._dispatch(skind, sbody, scope, top=False)
+            conflict = body.get("onConflictClause")
+            if target is not None:
+                scope.entries.append((alias, target))
+            if conflict:
+                self._generic(conflict, scope, "read")
+        else:
+            if target is not None:
+                scope.entries.append((alias, target))
+            for item in body.get("fromClause", []) + body.get("usingClause", []):
+                self._from(item, scope)
+            if kind == "MergeStmt" and body.get("sourceRelation"):
+                self._from(body["sourceRelation"], scope)
+                self._where(body.get("joinCondition", {}), scope)
+            if kind == "UpdateStmt" and target is not None:
+                for t in body.get("targetList", []):
+                    name = t.get("ResTarget", {}).get("name")
+                    if name:
+                        self.relations[target.key]["columns"].add(name)
+                    self._expr(t.get("ResTarget", {}).get("val", {}), scope)
+            if "whereClause" in body:
+                self._where(body["whereClause"], scope)
+            elif kind in ("UpdateStmt", "DeleteStmt") and target is not None:
+                self.unbounded_reads.add(target.key)
+            if kind == "MergeStmt":
+                self._generic(body.get("mergeWhenClauses", []), scope, "read")
+        if body.get("returningList") or body.get("returningClause"):
+            rl = body.get("returningList") or body.get("returningClause", {}).get("exprs", [])
+            cols, kinds = self._targets(rl, scope)
+            if emit:
+                self._emit_outputs(cols, exprs=kinds)
+            return cols
+        return []
+
+    def _with(self, with_clause: Node | None, scope: _Scope) -> None:
+        if not with_clause:
+            return
+        for cte in with_clause.get("ctes", []):
+            c = cte.get("CommonTableExpr", {})
+            query = c.get("ctequery", {})
+            if not query:
+                continue
+            (qkind, qbody), = query.items()
+            if qkind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+                self.flags["data_modifying_cte"] = True
+            cols = self._dispatch(qkind, qbody, scope, top=False)
+            aliases = _strings(c.get("aliascolnames"))
+            if aliases:
+                cols = [(aliases[i] if i < len(aliases) else n, s)
+                        for i, (n, s) in enumerate(cols)]
+            scope.ctes[c.get("ctename", "")] = _Derived(cols)
+
+    def _from(self, item: Node, scope: _Scope) -> None:
+        if "RangeVar" in item:
+            rv = item["RangeVar"]
+            name = rv.get("relname", "")
+            alias = rv.get("alias", {}).get("aliasname") or name
+            if not rv.get("schemaname"):
+                cte = scope.find_cte(name)
+                if cte is not None:
+                    scope.entries.append((alias, cte))
+                    return
+            table = self._relation(rv, "read", scope)
+            if table is not None:
+                scope.entries.append((alias, table))
+        elif "JoinExpr" in item:
+            j = item["JoinExpr"]
+            self._from(j.get("larg", {}), scope)
+            self._from(j.get("rarg", {}), scope)
+            if "quals" in j:
+                self._expr(j["quals"], scope)
+        elif "RangeSubselect" in item:
+            rs = item["RangeSubselect"]
+            sub = rs.get("subquery", {})
+            (skind, sbody), = sub.items()
+            cols = self._dispatch(skind, sbody, scope, top=False)
+            alias = rs.get("alias", {})
+            names = _strings(alias.get("colnames"))
+            if names:
+                cols = [(names[i] if i < len(names) else n, s) for i, (n, s) in enumerate(cols)]
+            scope.entries.append((alias.get("aliasname", ""), _Derived(cols)))
+        elif "RangeFunction" in item:
+            rf = item["RangeFunction"]
+            sources: set[str] = set()
+            for f in rf.get("functions", []):
+                for part in f.get("List", {}).get("items", []):
+                    sources |= self._expr(part, scope)
+            alias = rf.get("alias", {})
+            name = alias.get("aliasname", "")
+            scope.entries.append((name, _Derived([(name, frozenset(sources))])))
+        else:
+            self._generic(item, scope, "read")
+
+    def _where(self, where: Node, scope: _Scope) -> None:
+        self._comparisons(where, scope, negated=False)
+        self._expr(where, scope, record_refs=True)
+
+    def _relation(self, rv: Node, access: str, scope: _Scope) -> _Table | None:
+        name = rv.get("relname")
+        if not name:
+            return None
+        schema = rv.get("schemaname")
+        catalog = rv.get("catalogname")
+        if schema:
+            candidates = [f"{schema}.{name}"]
+            qualified = True
+        else:
+            candidates = [f"{s}.{name}" for s in self._path_for(name)]
+            qualified = False
+        # The schema shown is PostgreSQL's first try, skipping a "$user"
+        # schema when others follow (few deployments create one); every
+        # candidate stays listed for the policy.
+        shown = [c for c in candidates if c.rsplit(".", 1)[0] != self.msg.user] or candidates
+        first_schema = shown[0].rsplit(".", 1)[0] if shown else "public"
+        key = (first_schema, name, access)
+        if key not in self.relations:
+            entry: dict[str, Any] = {
+                "schema": first_schema, "name": name, "access": access,
+                "qualified": qualified, "candidates": candidates, "columns": set(),
+            }
+            if catalog:
+                entry["database"] = catalog
+            self.relations[key] = entry
+        del scope
+        return _Table(key, candidates)
+
+    def _path_for(self, name: str) -> list[str]:
+        """Schemas an unqualified name may resolve to, in PostgreSQL's order.
+
+        pg_catalog is searched first unless the path names it later; it is
+        left out for names not starting with ``pg_`` because every system
+        catalog and view does, and creating others there needs superuser.
+        """
+        path = [self.msg.user if s == "$user" else s for s in self.msg.search_path]
+        path = [s for s in path if s]
+        if "pg_catalog" not in path:
+            path = ["pg_catalog", *path]
+        if not name.startswith("pg_"):
+            path = [s for s in path if s != "pg_catalog"]
+        return path or ["public"]
+
+    # -- special statements --------------------------------------------------
+    def _set(self, body: Node) -> None:
+        name = (body.get("name") or "").lower()
+        kind = body.get("kind", "")
+        self.details["setting"] = name
+        self.details["is_local"] = bool(body.get("is_local", False))
+        if name == "role":
+            self.flags["set_role"] = True
+        elif name == "session_authorization":
+            self.flags["session_authorization"] = True
+        if name == "search_path" and kind == "VAR_SET_VALUE":
+            values: list[str] = []
+            for arg in body.get("args", []):
+                known, value = _const_value(arg)
+                if known and isinstance(value, str):
+                    values.append(value)
+            if values:
+                self.msg.search_path = values
+        elif name == "search_path" and kind in ("VAR_SET_DEFAULT", "VAR_RESET"):
+            self.msg.search_path = ["$user", "public"]
+
+    def _copy(self, body: Node, scope: _Scope) -> list[tuple[str, frozenset[str]]]:
+        is_from = bool(body.get("is_from", False))
+        self.details["copy_direction"] = "from" if is_from else "to"
+        self.details["copy_program"] = bool(body.get("is_program", False))
+        filename = body.get("filename")
+        self.details["copy_filename"] = filename
+        self.details["copy_stdio"] = filename is None
+        if body.get("relation"):
+            t = self._relation(body["relation"], "write" if is_from else "read", scope)
+            if t is not None:
+                for a in body.get("attlist", []):
+                    name = a.get("String", {}).get("sval")
+                    if name:
+                        self.relations[t.key]["columns"].add(name)
+                if not body.get("attlist"):
+                    self.relations[t.key]["columns"].add("*")
+                if not is_from:
+                    self.unbounded_reads.add(t.key)
+                    self._emit_outputs([("*", frozenset(f"{c}.*" for c in t.candidates))],
+                                       exprs=["star"])
+        if body.get("query"):
+            (qkind, qbody), = body["query"].items()
+            self._dispatch(qkind, qbody, scope, top=False, emit=not is_from)
+        if body.get("whereClause"):
+            self._where(body["whereClause"], scope)
+        return []
+
+    def _create_function(self, body: Node, scope: _Scope) -> None:
+        lang = "sql"
+        code = ""
+        for opt in body.get("options", []):
+            d = opt.get("DefElem", {})
+            if d.get("defname") == "language":
+                lang = d.get("arg", {}).get("String", {}).get("sval", lang)
+            elif d.get("defname") == "as":
+                parts = _strings(d.get("arg", {}).get("List", {}).get("items"))
+                code = parts[0] if parts else ""
+        lang = lang.lower()
+        self.details["language"] = lang
+        self.details["function_name"] = ".".join(_strings(body.get("funcname")))
+        if lang in UNTRUSTED_LANGUAGES:
+            self.flags["untrusted_language"] = True
+        if body.get("sql_body"):
+            self._generic(body["sql_body"], scope, "read")
+        else:
+            self._body(lang, code, scope)
+
+    def _body(self, lang: str, code: str, scope: _Scope) -> None:
+        """Look into a function or DO body for what it would call.
+
+        A body we cannot see through is flagged ``opaque_sql`` so a policy can
+        refuse it; PL/pgSQL ``EXECUTE`` is dynamic SQL.
+        """
+        if lang == "sql":
+            try:
+                tree = json.loads(pg.parse_sql_json(code))
+            except Exception:
+                self.flags["opaque_sql"] = True
+                return
+            for raw in tree.get("stmts", []):
+                (k, b), = raw.get("stmt", {}).items()
+                self._dispatch(k, b, scope, top=False)
+            return
+        if lang != "plpgsql":
+            self.flags["opaque_sql"] = True
+            return
+        quoted = "'" + code.replace("'", "''") + "'"
+        wrapper = f"CREATE FUNCTION pgwarden_body() RETURNS void LANGUAGE plpgsql AS {quoted}"
+        try:
+            tree = json.loads(pg.parse_plpgsql_json(wrapper))
+        except Exception:
+            self.flags["opaque_sql"] = True
+            return
+        for key, value in _walk_items(tree):
+            if key == "PLpgSQL_stmt_dynexecute" or key == "PLpgSQL_stmt_dynfors":
+                self.flags["dynamic_sql"] = True
+            if key == "query" and isinstance(value, str):
+                self._fragment(value, scope)
+
+    def _fragment(self, query: str, scope: _Scope) -> None:
+        for text in (query, f"SELECT {query}", "SELECT " + query.split(":=", 1)[-1]):
+            try:
+                tree = json.loads(pg.parse_sql_json(text))
+            except Exception:  # noqa: S112 - the next wrapping may parse; else opaque
+                continue
+            for raw in tree.get("stmts", []):
+                (k, b), = raw.get("stmt", {}).items()
+                self._dispatch(k, b, scope, top=False)
+            return
+        self.flags["opaque_sql"] = True
+
+    def _drop(self, body: Node) -> None:
+        objtype = body.get("removeType", "")
+        self.details["object_type"] = objtype.removeprefix("OBJECT_").lower()
+        if objtype in ("OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_SEQUENCE",
+                       "OBJECT_FOREIGN_TABLE", "OBJECT_INDEX"):
+            for obj in body.get("objects", []):
+                names = _strings(obj.get("List", {}).get("items"))
+                if not names:
+                    continue
+                rv: Node = {"relname": names[-1]}
+                if len(names) > 1:
+                    rv["schemaname"] = names[-2]
+                self._relation(rv, "ddl", _Scope())
+        elif objtype in ("OBJECT_FUNCTION", "OBJECT_PROCEDURE"):
+            pass
+
+    # -- expressions ---------------------------------------------------------
+    def _generic(self, node: Any, scope: _Scope, access: str) -> None:
+        """Walk an arbitrary subtree: RangeVars are relations, SelectStmts are
+        subqueries, FuncCalls are functions."""
+        if isinstance(node, list):
+            for item in node:
+                self._generic(item, scope, access)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key == "RangeVar" and isinstance(value, dict):
+                self._relation(value, access, scope)
+            elif key in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+                if key != "SelectStmt":
+                    self.flags["data_modifying_cte"] = (
+                        self.flags["data_modifying_cte"] or self.command == "select")
+                self._dispatch(key, value, scope, top=False)
+            elif key in ("FuncCall", "ColumnRef", "SubLink", "ParamRef"):
+                self._expr({key: value}, scope)
+            else:
+                self._generic(value, scope, access)
+
+    def _expr(self, node: Any, scope: _Scope, *, record_refs: bool = False) -> frozenset[str]:
+        """Source columns an expression derives from; records functions."""
+        out: set[str] = set()
+        self._expr_into(node, scope, out, record_refs)
+        return frozenset(out)
+
+    def _expr_into(self, node: Any, scope: _Scope, out: set[str], record_refs: bool) -> None:
+        if isinstance(node, list):
+            for item in node:
+                self._expr_into(item, scope, out, record_refs)
+            return
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            if key == "ColumnRef":
+                out |= self._column(value["fields"], scope, record_refs)
+            elif key == "FuncCall":
+                self._function(_strings(value.get("funcname")), value, scope)
+                for part in ("args", "agg_order", "agg_filter", "over"):
+                    if part in value:
+                        self._expr_into(value[part], scope, out, record_refs)
+            elif key == "SubLink":
+                sub = value.get("subselect", {})
+                if "testexpr" in value:
+                    self._expr_into(value["testexpr"], scope, out, record_refs)
+                if sub:
+                    (skind, sbody), = sub.items()
+                    cols = self._dispatch(skind, sbody, scope, top=False)
+                    if value.get("subLinkType") in _VALUE_SUBLINKS:
+                        for _, src in cols:
+                            out |= src
+            elif key == "ParamRef":
+                self._param(value.get("number", 0))
+            elif key in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt"):
+                cols = self._dispatch(key, value, scope, top=False)
+                for _, src in cols:
+                    out |= src
+            elif key == "RangeVar":
+                self._relation(value, "read", scope)
+            elif isinstance(value, (dict, list)):
+                self._expr_into(value, scope, out, record_refs)
+
+    def _param(self, number: int) -> None:
+        self.msg.params_used.add(number)
+
+    def _column(self, fields: list[Node], scope: _Scope, record_refs: bool) -> set[str]:
+        if fields and "A_Star" in fields[-1]:
+            out: set[str] = set()
+            for _, src in self._star(fields, scope):
+                out |= src
+            return out
+        names = _strings(fields)
+        if not names:
+            return set()
+        col = names[-1]
+        alias = names[-2] if len(names) >= 2 else None
+        if len(names) >= 3:
+            # schema.table.column: a table named in FROM under its own name.
+            alias = names[-2]
+        sources: set[str] = set()
+        entries = self._visible(scope, alias)
+        if alias is None:
+            # Unqualified: every table in the nearest scope that has entries may
+            # own it; derived tables only if they expose that name.
+            derived = [e for _, e in entries if isinstance(e, _Derived) and e.lookup(col)]
+            tables = [e for _, e in entries if isinstance(e, _Table)]
+            for d in derived:
+                sources |= d.lookup(col) or frozenset()
+            chosen: list[_Table] = tables
+        else:
+            chosen = [e for _, e in entries if isinstance(e, _Table)]
+            for _, e in entries:
+                if isinstance(e, _Derived):
+                    found = e.lookup(col)
+                    if found is not None:
+                        sources |= found
+                    else:
+                        sources |= e.all_sources()
+        for table in chosen:
+            self.relations[table.key]["columns"].add(col)
+            if record_refs:
+                s: _Scope | None = scope
+                while s is not None:
+                    s.referenced.add(table.key)
+                    s = s.parent
+            sources.update(f"{c}.{col}" for c in table.candidates)
+        return sources
+
+    def _function(self, names: list[str], call: Node, scope: _Scope) -> None:
+        if not names:
+            return
+        name = names[-1]
+        if len(names) >= 2:
+            schema, qualified = names[-2], True
+        else:
+            path = [self.msg.user if s == "$user" else s for s in self.msg.search_path]
+            # pg_catalog comes first unless the path puts it later explicitly.
+            schema = "pg_catalog"
+            if "pg_catalog" in path:
+                before = [s for s in path[: path.index("pg_catalog")] if s]
+                if before:
+                    schema = before[0]
+            qualified = False
+        key = (schema, name)
+        if key not in self.functions:
+            self.functions[key] = {"schema": schema, "name": name, "qualified": qualified}
+        if name == "set_config":
+            args = call.get("args", [])
+            if args:
+                known, value = _const_value(args[0])
+                setting = str(value).lower() if known else ""
+                self.details.setdefault("set_config", []).append(setting or "?")
+                if setting == "role" or not known:
+                    self.flags["set_role"] = True
+                if setting == "session_authorization" or not known:
+                    self.flags["session_authorization"] = True
+
+    def _comparisons(self, node: Any, scope: _Scope, *, negated: bool) -> None:
+        if isinstance(node, list):
+            for item in node:
+                self._comparisons(item, scope, negated=negated)
+            return
+        if not isinstance(node, dict):
+            return
+        if "BoolExpr" in node:
+            b = node["BoolExpr"]
+            inner_neg = negated ^ (b.get("boolop") == "NOT_EXPR")
+            for arg in b.get("args", []):
+                self._comparisons(arg, scope, negated=inner_neg)
+            return
+        if "A_Expr" in node:
+            a = node["A_Expr"]
+            kind = a.get("kind", "")
+            op_names = _strings(a.get("name"))
+            op = op_names[-1] if op_names else ""
+            lexpr, rexpr = a.get("lexpr", {}), a.get("rexpr", {})
+            if kind == "AEXPR_OP" and op in _COMPARISON_OPS:
+                if _is_column(lexpr):
+                    self._comparison(lexpr, op, rexpr, scope, negated)
+                elif _is_column(rexpr):
+                    self._comparison(rexpr, _FLIPPED.get(op, op), lexpr, scope, negated)
+                else:
+                    # expression on both sides: report the columns with an
+                    # unknown value so a rule on them stays conservative.
+                    for side in (lexpr, rexpr):
+                        for ref in _column_refs(side):
+                            self._comparison({"ColumnRef": ref}, op, {}, scope, negated)
+                return
+            if kind in ("AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM",
+                        "AEXPR_NOT_BETWEEN_SYM") and _is_column(lexpr):
+                bounds = rexpr.get("List", {}).get("items", [])
+                neg = negated ^ ("NOT" in kind)
+                if len(bounds) == 2:
+                    self._comparison(lexpr, ">=", bounds[0], scope, neg)
+                    self._comparison(lexpr, "<=", bounds[1], scope, neg)
+                return
+            if kind == "AEXPR_IN" and _is_column(lexpr):
+                neg = negated ^ (op == "<>")
+                for item in rexpr.get("List", {}).get("items", []):
+                    self._comparison(lexpr, "=", item, scope, neg)
+                return
+            if kind == "AEXPR_OP_ANY" or kind == "AEXPR_OP_ALL":
+                if _is_column(lexpr):
+                    self._comparison(lexpr, op, {}, scope, negated)
+                return
+        if "NullTest" in node or "BooleanTest" in node or "SubLink" in node:
+            return  # a subquery's own WHERE is analysed in its own scope
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                self._comparisons(value, scope, negated=negated)
+
+    def _comparison(self, col: Node, op: str, other: Node, scope: _Scope,
+                    negated: bool) -> None:
+        while "TypeCast" in col:
+            col = col["TypeCast"].get("arg", {})
+        fields = col.get("ColumnRef", {}).get("fields", [])
+        names = _strings(fields)
+        if not names:
+            return
+        sources = sorted(self._column(fields, scope, record_refs=False))
+        entry: dict[str, Any] = {"column": names[-1], "sources": sources, "op": op,
+                                 "negated": negated, "param": None}
+        inner = other
+        while "TypeCast" in inner:
+            inner = inner["TypeCast"].get("arg", {})
+        if "ParamRef" in inner:
+            number = inner["ParamRef"].get("number", 0)
+            entry["param"] = number
+            self._param(number)
+            params = self.msg.params
+            if params is not None and 0 < number <= len(params):
+                entry["value"] = _param_value(params[number - 1])
+                entry["known"] = True
+                self.params_read.add(number)
+            else:
+                entry["value"] = None
+                entry["known"] = False
+        else:
+            known, value = _const_value(other)
+            entry["value"] = value
+            entry["known"] = known
+        if isinstance(entry["value"], (str, int, float)) and not isinstance(
+                entry["value"], bool) and _looks_like_pan(str(entry["value"])):
+            entry["value"] = "[redacted]"
+            entry["redacted"] = True
+        self.comparisons.append(entry)
+
+
+def _is_column(node: Node) -> bool:
+    while "TypeCast" in node:
+        node = node["TypeCast"].get("arg", {})
+    return "ColumnRef" in node and "A_Star" not in node["ColumnRef"]["fields"][-1]
+
+
+def _column_refs(node: Any) -> list[Node]:
+    found: list[Node] = []
+    for key, value in _walk_items(node):
+        if key == "ColumnRef" and isinstance(value, dict) and "A_Star" not in value[
+                "fields"][-1]:
+            found.append(value)
+    return found
+
+
+def _walk_items(node: Any) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, dict):
+            for k, v in cur.items():
+                out.append((k, v))
+                if isinstance(v, (dict, list)):
+                    stack.append(v)
+        elif isinstance(cur, list):
+            stack.extend(cur)
+    return out
