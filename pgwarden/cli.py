@@ -18,5 +18,9 @@ def _register() -> None:
 
     app.add_typer(tap_app, name="tap", help="Run the PostgreSQL protocol tap.")
 
+    from pgwarden.tokens_cli import app as token_app
+
+    app.add_typer(token_app, name="token", help="Development token issuer (mint, rotate).")
+
 
 _register()
