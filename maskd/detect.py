@@ -1,0 +1,348 @@
+"""PAN detection and masking for any text form a card number can take.
+
+This module is the single definition of "what looks like a card number" in
+pgwarden: maskd uses it on result values, and the audit and log scrubbers of
+the other components import :func:`scrub` / :func:`contains_pan` so that no
+store downstream ever holds a raw PAN (PCI DSS 3.4.1, 3.5.1).
+
+The rule (docs/masking.md has the long form)
+--------------------------------------------
+* A *group* is a maximal run of ASCII digits. A *separated run* is a maximal
+  sequence of groups joined by exactly one space or one dash.
+* A *candidate* is a contiguous sequence of whole groups of one separated run
+  holding 13 to 19 digits in total. A group of more than 19 digits is part of
+  a longer digit run and never a candidate (hashes, hex, long ids).
+* A candidate is a PAN when its digits pass the Luhn check and start with a
+  known issuer prefix (:data:`ISSUER_PREFIXES`). Brand lengths are *not*
+  enforced: a shorter or longer number with a Visa prefix still counts. False
+  positives are accepted; false negatives are not.
+* Hidden forms are decoded before the rule is applied: JSON ``\\u0034``-style
+  escapes of digits, spaces and dashes (with any number of backslashes, so the
+  doubled backslashes of COPY text and of JSON-in-JSON are seen too), and
+  bytea hex output (``\\x3431...``), whose decoded bytes are scanned and whose
+  masked bytes are re-encoded so the value stays valid hex.
+
+Masking replaces every digit of a PAN except the last four (``last4``) or
+except the first six and the last four (``first6_last4``) with the mask
+character, ``X`` by default; separators and all other bytes are kept. After a
+pass the output is scanned again until nothing is found, so the output never
+contains a Luhn-valid issuer-prefixed candidate, whatever the input.
+
+Cost: a value shorter than 13 bytes or holding fewer than 13 ASCII digits
+cannot contain any of these forms and is returned after one ``len`` and one
+C-level ``bytes.translate``; only the rest meets a regular expression.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+__all__ = [
+    "ISSUER_PREFIXES",
+    "MASK_CHAR",
+    "contains_pan",
+    "digit_count",
+    "find_pans",
+    "is_pan_digits",
+    "luhn_ok",
+    "mask_pans",
+    "may_contain_pan",
+    "scrub",
+]
+
+MASK_CHAR = b"X"
+MIN_DIGITS = 13
+MAX_DIGITS = 19
+
+# (first, last, brand) inclusive ranges over same-length prefixes. Kept as data
+# so docs/masking.md and the table below cannot disagree.
+ISSUER_PREFIXES: tuple[tuple[str, str, str], ...] = (
+    ("4", "4", "Visa"),
+    ("51", "55", "Mastercard"),
+    ("2221", "2720", "Mastercard (2-series)"),
+    ("34", "34", "American Express"),
+    ("37", "37", "American Express"),
+    ("6011", "6011", "Discover"),
+    ("644", "649", "Discover"),
+    ("65", "65", "Discover"),
+    ("3528", "3589", "JCB"),
+    ("36", "36", "Diners Club"),
+    ("300", "305", "Diners Club"),
+    ("38", "39", "Diners Club"),
+    ("62", "62", "UnionPay"),
+    ("50", "50", "Maestro"),
+    ("56", "69", "Maestro"),
+)
+
+
+def _build_prefix4() -> frozenset[bytes]:
+    """Every 4-digit prefix that starts a known issuer range: one set lookup
+    per candidate instead of walking the table."""
+    out: set[bytes] = set()
+    for lo, hi, _brand in ISSUER_PREFIXES:
+        width = len(lo)
+        for p in range(int(lo), int(hi) + 1):
+            base = p * 10 ** (4 - width)
+            for tail in range(10 ** (4 - width)):
+                out.add(b"%04d" % (base + tail))
+    return frozenset(out)
+
+
+_PREFIX4 = _build_prefix4()
+_DIGITS = b"0123456789"
+_TO_INT = bytes.maketrans(_DIGITS, bytes(range(10)))
+_DOUBLED = bytes.maketrans(_DIGITS, bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
+_SEPARATORS = b" -"
+# A separated run: groups joined by exactly one space or dash.
+_RUN = re.compile(rb"[0-9]+(?:[ -][0-9]+)*")
+_GROUP = re.compile(rb"[0-9]+")
+# bytea hex output, possibly behind doubled backslashes (COPY text, JSON).
+_HEX = re.compile(rb"\\[xX]((?:[0-9a-fA-F]{2}){13,})")
+# JSON \u escapes of a digit, space or dash (any number of backslashes).
+_ESC = re.compile(rb"\\+u00(3[0-9]|20|2[dD])")
+# A JSON number token, to quote a bare numeric PAN masked inside json/jsonb.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_NUMBER = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def digit_count(data: bytes) -> int:
+    """Number of ASCII digits in ``data`` (C speed: one translate)."""
+    return len(data) - len(data.translate(None, _DIGITS))
+
+
+def may_contain_pan(data: bytes) -> bool:
+    """Cheap necessary condition for any PAN form (plain, separated, JSON
+    escaped or hex): at least 13 ASCII digits. ``False`` is definitive."""
+    return len(data) >= MIN_DIGITS and len(data) - len(data.translate(None, _DIGITS)) >= MIN_DIGITS
+
+
+def luhn_ok(digits: bytes) -> bool:
+    """Luhn (mod 10) check of an ASCII digit string."""
+    return (sum(digits[-1::-2].translate(_TO_INT))
+            + sum(digits[-2::-2].translate(_DOUBLED))) % 10 == 0
+
+
+def is_pan_digits(digits: bytes) -> bool:
+    """True for 13 to 19 ASCII digits with an issuer prefix that pass Luhn."""
+    return (MIN_DIGITS <= len(digits) <= MAX_DIGITS and digits[:4] in _PREFIX4
+            and luhn_ok(digits))
+
+
+# --------------------------------------------------------------------------
+# candidates in plain text
+
+
+def _run_candidates(run: bytes, base: int, out: list[tuple[int, int]]) -> None:
+    """Append the spans (absolute offsets) of the PANs inside one separated run."""
+    ndigits = len(run) - len(run.translate(None, _SEPARATORS))
+    if ndigits == len(run):  # one group: the common case
+        if len(run) <= MAX_DIGITS and is_pan_digits(run):
+            out.append((base, base + len(run)))
+        return
+    groups = [(m.start(), m.end()) for m in _GROUP.finditer(run)]
+    for i, (gs, _ge) in enumerate(groups):
+        total = 0
+        for j in range(i, len(groups)):
+            s, e = groups[j]
+            total += e - s
+            if total > MAX_DIGITS:
+                break
+            if total >= MIN_DIGITS:
+                digits = run[gs:e].translate(None, _SEPARATORS)
+                if is_pan_digits(digits):
+                    out.append((base + gs, base + e))
+
+
+def _plain_spans(data: bytes,
+                 exclude: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for m in _RUN.finditer(data):
+        s, e = m.span()
+        if e - s < MIN_DIGITS:
+            continue
+        if exclude and any(s < xe and xs < e for xs, xe in exclude):
+            continue
+        _run_candidates(m.group(), s, out)
+    return out
+
+
+def _keep_positions(data: bytes, span: tuple[int, int], style: str) -> list[int]:
+    """Offsets of the digits of ``span`` that must be masked."""
+    s, e = span
+    pos = [i for i in range(s, e) if 48 <= data[i] <= 57]
+    if style == "first6_last4" and len(pos) > 10:
+        return pos[6:-4]
+    return pos[:-4]
+
+
+def _apply(data: bytes, spans: Iterable[tuple[int, int]], style: str, mask: bytes) -> bytes:
+    buf = bytearray(data)
+    m = mask[0]
+    for span in spans:
+        for i in _keep_positions(data, span, style):
+            buf[i] = m
+    return bytes(buf)
+
+
+# --------------------------------------------------------------------------
+# hidden forms
+
+
+def _mask_hex(data: bytes, style: str, mask: bytes) -> tuple[bytes, int, list[tuple[int, int]]]:
+    """Mask PANs inside bytea hex tokens; returns the hex token spans so the
+    plain pass leaves their digits (hex, not decimal) alone."""
+    tokens: list[tuple[int, int]] = []
+    parts: list[bytes] = []
+    count = 0
+    pos = 0
+    for m in _HEX.finditer(data):
+        tokens.append(m.span(1))
+        raw = bytes.fromhex(m.group(1).decode("ascii"))
+        masked, n = _mask_text(raw, style, mask)
+        if n:
+            count += n
+            parts.append(data[pos:m.start(1)])
+            parts.append(masked.hex().encode("ascii"))
+            pos = m.end(1)
+    if count:
+        parts.append(data[pos:])
+        data = b"".join(parts)
+    return data, count, tokens
+
+
+def _mask_escaped(data: bytes, style: str, mask: bytes) -> tuple[bytes, int]:
+    """Mask PANs written (partly) as JSON ``\\u00XX`` escapes. The value is
+    decoded into a normalised view with a map back to the original bytes;
+    masked digits become a plain mask character, everything else keeps its
+    original spelling."""
+    origin: list[tuple[int, int]] = []
+    norm = bytearray()
+    pos = 0
+    for m in _ESC.finditer(data):
+        for k in range(pos, m.start()):
+            origin.append((k, k + 1))
+        norm += data[pos:m.start()]
+        norm.append(int(m.group(1), 16))
+        origin.append(m.span())
+        pos = m.end()
+    if not origin and pos == 0:
+        return data, 0
+    for k in range(pos, len(data)):
+        origin.append((k, k + 1))
+    norm += data[pos:]
+    view = bytes(norm)
+    spans = _plain_spans(view)
+    if not spans:
+        return data, 0
+    masked_at: set[int] = set()
+    for span in spans:
+        masked_at.update(_keep_positions(view, span, style))
+    out = bytearray()
+    for i, (s, e) in enumerate(origin):
+        out += mask if i in masked_at else data[s:e]
+    return bytes(out), len(spans)
+
+
+def _mask_text(data: bytes, style: str, mask: bytes) -> tuple[bytes, int]:
+    """One full pass over every form; the caller loops to a fixed point."""
+    count = 0
+    exclude: list[tuple[int, int]] | None = None
+    if b"\\" in data:
+        if b"x" in data or b"X" in data:
+            data, n, exclude = _mask_hex(data, style, mask)
+            count += n
+        if b"u00" in data:
+            data, n = _mask_escaped(data, style, mask)
+            count += n
+    spans = _plain_spans(data, exclude)
+    if spans:
+        data = _apply(data, spans, style, mask)
+        count += len(spans)
+    return data, count
+
+
+def _quote_bare_numbers(original: bytes, masked: bytes) -> bytes:
+    """json/jsonb: a masked number outside a string (``{"pan": 4111...}``)
+    would be invalid JSON (``XXXX``), so it becomes a JSON string. Only
+    called when masking changed a value; the plain pass keeps offsets, so
+    the number tokens of the original line up with the masked copy."""
+    if len(original) != len(masked):
+        return masked
+    strings = [m.span() for m in _JSON_STRING.finditer(masked)]
+    out: list[bytes] = []
+    pos = 0
+    for m in _JSON_NUMBER.finditer(masked.replace(b"X", b"0")):
+        s, e = m.span()
+        if masked[s:e] == original[s:e]:
+            continue
+        if any(ss <= s < se for ss, se in strings):
+            continue
+        if s > 0 and (masked[s - 1:s].isalnum() or masked[s - 1:s] == b"_"):
+            continue
+        out.append(masked[pos:s])
+        out.append(b'"' + masked[s:e] + b'"')
+        pos = e
+    if not out:
+        return masked
+    out.append(masked[pos:])
+    return b"".join(out)
+
+
+# --------------------------------------------------------------------------
+# public API
+
+
+def find_pans(data: bytes) -> list[tuple[int, int]]:
+    """Spans ``(start, end)`` of plain-text PANs in ``data``, sorted by start.
+
+    Spans cover digits and inner separators. Two spans may overlap when two
+    windows of one separated run both qualify. Hidden forms (JSON escapes,
+    bytea hex) are reported by :func:`contains_pan`/:func:`mask_pans`, not
+    here, because their offsets do not map one to one.
+    """
+    if not may_contain_pan(data):
+        return []
+    return sorted(_plain_spans(data))
+
+
+def mask_pans(data: bytes, style: str = "last4", *, mask: bytes = MASK_CHAR,
+              json: bool = False) -> tuple[bytes, int]:
+    """Masked copy of ``data`` and the number of PANs found (0: the very
+    same object is returned). ``style`` is ``last4`` or ``first6_last4``;
+    ``mask`` is one byte (``0`` keeps numbers parseable). ``json=True``
+    quotes masked bare JSON numbers so json/jsonb values stay valid."""
+    if len(data) < MIN_DIGITS or len(data) - len(data.translate(None, _DIGITS)) < MIN_DIGITS:
+        return data, 0
+    original = data
+    total = 0
+    while True:  # fixed point: masking can split runs into new candidates
+        data, n = _mask_text(data, style, mask)
+        if not n:
+            break
+        total += n
+        style = "last4"  # a second pass never widens what is shown
+    if total and json:
+        data = _quote_bare_numbers(original, data)
+    return (data, total) if total else (original, 0)
+
+
+def contains_pan(data: bytes | str) -> bool:
+    """True when ``data`` holds a PAN in any supported form."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    return mask_pans(raw)[1] > 0
+
+
+def scrub(text: str) -> str:
+    """``text`` with every PAN masked (last four kept): for log lines, audit
+    records, SQL text and error messages before they are stored."""
+    if len(text) < MIN_DIGITS:
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    masked, n = mask_pans(raw)
+    return masked.decode("utf-8", "surrogatepass") if n else text
+
+
+def scrubber() -> Callable[[str], str]:
+    """:func:`scrub` as a value, for structlog processors and the like."""
+    return scrub
