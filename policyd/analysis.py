@@ -267,9 +267,10 @@ class _Derived:
 @dataclass(slots=True)
 class _Scope:
     parent: _Scope | None = None
+    level: int = 0  # which SELECT level a comparison belongs to
     entries: list[tuple[str, _Table | _Derived]] = field(default_factory=list)
     ctes: dict[str, _Derived] = field(default_factory=dict)
-    referenced: set[tuple[str, str, str]] = field(default_factory=set)  # tables a WHERE used
+    referenced: set[int] = field(default_factory=set)  # id() of the _Table a WHERE used
 
     def find_cte(self, name: str) -> _Derived | None:
         scope: _Scope | None = self
@@ -330,6 +331,7 @@ class _Statement:
         }
         self.details: dict[str, Any] = {}
         self.limited = False
+        self.levels = 0
         self.unbounded_reads: set[tuple[str, str, str]] = set()
 
     # -- entry ---------------------------------------------------------------
@@ -519,10 +521,14 @@ class _Statement:
         return "utility"
 
     # -- statements ----------------------------------------------------------
+    def _scope(self, parent: _Scope) -> _Scope:
+        self.levels += 1
+        return _Scope(parent=parent, level=self.levels)
+
     def _select(self, body: Node, outer: _Scope, *, top: bool) -> list[
             tuple[str, frozenset[str]]]:
         op = body.get("op", "SETOP_NONE")
-        scope = _Scope(parent=outer)
+        scope = self._scope(outer)
         self._with(body.get("withClause"), scope)
         if op != "SETOP_NONE":
             left = self._select(body.get("larg", {}), scope, top=False)
@@ -554,7 +560,7 @@ class _Statement:
                 self._generic(body[clause], scope, "read")
         limited = self._limit(body, scope)
         for table in reads_here:
-            if not limited and table.key not in scope.referenced:
+            if not limited and id(table) not in scope.referenced:
                 self.unbounded_reads.add(table.key)
         cols, kinds = self._targets(body.get("targetList", []), scope)
         if top:
@@ -643,7 +649,7 @@ class _Statement:
 
     def _dml(self, kind: str, body: Node, outer: _Scope, *, emit: bool) -> list[
             tuple[str, frozenset[str]]]:
-        scope = _Scope(parent=outer)
+        scope = self._scope(outer)
         self._with(body.get("withClause"), scope)
         rel = body.get("relation", {})
         target = self._relation(rel, "write", scope)
@@ -750,7 +756,7 @@ class _Statement:
             self._generic(item, scope, "read")
 
     def _where(self, where: Node, scope: _Scope) -> None:
-        self._comparisons(where, scope, negated=False)
+        self._comparisons(where, scope, negated=False, disjunctive=False)
         self._expr(where, scope, record_refs=True)
 
     def _relation(self, rv: Node, access: str, scope: _Scope) -> _Table | None:
@@ -1026,12 +1032,21 @@ class _Statement:
                         sources |= found
                     else:
                         sources |= e.all_sources()
+        if alias is None:
+            # `SELECT c FROM customers c` or `row_to_json(c)`: a bare table
+            # alias is the whole row, every column of it.
+            for _, whole in self._visible(scope, col):
+                if isinstance(whole, _Table):
+                    self.relations[whole.key]["columns"].add("*")
+                    sources.update(f"{c}.*" for c in whole.candidates)
+                else:
+                    sources |= whole.all_sources()
         for table in chosen:
             self.relations[table.key]["columns"].add(col)
             if record_refs:
                 s: _Scope | None = scope
                 while s is not None:
-                    s.referenced.add(table.key)
+                    s.referenced.add(id(table))
                     s = s.parent
             sources.update(f"{c}.{col}" for c in table.candidates)
         return sources
@@ -1065,18 +1080,27 @@ class _Statement:
                 if setting == "session_authorization" or not known:
                     self.flags["session_authorization"] = True
 
-    def _comparisons(self, node: Any, scope: _Scope, *, negated: bool) -> None:
+    def _comparisons(self, node: Any, scope: _Scope, *, negated: bool,
+                     disjunctive: bool) -> None:
+        """Record ``column op value`` terms of a WHERE clause.
+
+        ``negated``: under an odd number of NOTs; ``disjunctive``: under an
+        OR (or a NOT, which turns AND into OR), so the term alone does not
+        bound the result. A policy may only rely on a bound that is neither.
+        """
         if isinstance(node, list):
             for item in node:
-                self._comparisons(item, scope, negated=negated)
+                self._comparisons(item, scope, negated=negated, disjunctive=disjunctive)
             return
         if not isinstance(node, dict):
             return
         if "BoolExpr" in node:
             b = node["BoolExpr"]
-            inner_neg = negated ^ (b.get("boolop") == "NOT_EXPR")
+            boolop = b.get("boolop")
+            inner_neg = negated ^ (boolop == "NOT_EXPR")
+            inner_or = disjunctive or boolop in ("OR_EXPR", "NOT_EXPR")
             for arg in b.get("args", []):
-                self._comparisons(arg, scope, negated=inner_neg)
+                self._comparisons(arg, scope, negated=inner_neg, disjunctive=inner_or)
             return
         if "A_Expr" in node:
             a = node["A_Expr"]
@@ -1086,41 +1110,59 @@ class _Statement:
             lexpr, rexpr = a.get("lexpr", {}), a.get("rexpr", {})
             if kind == "AEXPR_OP" and op in _COMPARISON_OPS:
                 if _is_column(lexpr):
-                    self._comparison(lexpr, op, rexpr, scope, negated)
+                    self._comparison(lexpr, op, rexpr, scope, negated, disjunctive)
                 elif _is_column(rexpr):
-                    self._comparison(rexpr, _FLIPPED.get(op, op), lexpr, scope, negated)
+                    self._comparison(rexpr, _FLIPPED.get(op, op), lexpr, scope, negated,
+                                     disjunctive)
                 else:
                     # expression on both sides: report the columns with an
                     # unknown value so a rule on them stays conservative.
                     for side in (lexpr, rexpr):
                         for ref in _column_refs(side):
-                            self._comparison({"ColumnRef": ref}, op, {}, scope, negated)
+                            self._comparison({"ColumnRef": ref}, op, {}, scope, negated,
+                                             disjunctive)
                 return
             if kind in ("AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM",
                         "AEXPR_NOT_BETWEEN_SYM") and _is_column(lexpr):
                 bounds = rexpr.get("List", {}).get("items", [])
                 neg = negated ^ ("NOT" in kind)
                 if len(bounds) == 2:
-                    self._comparison(lexpr, ">=", bounds[0], scope, neg)
-                    self._comparison(lexpr, "<=", bounds[1], scope, neg)
+                    sym = "SYM" in kind  # BETWEEN SYMMETRIC: either bound may be the upper
+                    self._comparison(lexpr, ">=", bounds[0], scope, neg, disjunctive or neg,
+                                     known=not sym)
+                    self._comparison(lexpr, "<=", bounds[1], scope, neg, disjunctive or neg,
+                                     known=not sym)
                 return
             if kind == "AEXPR_IN" and _is_column(lexpr):
                 neg = negated ^ (op == "<>")
-                for item in rexpr.get("List", {}).get("items", []):
-                    self._comparison(lexpr, "=", item, scope, neg)
+                items = rexpr.get("List", {}).get("items", [])
+                for item in items:
+                    self._comparison(lexpr, "=", item, scope, neg,
+                                     disjunctive or neg or len(items) > 1)
+                if not items:  # IN (subquery) arrives as a SubLink, not here
+                    self._comparison(lexpr, "=", {}, scope, neg, True)
                 return
-            if kind == "AEXPR_OP_ANY" or kind == "AEXPR_OP_ALL":
+            if kind in ("AEXPR_OP_ANY", "AEXPR_OP_ALL"):
                 if _is_column(lexpr):
-                    self._comparison(lexpr, op, {}, scope, negated)
+                    self._comparison(lexpr, op, {}, scope, negated, True)
                 return
-        if "NullTest" in node or "BooleanTest" in node or "SubLink" in node:
+        if "SubLink" in node:
+            link = node["SubLink"]
+            test = link.get("testexpr")
+            if test is not None and _is_column(test):
+                # col IN (SELECT ...) / col > ANY (SELECT ...): value unknown
+                op_names = _strings(link.get("operName"))
+                self._comparison(test, op_names[-1] if op_names else "=", {}, scope,
+                                 negated, True)
+            return
+        if "NullTest" in node or "BooleanTest" in node or "SelectStmt" in node:
             return  # a subquery's own WHERE is analysed in its own scope
         for value in node.values():
             if isinstance(value, (dict, list)):
-                self._comparisons(value, scope, negated=negated)
+                self._comparisons(value, scope, negated=negated, disjunctive=disjunctive)
 
     def _comparison(self, col: Node, op: str, other: Node, scope: _Scope,
-                    negated: bool) -> None:
+                    negated: bool, disjunctive: bool, *, known: bool = True) -> None:
         while "TypeCast" in col:
             col = col["TypeCast"].get("arg", {})
         fields = col.get("ColumnRef", {}).get("fields", [])
@@ -1129,7 +1171,8 @@ class _Statement:
             return
         sources = sorted(self._column(fields, scope, record_refs=False))
         entry: dict[str, Any] = {"column": names[-1], "sources": sources, "op": op,
-                                 "negated": negated, "param": None}
+                                 "negated": negated, "disjunctive": disjunctive,
+                                 "level": scope.level, "param": None}
         inner = other
         while "TypeCast" in inner:
             inner = inner["TypeCast"].get("arg", {})
@@ -1146,9 +1189,9 @@ class _Statement:
                 entry["value"] = None
                 entry["known"] = False
         else:
-            known, value = _const_value(other)
+            is_known, value = _const_value(other)
             entry["value"] = value
-            entry["known"] = known
+            entry["known"] = is_known and known
         if isinstance(entry["value"], (str, int, float)) and not isinstance(
                 entry["value"], bool) and _looks_like_pan(str(entry["value"])):
             entry["value"] = "[redacted]"
