@@ -1,0 +1,172 @@
+"""Envoy network ext_proc driver: a grpc.aio server of
+``envoy.service.network_ext_proc.v3.NetworkExternalProcessor/Process``.
+
+One gRPC stream is one client connection. Envoy sends each chunk it reads
+from the client as ``read_data`` and each chunk from PostgreSQL as
+``write_data``, and applies every response by the field it carries:
+``read_data`` is injected towards the upstream (tcp_proxy), ``write_data``
+towards the client. So the session's SendUpstream/SendDownstream map one to
+one onto response fields, whichever request they answer.
+
+Envoy counts outstanding requests per direction and keeps the connection from
+closing until each got a response; the driver therefore answers every request
+with at least one response of its own direction (empty if the session had
+nothing to send that way yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pgwarden._proto import network_ext_proc_pb2 as pb
+from pgwarden._proto import network_ext_proc_pb2_grpc as pb_grpc
+from tap.actions import Action, Close, Event, NeedDecision, SendDownstream, SendUpstream
+from tap.cancel import CancelRegistry
+from tap.runtime import Runtime
+from tap.session import Session, SessionConfig
+
+_MODIFIED = pb.ProcessingResponse.MODIFIED
+_CLOSE = pb.ProcessingResponse.CLOSE
+
+
+class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.cancels = CancelRegistry()
+        self.active: set[Session] = set()
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        peer = context.peer() or ""
+        config = SessionConfig(session_id=str(uuid.uuid4()), client_addr=peer, driver="extproc",
+                               **self.runtime.session_options())
+        session = Session(config, self.runtime.hooks(), self.cancels)
+        self.active.add(session)
+        self.runtime.session_opened(session)
+        closed = False
+        try:
+            async for req in request_iterator:
+                if closed:
+                    # Envoy may still have chunks in flight; acknowledge them.
+                    yield _ack(req)
+                    continue
+                is_read = req.HasField("read_data")
+                if is_read:
+                    chunk = req.read_data
+                    actions = session.on_read(chunk.data)
+                    if chunk.end_of_stream:
+                        actions += session.on_client_closed()
+                else:
+                    chunk = req.write_data
+                    actions = session.on_write(chunk.data)
+                    if chunk.end_of_stream:
+                        actions += session.on_upstream_closed()
+                answered = False
+                while actions:
+                    pending = actions
+                    actions = []
+                    for resp, direction_read, close in self._responses(pending, session):
+                        if isinstance(resp, NeedDecision):
+                            decision = await self.runtime.decide(resp.request)
+                            actions += session.on_decision(resp.ticket, decision)
+                            continue
+                        if close:
+                            closed = True
+                        elif direction_read == is_read:
+                            answered = True
+                        yield resp
+                if not answered and not closed:
+                    yield _ack(req)
+        finally:
+            if not closed:
+                self.runtime.emit_all(session.on_client_closed())
+            self.active.discard(session)
+            self.runtime.session_closed(session)
+
+    def _responses(self, actions: list[Action], session: Session
+                   ) -> list[tuple[pb.ProcessingResponse | NeedDecision, bool, bool]]:
+        """Coalesce consecutive same-direction sends into single responses."""
+        out: list[tuple[pb.ProcessingResponse | NeedDecision, bool, bool]] = []
+        up: list[bytes] = []
+        down: list[bytes] = []
+
+        def flush() -> None:
+            if up:
+                out.append((pb.ProcessingResponse(read_data=pb.Data(data=b"".join(up)),
+                                                  data_processing_status=_MODIFIED), True, False))
+                up.clear()
+            if down:
+                out.append((pb.ProcessingResponse(write_data=pb.Data(data=b"".join(down)),
+                                                  data_processing_status=_MODIFIED), False, False))
+                down.clear()
+
+        for a in actions:
+            if isinstance(a, SendUpstream):
+                if down:
+                    flush()
+                up.append(a.data)
+            elif isinstance(a, SendDownstream):
+                if up:
+                    flush()
+                down.append(a.data)
+            elif isinstance(a, Event):
+                self.runtime.emit(a.record)
+            elif isinstance(a, NeedDecision):
+                flush()
+                out.append((a, False, False))
+            elif isinstance(a, Close):
+                flush()
+                out.append((pb.ProcessingResponse(connection_status=_CLOSE), False, True))
+        flush()
+        return out
+
+
+def _ack(req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    if req.HasField("read_data"):
+        return pb.ProcessingResponse(read_data=pb.Data(), data_processing_status=_MODIFIED)
+    return pb.ProcessingResponse(write_data=pb.Data(), data_processing_status=_MODIFIED)
+
+
+async def serve(host: str, port: int, runtime: Runtime,
+                ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.so_reuseport", 0),
+    ])
+    servicer = NetworkExtProc(runtime)
+    pb_grpc.add_NetworkExternalProcessorServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not listen on {host}:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("envoy.service.network_ext_proc.v3.NetworkExternalProcessor",
+                              health_pb2.HealthCheckResponse.SERVING)
+    runtime.log.info("tap_listening", driver="extproc", host=host, port=port)
+    runtime.emit({"type": "gateway", "action": "start", "component": "tap", "detail": {"driver": "extproc"}})
+    if ready is not None:
+        ready.set()
+    try:
+        if stop is None:
+            await server.wait_for_termination()
+        else:
+            await stop.wait()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        with contextlib.suppress(Exception):
+            await server.stop(grace=5)
+        runtime.emit({"type": "gateway", "action": "stop", "component": "tap", "detail": {"driver": "extproc"}})
+        await runtime.aclose()

@@ -1,0 +1,209 @@
+"""Inline driver: an asyncio (uvloop) TCP listener that Envoy's tcp_proxy
+forwards to. It owns both sockets of a session and only moves bytes between
+them and the sans-IO :class:`~tap.session.Session`.
+
+Back-pressure is end to end: when the client reads slowly, the client
+transport's write buffer fills, asyncio calls ``pause_writing`` and the
+driver stops reading from PostgreSQL, so a large result never accumulates in
+the tap (and the other way round for COPY FROM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from typing import cast
+
+from tap.actions import Action, Close, Event, NeedDecision, SendDownstream, SendUpstream
+from tap.cancel import CancelRegistry
+from tap.runtime import Runtime
+from tap.session import Session, SessionConfig
+
+
+@dataclass(slots=True)
+class InlineSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 6543
+    upstream_host: str = "127.0.0.1"
+    upstream_port: int = 5432
+    connect_timeout: float = 10.0
+    sessions: set[ClientSide] = field(default_factory=set)
+
+
+class UpstreamSide(asyncio.Protocol):
+    __slots__ = ("client", "transport")
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.client.run(self.client.session.on_write(data))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost()
+
+    def pause_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None and not self.client.waiting:
+            self.client.transport.resume_reading()
+
+
+class ClientSide(asyncio.Protocol):
+    """One client connection and the upstream connection it drives."""
+
+    def __init__(self, settings: InlineSettings, runtime: Runtime,
+                 cancels: CancelRegistry) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.cancels = cancels
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamSide | None = None
+        self.session: Session = None  # type: ignore[assignment]
+        self._early: list[bytes] = []  # client bytes before the upstream is up
+        self._upstream_ready = False
+        self._closed = False
+        self.waiting = False
+
+    # -- client socket ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the Transport interface without
+        # inheriting from asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        config = SessionConfig(session_id=str(uuid.uuid4()), client_addr=addr, driver="inline",
+                               **self.runtime.session_options())
+        self.session = Session(config, self.runtime.hooks(), self.cancels)
+        self.settings.sessions.add(self)
+        self.runtime.session_opened(self.session)
+        asyncio.get_running_loop().create_task(self._connect_upstream())
+
+    async def _connect_upstream(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamSide(self), self.settings.upstream_host,
+                                       self.settings.upstream_port),
+                self.settings.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            self.runtime.log.warning("upstream_connect_failed", session_id=self.session.config.session_id,
+                                     error=exc.__class__.__name__)
+            self.run(self.session.terminate(
+                "08006", "the gateway could not reach the database; try again later",
+                reason="upstream_unreachable"))
+            return
+        if self._closed:
+            if proto.transport is not None:
+                proto.transport.close()
+            return
+        self.upstream = proto
+        self._upstream_ready = True
+        early, self._early = self._early, []
+        for chunk in early:
+            self.run(self.session.on_read(chunk))
+
+    def data_received(self, data: bytes) -> None:
+        if not self._upstream_ready:
+            self._early.append(data)
+            return
+        self.run(self.session.on_read(data))
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self.run(self.session.on_client_closed())
+        self._close_all()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def upstream_lost(self) -> None:
+        if not self._closed:
+            self.run(self.session.on_upstream_closed())
+        self._close_all()
+
+    # -- actions --------------------------------------------------------------
+
+    def run(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendUpstream):
+                if self.upstream is not None and self.upstream.transport is not None:
+                    self.upstream.transport.write(action.data)
+            elif isinstance(action, SendDownstream):
+                if self.transport is not None:
+                    self.transport.write(action.data)
+            elif isinstance(action, Event):
+                self.runtime.emit(action.record)
+            elif isinstance(action, NeedDecision):
+                self.waiting = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                asyncio.get_running_loop().create_task(self._decide(action))
+            elif isinstance(action, Close):
+                self._close_all()
+
+    async def _decide(self, need: NeedDecision) -> None:
+        decision = await self.runtime.decide(need.request)
+        self.waiting = False
+        if self._closed:
+            return
+        self.run(self.session.on_decision(need.ticket, decision))
+        if self.transport is not None and not self._closed:
+            self.transport.resume_reading()
+
+    def _close_all(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.settings.sessions.discard(self)
+        self.runtime.session_closed(self.session)
+        if self.transport is not None:
+            self.transport.close()  # flushes what is buffered first
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+
+async def serve(settings: InlineSettings, runtime: Runtime,
+                ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Listen until ``stop`` is set (or forever)."""
+    loop = asyncio.get_running_loop()
+    cancels = CancelRegistry()
+    server = await loop.create_server(lambda: ClientSide(settings, runtime, cancels),
+                                      settings.listen_host, settings.listen_port,
+                                      reuse_address=True, backlog=1024)
+    runtime.log.info("tap_listening", driver="inline", host=settings.listen_host,
+                     port=settings.listen_port)
+    runtime.emit({"type": "gateway", "action": "start", "component": "tap", "detail": {"driver": "inline"}})
+    if ready is not None:
+        ready.set()
+    try:
+        if stop is None:
+            await asyncio.Future()
+        else:
+            await stop.wait()
+    finally:
+        server.close()
+        for s in list(settings.sessions):
+            s.run(s.session.terminate("57P01", "the gateway is shutting down", reason="shutdown"))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 5)
+        runtime.emit({"type": "gateway", "action": "stop", "component": "tap", "detail": {"driver": "inline"}})
+        await runtime.aclose()

@@ -1,0 +1,96 @@
+"""What both drivers share beyond the session: settings turned into session
+options, the hooks (policy, masking), the event sink and the decision path.
+
+The runtime is the only place that knows about services; the session stays
+sans-IO and the drivers stay byte movers.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from tap import protocol as pg
+from tap.hooks import ALLOW_ALL, Decision, StatementRequest
+from tap.session import Hooks, Session
+from tap.tls import UpstreamTLS, server_context
+
+Decider = Callable[[StatementRequest], Awaitable[Decision]]
+EventSink = Callable[[dict[str, Any]], None]
+
+
+async def _allow(_: StatementRequest) -> Decision:
+    return ALLOW_ALL
+
+
+@dataclass(slots=True)
+class TapSettings:
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    require_client_tls: bool = False
+    upstream_sslmode: str = "disable"
+    upstream_ca: str | None = None
+    upstream_hostname: str | None = None
+    max_message_size: int = pg.DEFAULT_MAX_MESSAGE
+
+
+@dataclass
+class Runtime:
+    settings: TapSettings = field(default_factory=TapSettings)
+    decider: Decider = _allow
+    hook_factory: Callable[[], Hooks] = Hooks
+    sink: EventSink | None = None
+    log: Any = field(default_factory=lambda: structlog.get_logger("pgwarden.tap"))
+    sessions_open: int = 0
+    _tls: ssl.SSLContext | None = None
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        if s.tls_cert and s.tls_key:
+            self._tls = server_context(s.tls_cert, s.tls_key)
+
+    def session_options(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "tls_context": self._tls,
+            "require_client_tls": s.require_client_tls,
+            "upstream_tls": UpstreamTLS(mode=s.upstream_sslmode, ca_file=s.upstream_ca,
+                                        server_hostname=s.upstream_hostname),
+            "max_message_size": s.max_message_size,
+        }
+
+    def hooks(self) -> Hooks:
+        return self.hook_factory()
+
+    async def decide(self, request: StatementRequest) -> Decision:
+        return await self.decider(request)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.sink is not None:
+            self.sink(record)
+            return
+        kind = record.get("type")
+        if kind in ("statement", "statement_error", "auth"):
+            return  # recorded by the audit sink when one is configured
+        self.log.info(str(kind), **{k: v for k, v in record.items() if k != "type"})
+
+    def emit_all(self, actions: list[Any]) -> None:
+        """Record the events among actions that can no longer be delivered."""
+        from tap.actions import Event
+
+        for a in actions:
+            if isinstance(a, Event):
+                self.emit(a.record)
+
+    def session_opened(self, session: Session) -> None:
+        self.sessions_open += 1
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions_open -= 1
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,901 @@
+"""The sans-IO PostgreSQL session filter.
+
+A :class:`Session` is fed the bytes of one client connection in both
+directions, the way an Envoy network filter is: ``on_read`` for client →
+server bytes, ``on_write`` for server → client bytes. It answers with a list
+of :mod:`actions <tap.actions>` for the driver to carry out in order: bytes to
+send upstream or downstream, a decision to fetch, an audit event, a close.
+It never touches a socket, a clock or an event loop; both drivers (Envoy
+ext_proc over gRPC, inline asyncio) run this same object.
+
+How a refused statement is delivered
+------------------------------------
+A refused statement is never sent to PostgreSQL. In its place the tap sends a
+*marker*: a statement that PostgreSQL rejects with a syntax error naming a
+random nonce (``pgwarden_refused_<nonce>``). The server therefore fails at
+exactly the position the refused statement had, with its own rules: a
+transaction block becomes failed, pipelined extended-protocol messages are
+skipped up to Sync, ReadyForQuery carries the right status. When the server's
+ErrorResponse naming the nonce comes back, the tap replaces it with its own
+42501 error carrying the reason and the decision id. Client and server state
+can never drift apart, in either driver, however the client pipelines.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tap import protocol as pg
+from tap.actions import (
+    Action,
+    Close,
+    Event,
+    NeedDecision,
+    SendDownstream,
+    SendUpstream,
+)
+from tap.cancel import CancelRegistry
+from tap.hooks import (
+    ALLOW_ALL,
+    Decision,
+    Identity,
+    SessionInfo,
+    StatementRequest,
+    Verdict,
+)
+from tap.results import ResultMasker, ResultMaskerFactory
+from tap.tls import TLSEndpoint, TLSError, UpstreamTLS
+
+_SSL_ANSWER_YES = b"S"
+_SSL_ANSWER_NO = b"N"
+
+# Phases of a session.
+_STARTUP = "startup"  # waiting for the startup packet (maybe after TLS)
+_UPSTREAM_TLS = "upstream_tls"  # waiting for the server's answer to our SSLRequest
+_AUTH = "auth"  # authentication exchange in progress
+_READY = "ready"  # query phase
+_CANCEL = "cancel"  # a CancelRequest was forwarded; wait for the server to close
+_CLOSED = "closed"
+
+
+def _allow_all(_: StatementRequest) -> Decision | None:
+    return ALLOW_ALL
+
+
+@dataclass(slots=True)
+class SessionConfig:
+    """Everything a session needs to know that does not come from the wire."""
+
+    session_id: str
+    client_addr: str = ""
+    driver: str = "inline"
+    tls_context: Any = None  # ssl.SSLContext accepting client TLS, or None
+    require_client_tls: bool = False
+    upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
+    max_message_size: int = pg.DEFAULT_MAX_MESSAGE
+    identity: Identity = field(default_factory=Identity)
+
+
+@dataclass(slots=True)
+class Hooks:
+    """The points later layers fill in. Defaults: allow everything, mask
+    nothing; events are still emitted for the driver to log or record."""
+
+    # Fast, in-process decision (cache). None means "ask the policy service":
+    # the session emits NeedDecision and waits for on_decision.
+    decide_cached: Callable[[StatementRequest], Decision | None] = _allow_all
+    masker_factory: ResultMaskerFactory | None = None
+
+
+@dataclass(slots=True)
+class _Statement:
+    """One statement the client sent, from decision to completion."""
+
+    seq: int
+    sql: str
+    path: str
+    decision: Decision
+    rows: int = 0
+    tags: list[str] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    masked: int = 0
+
+
+@dataclass(slots=True)
+class _Portal:
+    statement: str
+    result_formats: tuple[int, ...]
+    fields: tuple[pg.Field, ...] | None = None
+
+
+@dataclass(slots=True)
+class _Expect:
+    """A response the server owes for a client message, in wire order."""
+
+    kind: str  # Q P B D C S F E
+    stmt: _Statement | None = None
+    portal: str = ""
+    describe_target: tuple[str, str] | None = None  # ('S'|'P', name) for Describe
+
+
+class Session:
+    """One client connection's protocol state, both directions."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        hooks: Hooks | None = None,
+        cancel_registry: CancelRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.hooks = hooks or Hooks()
+        self.cancels = cancel_registry or CancelRegistry()
+        self.phase = _STARTUP
+        self.client_tls: TLSEndpoint | None = None
+        self.upstream_tls: TLSEndpoint | None = None
+        self._startup_reader = pg.StartupReader()
+        self._client_reader = pg.MessageReader(config.max_message_size)
+        self._server_reader = pg.MessageReader(config.max_message_size)
+        self._startup_packet: bytes = b""
+        self.params: dict[str, str] = {}
+        self.protocol_version = pg.PROTOCOL_3_0
+        self.transaction_status = "I"
+        self.server_params: dict[str, str] = {}
+        self.end_reason = ""
+        self._cancel_key: tuple[int, bytes] | None = None
+        # Query-phase state.
+        self._seq = 0
+        self._ticket = 0
+        self._waiting: tuple[int, pg.Message, StatementRequest] | None = None
+        self._held: deque[pg.Message] = deque()
+        self._expect: deque[_Expect] = deque()
+        self._markers: dict[str, _Statement] = {}
+        self._statements: dict[str, tuple[str, _Statement, tuple[pg.Field, ...] | None]] = {}
+        self._portals: dict[str, _Portal] = {}
+        self._simple_fields: tuple[pg.Field, ...] | None = None
+        self._masker: ResultMasker | None = None
+        self._copy_out = False
+        self._inspect_server = False  # slow path needed for server messages
+
+    # ------------------------------------------------------------------
+    # Public API used by the drivers
+
+    def on_read(self, data: bytes) -> list[Action]:
+        """Bytes from the client."""
+        out: list[Action] = []
+        if self.phase in (_CLOSED, _CANCEL) or not data:
+            return out
+        try:
+            if self.client_tls is not None:
+                data = self.client_tls.receive(data)
+                self._flush_client_tls(out)
+                if not data:
+                    return out
+            if self.phase == _STARTUP:
+                self._startup_bytes(data, out)
+            elif self.phase == _UPSTREAM_TLS:
+                raise pg.ProtocolError("unexpected data before authentication")
+            elif self.phase in (_AUTH, _READY):
+                for msg in self._client_reader.feed(data):
+                    self._client_message(msg, out)
+                    if self.phase == _CLOSED:
+                        break
+        except (pg.ProtocolError, TLSError) as exc:
+            self._fatal(out, pg.PROTOCOL_VIOLATION, str(exc), reason="protocol_error")
+        return out
+
+    def on_write(self, data: bytes) -> list[Action]:
+        """Bytes from the server."""
+        out: list[Action] = []
+        if self.phase in (_CLOSED, _CANCEL) or not data:
+            return out
+        try:
+            if self.phase == _UPSTREAM_TLS and self.upstream_tls is None:
+                self._upstream_ssl_answer(data, out)
+                return out
+            if self.upstream_tls is not None:
+                was_done = self.upstream_tls.handshake_done
+                data = self.upstream_tls.receive(data)
+                self._flush_upstream_tls(out)
+                if not was_done and self.upstream_tls.handshake_done:
+                    self._send_upstream(out, self._startup_packet)
+                if not data:
+                    return out
+            self._server_bytes(data, out)
+        except TLSError as exc:
+            self._fatal(out, pg.CONNECTION_FAILURE,
+                        f"could not talk to the database securely: {exc}",
+                        reason="upstream_tls_error")
+        except pg.ProtocolError as exc:
+            self._fatal(out, pg.PROTOCOL_VIOLATION,
+                        f"the database sent an invalid message: {exc}",
+                        reason="upstream_protocol_error")
+        return out
+
+    def on_decision(self, ticket: int, decision: Decision) -> list[Action]:
+        """The answer to a NeedDecision. Releases messages held behind it."""
+        out: list[Action] = []
+        if self._waiting is None or self._waiting[0] != ticket or self.phase == _CLOSED:
+            return out
+        _, msg, request = self._waiting
+        self._waiting = None
+        self._apply(msg, request, decision, out)
+        while self._held and self._waiting is None and self.phase != _CLOSED:
+            self._client_message(self._held.popleft(), out)
+        return out
+
+    def on_upstream_closed(self) -> list[Action]:
+        out: list[Action] = []
+        if self.phase == _CANCEL:
+            self.phase = _CLOSED
+            out.append(Close("cancel_request"))
+        elif self.phase != _CLOSED:
+            self.end_reason = self.end_reason or "server_closed"
+            self._finish(out)
+        return out
+
+    def on_client_closed(self) -> list[Action]:
+        out: list[Action] = []
+        if self.phase != _CLOSED:
+            self.end_reason = self.end_reason or "client_disconnect"
+            self._finish(out)
+        return out
+
+    def terminate(self, sqlstate: str, message: str, reason: str) -> list[Action]:
+        """End the session from outside (idle timeout, token expiry, shutdown)."""
+        out: list[Action] = []
+        if self.phase != _CLOSED:
+            self._fatal(out, sqlstate, message, reason=reason)
+        return out
+
+    @property
+    def waiting_for_decision(self) -> bool:
+        return self._waiting is not None
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            session_id=self.config.session_id,
+            database=self.params.get("database", self.params.get("user", "")),
+            user=self.params.get("user", ""),
+            upstream_role=self.params.get("user", ""),
+            client_addr=self.config.client_addr,
+            application_name=self.server_params.get(
+                "application_name", self.params.get("application_name", "")),
+            tls=self.client_tls is not None,
+            transaction_status=self.transaction_status,
+        )
+
+    # ------------------------------------------------------------------
+    # Output helpers
+
+    def _send_upstream(self, out: list[Action], data: bytes) -> None:
+        if self.upstream_tls is not None:
+            self.upstream_tls.send(data)
+            self._flush_upstream_tls(out)
+        else:
+            out.append(SendUpstream(data))
+
+    def _send_downstream(self, out: list[Action], data: bytes) -> None:
+        if self.client_tls is not None:
+            self.client_tls.send(data)
+            self._flush_client_tls(out)
+        else:
+            out.append(SendDownstream(data))
+
+    def _flush_client_tls(self, out: list[Action]) -> None:
+        assert self.client_tls is not None
+        cipher = self.client_tls.outgoing()
+        if cipher:
+            out.append(SendDownstream(cipher))
+
+    def _flush_upstream_tls(self, out: list[Action]) -> None:
+        assert self.upstream_tls is not None
+        cipher = self.upstream_tls.outgoing()
+        if cipher:
+            out.append(SendUpstream(cipher))
+
+    def _event(self, out: list[Action], kind: str, **fields: Any) -> None:
+        fields["type"] = kind
+        fields["session_id"] = self.config.session_id
+        out.append(Event(fields))
+
+    def _fatal(self, out: list[Action], sqlstate: str, message: str, *, reason: str) -> None:
+        """Tell the client why (FATAL), record it, close both sides."""
+        self.end_reason = reason
+        try:
+            self._send_downstream(out, pg.error_response(sqlstate, message, severity="FATAL"))
+        except TLSError:
+            pass
+        self._event(out, "protocol_error" if sqlstate == pg.PROTOCOL_VIOLATION else "fatal",
+                    sqlstate=sqlstate, message=message, reason=reason)
+        self._finish(out)
+
+    def _finish(self, out: list[Action]) -> None:
+        if self.phase == _CLOSED:
+            return
+        started = self.phase == _READY
+        self.phase = _CLOSED
+        if self._cancel_key is not None:
+            self.cancels.unregister(*self._cancel_key)
+            self._cancel_key = None
+        if started:
+            self._event(out, "session_end", reason=self.end_reason or "closed")
+        out.append(Close(self.end_reason or "closed"))
+
+    # ------------------------------------------------------------------
+    # Startup phase
+
+    def _startup_bytes(self, data: bytes, out: list[Action]) -> None:
+        if (self.client_tls is None and not self._startup_reader_has_data()
+                and data[:1] == b"\x16"):
+            # Direct TLS (PostgreSQL 17 sslnegotiation=direct): a ClientHello
+            # instead of an SSLRequest.
+            if self.config.tls_context is None:
+                raise pg.ProtocolError("direct TLS is not enabled on this gateway")
+            self.client_tls = TLSEndpoint(self.config.tls_context, server_side=True)
+            plain = self.client_tls.receive(data)
+            self._flush_client_tls(out)
+            if plain:
+                self._startup_bytes(plain, out)
+            return
+        packet = self._startup_reader.feed(data)
+        if packet is None:
+            return
+        code = packet.code
+        if code == pg.SSL_REQUEST:
+            self._ssl_request(packet, out)
+        elif code == pg.GSSENC_REQUEST:
+            if self._startup_reader_has_data():
+                raise pg.ProtocolError("unexpected data after GSSENCRequest")
+            self._send_downstream(out, _SSL_ANSWER_NO)
+        elif code == pg.CANCEL_REQUEST:
+            self._cancel_request(packet, out)
+        elif code >> 16 == 3:
+            self._startup_message(packet, out)
+        else:
+            raise pg.ProtocolError(
+                f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                "the gateway speaks protocol 3")
+
+    def _startup_reader_has_data(self) -> bool:
+        return bool(self._startup_reader._buf)
+
+    def _ssl_request(self, packet: pg.StartupPacket, out: list[Action]) -> None:
+        if self._startup_reader_has_data():
+            # Bytes sent after SSLRequest but before the answer would be read
+            # as if they had been encrypted (the CVE-2021-23214 class of bug).
+            raise pg.ProtocolError("unexpected data after SSLRequest")
+        if self.client_tls is not None:
+            raise pg.ProtocolError("SSLRequest received twice")
+        if self.config.tls_context is None:
+            self._send_downstream(out, _SSL_ANSWER_NO)
+            return
+        out.append(SendDownstream(_SSL_ANSWER_YES))
+        self.client_tls = TLSEndpoint(self.config.tls_context, server_side=True)
+
+    def _cancel_request(self, packet: pg.StartupPacket, out: list[Action]) -> None:
+        pid, key = pg.decode_cancel(packet.body)
+        target = self.cancels.lookup(pid, key)
+        self.end_reason = "cancel_request"
+        if target is not None:
+            self._send_upstream(out, pg.encode_cancel(*target))
+        self._event(out, "cancel_request", matched=target is not None)
+        if target is None:
+            self.phase = _CLOSED
+            out.append(Close("cancel_request"))
+        else:
+            # PostgreSQL closes a cancel connection once it has read the
+            # request; closing first could drop the request in flight.
+            self.phase = _CANCEL
+
+    def _startup_message(self, packet: pg.StartupPacket, out: list[Action]) -> None:
+        if self._startup_reader_has_data():
+            raise pg.ProtocolError("unexpected data after the startup message")
+        if self.config.require_client_tls and self.client_tls is None:
+            self._fatal(out, pg.INVALID_AUTHORIZATION,
+                        "this gateway only accepts TLS connections: connect with sslmode=require",
+                        reason="tls_required")
+            return
+        self.params = pg.startup_params(packet.body)
+        if "user" not in self.params:
+            self._fatal(out, pg.INVALID_AUTHORIZATION, "no PostgreSQL user name specified",
+                        reason="no_user")
+            return
+        self.protocol_version = packet.code
+        if self.params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            self._fatal(out, pg.INSUFFICIENT_PRIVILEGE,
+                        "replication connections are not allowed through the gateway",
+                        reason="replication_refused")
+            return
+        self._startup_packet = packet.encode()
+        self.phase = _AUTH
+        ctx = self.config.upstream_tls.context()
+        if ctx is not None:
+            self.phase = _UPSTREAM_TLS
+            out.append(SendUpstream(pg.StartupPacket(pg.SSL_REQUEST, b"").encode()))
+            return
+        self._send_upstream(out, self._startup_packet)
+
+    def _upstream_ssl_answer(self, data: bytes, out: list[Action]) -> None:
+        answer, rest = data[:1], data[1:]
+        if rest:
+            raise pg.ProtocolError("the database sent data after its SSL answer")
+        if answer == b"S":
+            ctx = self.config.upstream_tls.context()
+            assert ctx is not None
+            host = self.config.upstream_tls.server_hostname
+            self.upstream_tls = TLSEndpoint(ctx, server_side=False, server_hostname=host)
+            self.phase = _AUTH
+            hello = self.upstream_tls.start()
+            out.append(SendUpstream(hello))
+            return
+        if answer == b"N":
+            self._fatal(out, pg.CONNECTION_FAILURE,
+                        "the database refused TLS, and the gateway requires it upstream",
+                        reason="upstream_tls_refused")
+            return
+        raise pg.ProtocolError("unexpected answer to SSLRequest")
+
+    # ------------------------------------------------------------------
+    # Client messages after startup
+
+    def _client_message(self, msg: pg.Message, out: list[Action]) -> None:
+        if self._waiting is not None:
+            self._held.append(msg)
+            return
+        t = msg.type
+        if self.phase == _AUTH:
+            if t != b"p":
+                raise pg.ProtocolError("expected a password or SASL message during authentication")
+            self._send_upstream(out, msg.encode())
+            return
+        if t == b"Q":
+            sql = pg.query_text(msg.body)
+            self._decide(msg, self._request(sql, "simple"), out)
+        elif t == b"P":
+            parse = pg.decode_parse(msg.body)
+            self._decide(msg, self._request(parse.query, "parse", parse.name), out)
+        elif t == b"B":
+            bind = pg.decode_bind(msg.body)
+            self._bind(bind)
+            self._forward(msg, _Expect("B"), out)
+        elif t == b"E":
+            portal, _ = pg.cstring(msg.body, 0)
+            p = self._portals.get(portal)
+            stmt = self._statements.get(p.statement)[1] if p and p.statement in self._statements else None
+            self._forward(msg, _Expect("E", stmt=stmt, portal=portal), out)
+        elif t == b"D":
+            kind = msg.body[:1].decode("latin-1")
+            name, _ = pg.cstring(msg.body, 1)
+            self._forward(msg, _Expect("D", describe_target=(kind, name)), out)
+        elif t == b"C":
+            kind = msg.body[:1]
+            name, _ = pg.cstring(msg.body, 1)
+            if kind == b"S":
+                self._statements.pop(name, None)
+            elif kind == b"P":
+                self._portals.pop(name, None)
+            self._forward(msg, _Expect("C"), out)
+        elif t == b"S":
+            self._forward(msg, _Expect("S"), out)
+        elif t in (b"H", b"d", b"c", b"f"):
+            self._send_upstream(out, msg.encode())
+        elif t == b"F":
+            (oid,) = _u32(msg.body, 0)
+            self._decide(msg, self._request(f"<function call oid {oid}>", "function_call"), out)
+        elif t == b"X":
+            self.end_reason = "client_terminate"
+            self._send_upstream(out, msg.encode())
+            self._finish(out)
+        else:
+            raise pg.ProtocolError(f"invalid frontend message type {t!r}")
+
+    def _request(self, sql: str, path: str, name: str = "") -> StatementRequest:
+        return StatementRequest(
+            identity=self.config.identity,
+            session=self.info(),
+            sql=sql,
+            path=path,
+            statement_name=name,
+        )
+
+    def _decide(self, msg: pg.Message, request: StatementRequest, out: list[Action]) -> None:
+        decision = self.hooks.decide_cached(request)
+        if decision is None:
+            self._ticket += 1
+            self._waiting = (self._ticket, msg, request)
+            out.append(NeedDecision(self._ticket, request))
+            return
+        self._apply(msg, request, decision, out)
+
+    def _apply(self, msg: pg.Message, request: StatementRequest, decision: Decision,
+               out: list[Action]) -> None:
+        self._seq += 1
+        stmt = _Statement(self._seq, request.sql, request.path, decision)
+        self._event(out, "statement", seq=stmt.seq, sql=request.sql, path=request.path,
+                    verdict=decision.verdict.value, reasons=list(decision.reasons),
+                    decision_id=decision.decision_id, policy_revision=decision.policy_revision,
+                    approval_id=decision.approval_id)
+        if decision.verdict is not Verdict.ALLOW:
+            self._refuse(msg, stmt, out)
+            return
+        t = msg.type
+        if t == b"Q":
+            self._forward(msg, _Expect("Q", stmt=stmt), out)
+        elif t == b"P":
+            parse = pg.decode_parse(msg.body)
+            self._statements[parse.name] = (parse.query, stmt, None)
+            self._forward(msg, _Expect("P", stmt=stmt), out)
+        elif t == b"F":
+            self._forward(msg, _Expect("F", stmt=stmt), out)
+
+    def _refuse(self, msg: pg.Message, stmt: _Statement, out: list[Action]) -> None:
+        nonce = secrets.token_hex(8)
+        marker = f"pgwarden_refused_{nonce}"
+        self._markers[marker] = stmt
+        self._inspect_server = True
+        if msg.type == b"P":
+            parse = pg.decode_parse(msg.body)
+            # Forget any earlier statement of that name the marker replaces.
+            self._statements.pop(parse.name, None)
+            self._send_upstream(out, pg.parse_message(parse.name, marker))
+            self._expect.append(_Expect("P", stmt=stmt))
+        else:
+            # Query and FunctionCall: one complete cycle ending in ReadyForQuery.
+            self._send_upstream(out, pg.simple_query(marker))
+            self._expect.append(_Expect("Q", stmt=stmt))
+
+    def _bind(self, bind: pg.Bind) -> None:
+        known = self._statements.get(bind.statement)
+        fields = known[2] if known else None
+        self._portals[bind.portal] = _Portal(bind.statement, bind.result_formats,
+                                             _with_formats(fields, bind.result_formats))
+
+    def _forward(self, msg: pg.Message, expect: _Expect, out: list[Action]) -> None:
+        self._expect.append(expect)
+        self._send_upstream(out, msg.encode())
+
+    # ------------------------------------------------------------------
+    # Server messages
+
+    def _server_bytes(self, data: bytes, out: list[Action]) -> None:
+        if (self.phase == _READY and not self._inspect_server
+                and self.hooks.masker_factory is None):
+            frames, block = self._server_reader.split(data)
+            if not frames:
+                return
+            if self._fast_ok(frames, block):
+                self._send_downstream(out, block)
+                return
+            msgs = [pg.Message(block[s:s + 1], block[s + 5:e]) for _, s, e in frames]
+        else:
+            msgs = self._server_reader.feed(data)
+        pending: list[bytes] = []
+        for m in msgs:
+            rewritten = self._server_message(m, out)
+            if rewritten is None:
+                continue
+            pending.append(rewritten)
+        if pending and self.phase != _CLOSED:
+            self._send_downstream(out, b"".join(pending))
+        elif pending:
+            # A FATAL from the server ends the session, but the client still
+            # deserves to see it.
+            try:
+                data = b"".join(pending)
+                if self.client_tls is not None:
+                    self.client_tls.send(data)
+                    cipher = self.client_tls.outgoing()
+                    if cipher:
+                        out.insert(len(out) - 1, SendDownstream(cipher))
+                else:
+                    out.insert(len(out) - 1, SendDownstream(data))
+            except TLSError:
+                pass
+
+    def _fast_ok(self, frames: list[tuple[int, int, int]], block: bytes) -> bool:
+        """Pass a block through untouched when it only holds messages the tap
+        need not change, and do the bookkeeping those messages imply.
+
+        Checked in two passes so that a block sent to the slow path has not
+        been counted already.
+        """
+        slow = _SLOW_TYPES
+        for t, _, _ in frames:
+            if t in slow:
+                return False
+        expect = self._expect
+        for t, s, e in frames:
+            if t == 0x44:  # D DataRow
+                if expect:
+                    st = expect[0].stmt
+                    if st is not None:
+                        st.rows += 1
+            elif t == 0x43:  # C CommandComplete
+                self._complete_command(block[s + 5:e - 1].decode("utf-8", "replace"))
+            elif t == 0x5A:  # Z ReadyForQuery
+                self._ready(chr(block[s + 5]))
+            elif t in (0x31, 0x32, 0x33, 0x6E, 0x54):  # 1 2 3 n T
+                if expect and expect[0].kind in ("PBCD" if t != 0x54 else "D"):
+                    expect.popleft()
+            elif t in (0x73, 0x49):  # s I end an Execute
+                if expect and expect[0].kind == "E":
+                    expect.popleft()
+        return True
+
+    def _server_message(self, m: pg.Message, out: list[Action]) -> bytes | None:
+        """Handle one server message; return the bytes to pass on (or None)."""
+        t = m.type
+        if self.phase == _AUTH:
+            return self._auth_message(m, out)
+        if t == b"D":
+            head = self._expect[0] if self._expect else None
+            if head is not None:
+                if head.stmt is not None:
+                    head.stmt.rows += 1
+                if self._masker is None and head.kind == "E":
+                    portal = self._portals.get(head.portal)
+                    self._start_masking(head.stmt, portal.fields if portal else None)
+            if self._masker is not None:
+                return self._masker.data_row(m.body)
+            return m.encode()
+        if t == b"T":
+            fields = pg.decode_row_description(m.body)
+            self._row_description(fields)
+            return m.encode()
+        if t == b"C":
+            self._complete_command(m.body[:-1].decode("utf-8", "replace"))
+            return m.encode()
+        if t == b"Z":
+            self._ready(m.body[:1].decode("latin-1"))
+            return m.encode()
+        if t == b"E":
+            return self._server_error(m, out)
+        if t in (b"N", b"A", b"d"):
+            if self._masker is not None or self.hooks.masker_factory is not None:
+                masked = self._mask_async_message(m)
+                if masked is not None:
+                    return masked
+            return m.encode()
+        if t in (b"1", b"2", b"3", b"n"):
+            if t == b"n" and self._expect and self._expect[0].kind == "D":
+                self._describe_done(None)
+            elif self._expect and self._expect[0].kind in "PBCD":
+                self._expect.popleft()
+            return m.encode()
+        if t in (b"s", b"I"):
+            if self._expect and self._expect[0].kind == "E":
+                self._end_execute()
+            return m.encode()
+        if t == b"K":
+            return self._backend_key(m)
+        if t == b"S":
+            name, pos = pg.cstring(m.body, 0)
+            value, _ = pg.cstring(m.body, pos)
+            self.server_params[name] = value
+            return m.encode()
+        if t == b"H":
+            self._copy_out = True
+            return m.encode()
+        if t == b"c":
+            self._copy_out = False
+            return m.encode()
+        return m.encode()
+
+    # -- authentication (passthrough) -------------------------------------
+
+    def _auth_message(self, m: pg.Message, out: list[Action]) -> bytes | None:
+        t = m.type
+        if t == b"R":
+            (code,) = _u32(m.body, 0)
+            if code == 10:
+                # SCRAM channel binding cannot work through a TLS-terminating
+                # gateway: the client would bind to the gateway's certificate.
+                mechs = [x for x in pg.sasl_mechanisms(m.body) if not x.endswith("-PLUS")]
+                if not mechs:
+                    self._fatal(out, pg.INVALID_AUTHORIZATION,
+                                "the database offers only channel-bound SCRAM, "
+                                "which cannot pass through the gateway", reason="auth_unsupported")
+                    return None
+                return pg.encode_sasl_mechanisms(mechs)
+            if code == 0:
+                self._event(out, "auth", outcome="success", method="passthrough",
+                            user=self.params.get("user", ""),
+                            database=self.params.get("database", ""))
+            return m.encode()
+        if t == b"K":
+            return self._backend_key(m)
+        if t == b"Z":
+            self.phase = _READY
+            self._ready(m.body[:1].decode("latin-1"))
+            info = self.info()
+            self._event(out, "session_start", database=info.database, user=info.user,
+                        client_addr=info.client_addr, tls=info.tls,
+                        application_name=info.application_name, driver=self.config.driver,
+                        protocol=f"3.{self.protocol_version & 0xFFFF}")
+            return m.encode()
+        if t == b"E":
+            fields = pg.decode_fields(m.body)
+            self._event(out, "auth", outcome="failure", sqlstate=fields.get("C", ""),
+                        message=fields.get("M", ""), user=self.params.get("user", ""))
+            self.end_reason = "auth_failed"
+            data = m.encode()
+            self._send_downstream(out, data)
+            self._finish(out)
+            return None
+        if t == b"S":
+            name, pos = pg.cstring(m.body, 0)
+            value, _ = pg.cstring(m.body, pos)
+            self.server_params[name] = value
+        return m.encode()
+
+    def _backend_key(self, m: pg.Message) -> bytes:
+        """Hand the client a gateway-issued cancel key, never the server's."""
+        pid, key = pg.decode_backend_key(m.body)
+        if self._cancel_key is not None:
+            self.cancels.unregister(*self._cancel_key)
+        length = 4 if self.protocol_version == pg.PROTOCOL_3_0 else 32
+        gw_pid, gw_key = self.cancels.register(pid, key, key_length=length)
+        self._cancel_key = (gw_pid, gw_key)
+        return pg.encode_backend_key(gw_pid, gw_key)
+
+    # -- query bookkeeping ------------------------------------------------
+
+    def _ready(self, status: str) -> None:
+        self.transaction_status = status
+        expect = self._expect
+        # ReadyForQuery ends a simple Query, a FunctionCall or a Sync cycle.
+        while expect:
+            e = expect.popleft()
+            if e.kind in "QSF":
+                break
+        self._masker = None
+        self._simple_fields = None
+        self._copy_out = False
+
+    def _complete_command(self, tag: str) -> None:
+        expect = self._expect
+        if not expect:
+            return
+        head = expect[0]
+        if head.stmt is not None:
+            head.stmt.tags.append(tag)
+        if head.kind == "E":
+            self._end_execute()
+        else:
+            self._masker = None
+
+    def _end_execute(self) -> None:
+        self._expect.popleft()
+        self._masker = None
+
+    def _row_description(self, fields: tuple[pg.Field, ...]) -> None:
+        head = self._expect[0] if self._expect else None
+        if head is not None and head.kind == "D":
+            self._describe_done(fields)
+            return
+        # Inside a simple Query: the rows that follow use these fields.
+        self._simple_fields = fields
+        stmt = head.stmt if head is not None else None
+        self._start_masking(stmt, fields)
+
+    def _describe_done(self, fields: tuple[pg.Field, ...] | None) -> None:
+        head = self._expect[0]
+        target = head.describe_target
+        if target is not None:
+            kind, name = target
+            if kind == "S":
+                # Statement describe answers ParameterDescription ('t') first;
+                # it is passed through the fast path, then T or n ends it.
+                known = self._statements.get(name)
+                if known is not None:
+                    self._statements[name] = (known[0], known[1], fields)
+            elif kind == "P":
+                portal = self._portals.get(name)
+                if portal is not None:
+                    portal.fields = fields
+        self._expect.popleft()
+
+    def _start_masking(self, stmt: _Statement | None,
+                       fields: tuple[pg.Field, ...] | None) -> None:
+        factory = self.hooks.masker_factory
+        decision = stmt.decision if stmt is not None else None
+        if factory is None or decision is None:
+            self._masker = None
+            return
+        self._masker = factory(decision, fields)
+
+    def _mask_async_message(self, m: pg.Message) -> bytes | None:
+        factory = self.hooks.masker_factory
+        if factory is None:
+            return None
+        masker = self._masker or factory(ALLOW_ALL, ())
+        if masker is None:
+            return None
+        return masker.other_message(m.type, m.body)
+
+    def _server_error(self, m: pg.Message, out: list[Action]) -> bytes | None:
+        fields = pg.decode_fields(m.body)
+        text = fields.get("M", "")
+        stmt: _Statement | None = None
+        if self._markers and "pgwarden_refused_" in text:
+            for marker in list(self._markers):
+                if marker in text:
+                    stmt = self._markers.pop(marker)
+                    break
+        if not self._markers:
+            self._inspect_server = False
+        head = self._expect[0] if self._expect else None
+        if head is not None and head.kind in "PBDCE":
+            # The server skips everything up to Sync after an error in the
+            # extended protocol: so do the expectations.
+            while self._expect and self._expect[0].kind not in "SQF":
+                self._expect.popleft()
+        self._masker = None
+        if stmt is not None:
+            d = stmt.decision
+            stmt.error = {"C": d.sqlstate}
+            reason = "; ".join(d.reasons) or "no policy allows it"
+            self._event(out, "statement_refused", seq=stmt.seq, decision_id=d.decision_id,
+                        verdict=d.verdict.value)
+            return pg.error_response(
+                d.sqlstate,
+                f"pgwarden: statement refused by policy: {reason}",
+                detail=f"decision {d.decision_id or 'local'}; policy revision "
+                       f"{d.policy_revision or 'n/a'}",
+                hint=_hint_for(d),
+            )
+        if head is not None and head.stmt is not None:
+            head.stmt.error = {"C": fields.get("C", ""), "M": text}
+            self._event(out, "statement_error", seq=head.stmt.seq, sqlstate=fields.get("C", ""),
+                        message=text)
+        if fields.get("S") in ("FATAL", "PANIC"):
+            self.end_reason = "server_fatal"
+            self._send_downstream(out, m.encode())
+            self._finish(out)
+            return None
+        factory = self.hooks.masker_factory
+        if factory is not None:
+            masker = factory(ALLOW_ALL, ())
+            if masker is not None:
+                masked = masker.other_message(m.type, m.body)
+                if masked is not None:
+                    return masked
+        return m.encode()
+
+
+# Server message types the fast path never passes blindly: errors (markers,
+# expectations), notices and notifications (masking), BackendKeyData (cancel
+# keys), NegotiateProtocolVersion and authentication.
+_SLOW_TYPES = frozenset(b"ENAKvR")
+
+
+def _hint_for(d: Decision) -> str:
+    if d.verdict is Verdict.HOLD:
+        return ("this statement needs a human approval; ask an approver to run "
+                f"`pgwarden approvals approve {d.approval_id}`" if d.approval_id
+                else "this statement needs a human approval")
+    return "ask your security team if you need this access; the refusal is recorded"
+
+
+def _u32(body: bytes, pos: int) -> tuple[int]:
+    if len(body) < pos + 4:
+        raise pg.ProtocolError("message truncated")
+    return (int.from_bytes(body[pos:pos + 4], "big"),)
+
+
+def _with_formats(fields: tuple[pg.Field, ...] | None,
+                  formats: tuple[int, ...]) -> tuple[pg.Field, ...] | None:
+    """Apply Bind's result-format codes to a statement's RowDescription."""
+    if fields is None:
+        return None
+    if not formats:
+        return tuple(replace(f, format=0) for f in fields)
+    if len(formats) == 1:
+        return tuple(replace(f, format=formats[0]) for f in fields)
+    return tuple(replace(f, format=formats[i] if i < len(formats) else 0)
+                 for i, f in enumerate(fields))
