@@ -41,7 +41,9 @@ GENESIS = "0" * 64
 
 
 class _Record(SQLModel):
-    seq: int = Field(sa_type=BigInteger, primary_key=True, sa_column_kwargs={"autoincrement": False})
+    seq: int = Field(
+        sa_type=BigInteger, primary_key=True, sa_column_kwargs={"autoincrement": False}
+    )
     event_id: str = Field(max_length=64)
     ts: str = Field(max_length=32, index=True)
     session_id: str = Field(default="", max_length=128, index=True)
@@ -177,9 +179,7 @@ RECORD_MODELS: dict[str, type[_Record]] = {
     "session_end": SessionEndRecord,
     "evidence_access": EvidenceAccessRecord,
 }
-TABLE_TYPES: dict[str, str] = {
-    m.__tablename__: t for t, m in RECORD_MODELS.items()  # type: ignore[misc]
-}
+TABLE_TYPES: dict[str, str] = {str(m.__tablename__): t for t, m in RECORD_MODELS.items()}
 CHAIN_COLUMNS = ("seq", "session_seq", "session_prev_hash", "session_hash", "prev_hash", "hash")
 
 
@@ -191,7 +191,7 @@ def table_of(model: type[SQLModel]) -> Table:
 
 def record_tables() -> dict[str, Table]:
     """Record tables by table name, in a fixed order."""
-    return {m.__tablename__: table_of(m) for m in RECORD_MODELS.values()}  # type: ignore[misc]
+    return {str(m.__tablename__): table_of(m) for m in RECORD_MODELS.values()}
 
 
 def content_columns(table: Table) -> list[Column[Any]]:
@@ -206,7 +206,7 @@ def event_to_content(event: Event) -> tuple[str, dict[str, Any]]:
         if isinstance(value, datetime):
             data[key] = format_ts(value)
     model = RECORD_MODELS[kind]
-    return model.__tablename__, data  # type: ignore[return-value]
+    return str(model.__tablename__), data
 
 
 def canonical(table: str, row: dict[str, Any]) -> bytes:

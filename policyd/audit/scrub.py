@@ -36,8 +36,11 @@ from policyd.audit.events import (
     StatementEvent,
 )
 
-SECRET_MASK = "'<redacted>'"
+SECRET_MASK = "'<redacted>'"  # noqa: S105 - the replacement, not a secret
 PARAM_MASK = "<redacted>"
+# Hard cap on recorded rows per statement whatever the policy asks, so one
+# statement cannot make an unbounded audit record.
+MAX_RECORDED_ROWS = 1000
 
 _DIGIT_RUN = re.compile(r"(?<!\d)(\d[ -]?){12,18}\d(?!\d)")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
@@ -113,7 +116,9 @@ def _secret_spans(sql: str) -> tuple[list[tuple[int, int]], set[int]] | None:
     return spans, params
 
 
-def scrub_sql(sql: str, params: Sequence[str | None] | None = None) -> tuple[str, list[str | None] | None]:
+def scrub_sql(
+    sql: str, params: Sequence[str | None] | None = None
+) -> tuple[str, list[str | None] | None]:
     """Return the statement text and parameters as they may be stored.
 
     Secret literals become ``'<redacted>'``; a parameter bound to a
@@ -147,7 +152,9 @@ def scrub_sql(sql: str, params: Sequence[str | None] | None = None) -> tuple[str
     return scrub_text(sql), clean_params
 
 
-def scrub_rows(rows: Iterable[Sequence[str | None]], cap: int) -> tuple[list[list[str | None]], bool]:
+def scrub_rows(
+    rows: Iterable[Sequence[str | None]], cap: int
+) -> tuple[list[list[str | None]], bool]:
     """Recorded result rows, capped, each value PAN-scrubbed again (the tap
     already masked them; this is the store's own 3.5.1 guarantee)."""
     out: list[list[str | None]] = []
@@ -176,8 +183,9 @@ def scrub_event(event: Event) -> Event:
             "reasons": [scrub_text(r) for r in event.reasons],
         }
         if event.recorded_rows is not None:
-            rows, truncated = scrub_rows(event.recorded_rows, len(event.recorded_rows))
+            rows, truncated = scrub_rows(event.recorded_rows, MAX_RECORDED_ROWS)
             changes["recorded_rows"] = rows
+            changes["rows_truncated"] = event.rows_truncated or truncated
         return event.model_copy(update=changes)
     if isinstance(event, SessionEndEvent):
         return event.model_copy(update={"detail": scrub_text(event.detail)})

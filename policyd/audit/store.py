@@ -174,9 +174,7 @@ class AuditStore:
             if head is None:
                 conn.execute(head_t.insert(), [{"id": 1, "seq": seq, "hash": prev}])
             else:
-                conn.execute(
-                    update(head_t).where(head_t.c.id == 1).values(seq=seq, hash=prev)
-                )
+                conn.execute(update(head_t).where(head_t.c.id == 1).values(seq=seq, hash=prev))
             self._move_session_heads(conn, heads, known, set(sids))
             if writer_id is not None and spool_n is not None:
                 self._set_writer_position(conn, writer_id, spool_n)
@@ -277,9 +275,7 @@ class AuditStore:
         if subject:
             q = q.where(s.c.subject == subject)
         if decision:
-            q = q.where(
-                s.c.session_id.in_(select(st.c.session_id).where(st.c.verdict == decision))
-            )
+            q = q.where(s.c.session_id.in_(select(st.c.session_id).where(st.c.verdict == decision)))
         q = q.order_by(s.c.seq)
         out: list[dict[str, Any]] = []
         with self.engine.connect() as conn:
@@ -288,7 +284,8 @@ class AuditStore:
                 if group and group not in (row.get("groups") or []):
                     continue
                 verdicts = [
-                    v for (v,) in conn.execute(
+                    v
+                    for (v,) in conn.execute(
                         select(st.c.verdict).where(st.c.session_id == row["session_id"])
                     )
                 ]
