@@ -18,6 +18,12 @@ def _register() -> None:
 
     app.add_typer(tap_app, name="tap", help="Run the PostgreSQL protocol tap.")
 
+    from policyd.audit.cli import audit_app, replay_app, sessions_app
+
+    app.add_typer(sessions_app, name="sessions", help="List recorded sessions.")
+    app.add_typer(replay_app, name="replay", help="Replay a recorded session.")
+    app.add_typer(audit_app, name="audit", help="Export, verify and prune the audit trail.")
+
     from pgwarden.tokens_cli import app as token_app
 
     app.add_typer(token_app, name="token", help="Development token issuer (mint, rotate).")
