@@ -186,7 +186,7 @@ def _last4_number_text(v: bytes) -> bytes:
     return sign + b"%d" % (int(digits) % 10000) + rest
 
 
-def _decode_numeric(v: bytes) -> tuple[int, bool, int] | None:
+def decode_numeric(v: bytes) -> tuple[int, bool, int] | None:
     """(integer part, negative, dscale) of a binary numeric; None for
     NaN/Infinity. The fraction does not matter: a PAN is an integer."""
     ndigits, weight, sign, dscale = _NUMERIC_HEAD.unpack_from(v)
@@ -244,7 +244,7 @@ def _number_rule(style: str, oid: int, fmt: int, key: bytes) -> ValueFn:
         return lambda v: zero
 
     def numeric_rule(v: bytes) -> bytes:
-        dec = _decode_numeric(v)
+        dec = decode_numeric(v)
         if dec is None:
             return encode_numeric(0)
         n, neg, dscale = dec
@@ -342,7 +342,7 @@ def _scan_int8_binary(v: bytes) -> bytes:
 def _scan_numeric_binary(v: bytes) -> bytes:
     if len(v) < 12:  # fewer than 2 base-10000 groups: < 8 digits
         return v
-    dec = _decode_numeric(v)
+    dec = decode_numeric(v)
     if dec is None or dec[0] < 10**12 or not is_pan_digits(b"%d" % dec[0]):
         return v
     n, neg, dscale = dec

@@ -1,0 +1,481 @@
+"""The masking engine: what the tap calls in-process, and what maskd serves.
+
+Typical use by the tap, per result set::
+
+    masker = Masker(decision.mask, key)          # once per statement
+    rows = masker.prepare(columns)               # once per RowDescription
+    if rows.needs_work:
+        body = rows.mask_datarow(body)           # per DataRow body (fast path)
+    stats = rows.stats                           # at CommandComplete
+
+``prepare`` resolves every column once (rule by ``schema.table.column``,
+derived position, content scanning by type and format) into a list of
+per-column functions, so the per-row cost is a loop over the columns that
+need work and nothing else. Columns that need nothing cost nothing; text
+values that cannot hold a PAN cost one ``len`` and one ``translate``.
+
+Fail closed: every error (bad value, unknown style) propagates as an
+exception; the caller must turn it into an ErrorResponse, never forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from maskd.detect import digit_count, mask_pans
+from maskd.styles import (
+    Oid,
+    ValueFn,
+    content_fn,
+    decode_numeric,
+    rule_fn,
+)
+from maskd.wire import build_datarow, parse_datarow
+from tap.hooks import MaskPlan
+
+__all__ = [
+    "ColumnMeta",
+    "CopyState",
+    "MaskError",
+    "MaskStats",
+    "Masker",
+    "ResultDigest",
+    "RowMasker",
+    "derive_key",
+]
+
+DERIVED_STYLE = "redact"  # a derived column is masked as a whole
+CONTENT_RULE = "content"
+DERIVED_RULE = "derived"
+MAX_COPY_CARRY = 16 * 1024 * 1024
+
+
+class MaskError(Exception):
+    """Masking could not be done; the result must not be delivered.
+
+    The message never contains a value (it may hold a PAN)."""
+
+
+def derive_key(key: bytes, purpose: str) -> bytes:
+    """Separate subkeys per use of the gateway key, so a column ``hmac`` can
+    never be confused with a result digest made with the same key."""
+    return hmac.digest(key, b"pgwarden/maskd/" + purpose.encode("ascii"), hashlib.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnMeta:
+    """One result column as the tap knows it from RowDescription.
+
+    ``table_column`` is ``schema.table.column`` when the column is a plain
+    reference to a table column (resolved from table OID and attribute
+    number), else None. ``style`` and ``derived`` may be set by the caller
+    when it resolved the plan itself; otherwise the plan decides."""
+
+    name: str
+    table_column: str | None = None
+    type_oid: int = Oid.TEXT
+    format: int = 0
+    style: str | None = None
+    derived: bool = False
+
+
+@dataclass(slots=True)
+class MaskStats:
+    """What was masked, for the audit event: never values, only counts."""
+
+    rows: int = 0
+    values: int = 0
+    by_column: dict[str, int] = field(default_factory=dict)
+    by_rule: dict[str, int] = field(default_factory=dict)
+
+    def add(self, column: str, rule: str, n: int) -> None:
+        if n:
+            self.values += n
+            self.by_column[column] = self.by_column.get(column, 0) + n
+            self.by_rule[rule] = self.by_rule.get(rule, 0) + n
+
+    def merge(self, other: MaskStats) -> None:
+        self.rows += other.rows
+        for (col, n) in other.by_column.items():
+            self.by_column[col] = self.by_column.get(col, 0) + n
+        for (rule, n) in other.by_rule.items():
+            self.by_rule[rule] = self.by_rule.get(rule, 0) + n
+        self.values += other.values
+
+    def as_dict(self) -> dict[str, object]:
+        return {"rows": self.rows, "values": self.values,
+                "by_column": dict(self.by_column), "by_rule": dict(self.by_rule)}
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    index: int
+    fn: ValueFn
+    always: bool  # a rule: every non-NULL value counts as masked
+    column: str
+    rule: str
+
+
+class RowMasker:
+    """A Masker bound to one result shape. Not thread-safe; one per result."""
+
+    __slots__ = ("_counts", "_digit_skip", "_ops", "columns", "needs_work", "rows")
+
+    def __init__(self, ops: list[_Op], columns: Sequence[ColumnMeta], digit_skip: bool) -> None:
+        self._ops = ops
+        self.columns = tuple(columns)
+        self._counts = [0] * len(ops)
+        # Only content scanning of text-form values: a row with fewer than
+        # 13 ASCII digits in its whole body needs nothing (the body's length
+        # bytes can only add digits, so the test stays conservative).
+        self._digit_skip = digit_skip
+        self.needs_work = bool(ops)
+        self.rows = 0
+
+    @property
+    def stats(self) -> MaskStats:
+        """Counts accumulated since prepare (or the last :meth:`reset`)."""
+        st = MaskStats(rows=self.rows)
+        for op, n in zip(self._ops, self._counts, strict=True):
+            st.add(op.column, op.rule, n)
+        return st
+
+    def reset(self) -> None:
+        self._counts = [0] * len(self._ops)
+        self.rows = 0
+
+    def mask_row(self, values: Sequence[bytes | None]) -> list[bytes | None]:
+        """Masked copy of one row's field values (None = NULL)."""
+        out = list(values)
+        self.rows += 1
+        counts = self._counts
+        k = 0
+        for op in self._ops:
+            v = out[op.index]
+            if v is not None:
+                new = op.fn(v)
+                if op.always or new is not v:
+                    out[op.index] = new
+                    counts[k] += 1
+            k += 1
+        return out
+
+    def mask_rows(self, rows: Sequence[Sequence[bytes | None]]) -> list[list[bytes | None]]:
+        """Masked copies of many rows, processed column by column (one list
+        comprehension per column that needs work: the fastest shape in
+        CPython)."""
+        if not rows:
+            return []
+        cols = [list(c) for c in zip(*rows, strict=True)]
+        self.rows += len(rows)
+        for k, op in enumerate(self._ops):
+            col = cols[op.index]
+            fn = op.fn
+            new = [v if v is None else fn(v) for v in col]
+            if op.always:
+                self._counts[k] += len(col) - col.count(None)
+            else:
+                self._counts[k] += sum(1 for a, b in zip(col, new, strict=True) if a is not b)
+            cols[op.index] = new
+        return [list(r) for r in zip(*cols, strict=True)]
+
+    def mask_column(self, index: int, values: list[bytes | None]) -> list[bytes | None]:
+        """Masked copy of one column's values (for column-oriented callers)."""
+        for k, op in enumerate(self._ops):
+            if op.index == index:
+                fn = op.fn
+                new = [v if v is None else fn(v) for v in values]
+                if op.always:
+                    self._counts[k] += len(values) - values.count(None)
+                else:
+                    self._counts[k] += sum(1 for a, b in zip(values, new, strict=True)
+                                           if a is not b)
+                return new
+        return values
+
+    def mask_datarow(self, body: bytes) -> bytes:
+        """Masked DataRow body (after the 'D' and length). Returns ``body``
+        itself when nothing changed, so the tap can forward the original
+        message bytes. Raises ValueError on a malformed body."""
+        if self._digit_skip and (len(body) < 13 or digit_count(body) < 13):
+            self.rows += 1
+            return body
+        values = parse_datarow(body)
+        if len(values) != len(self.columns):
+            raise ValueError("DataRow field count differs from RowDescription")
+        out = self.mask_row(values)
+        for a, b in zip(values, out, strict=True):
+            if a is not b:
+                return build_datarow(out)
+        return body
+
+
+class Masker:
+    """Masking for one statement's decision (a MaskPlan) with the gateway key.
+
+    Cheap to build; ``prepare`` results are cached per column shape so that
+    :meth:`mask_row` (the convenience form) is fast too."""
+
+    def __init__(self, plan: MaskPlan, key: bytes, *, content_style: str = "last4") -> None:
+        if not key:
+            raise ValueError("a gateway key is required for hmac masking and digests")
+        self.plan = plan
+        self.key = key
+        self.content_style = content_style
+        self._column_key = derive_key(key, "column-hmac/v1")
+        self._digest_key = derive_key(key, "result-digest/v1")
+        self._rules = {r.column: r.style for r in plan.rules}
+        for style in self._rules.values():
+            rule_fn(style, Oid.TEXT, 0, self._column_key)  # unknown style: fail now
+        self._prepared: dict[tuple[ColumnMeta, ...], RowMasker] = {}
+
+    def prepare(self, columns: Sequence[ColumnMeta]) -> RowMasker:
+        """Resolve ``columns`` once; the result masks rows of that shape."""
+        key = tuple(columns)
+        cached = self._prepared.get(key)
+        if cached is not None:
+            return cached
+        ops: list[_Op] = []
+        digit_skip = True
+        active = not self.plan.unmasked
+        derived = set(self.plan.derived_columns)
+        for i, col in enumerate(columns):
+            if not active:
+                break
+            style = col.style or (self._rules.get(col.table_column) if col.table_column else None)
+            if col.derived or i in derived:
+                ops.append(_Op(i, rule_fn(DERIVED_STYLE, col.type_oid, col.format,
+                                          self._column_key), True, col.name, DERIVED_RULE))
+                digit_skip = False
+            elif style:
+                ops.append(_Op(i, rule_fn(style, col.type_oid, col.format, self._column_key),
+                               True, col.name, style))
+                digit_skip = False
+            elif self.plan.scan_content:
+                fn = content_fn(col.type_oid, col.format, self.content_style)
+                if fn is not None:
+                    ops.append(_Op(i, fn, False, col.name, CONTENT_RULE))
+                    if col.format == 1 and col.type_oid not in _BINARY_TEXTLIKE:
+                        digit_skip = False
+        rm = RowMasker(ops, columns, digit_skip)
+        if len(self._prepared) < 64:
+            self._prepared[key] = rm
+        return rm
+
+    def mask_row(self, values: Sequence[bytes | None],
+                 columns: Sequence[ColumnMeta]) -> tuple[list[bytes | None], MaskStats]:
+        """Masked copy of one row and what was masked in it."""
+        rm = self.prepare(columns)
+        before = list(rm._counts)
+        out = rm.mask_row(values)
+        st = MaskStats(rows=1)
+        for op, n0, n1 in zip(rm._ops, before, rm._counts, strict=True):
+            st.add(op.column, op.rule, n1 - n0)
+        return out, st
+
+    # ---------------------------------------------------------------- COPY
+
+    def copy_state(self, fmt: int | str = "text",
+                   column_types: Sequence[int] | None = None) -> CopyState:
+        """State for one COPY TO STDOUT; ``fmt`` is text/csv (0) or binary
+        (1). ``column_types`` (type OIDs) sharpen binary COPY; without them
+        an 8-byte field is checked as an int8 and a structurally valid
+        numeric as a numeric (a false positive corrupts, never leaks)."""
+        binary = fmt in (1, "binary")
+        return CopyState(binary=binary, column_types=tuple(column_types or ()))
+
+    def mask_stream(self, chunk: bytes, state: CopyState) -> bytes:
+        """Masked bytes of a COPY data stream that can be sent now.
+
+        Text/CSV: any trailing bytes that could belong to a PAN continuing
+        in the next chunk (digits, separators, escape and hex characters)
+        are held back in ``state`` and prefixed to the next chunk; a chunk
+        ending in a newline (PostgreSQL sends one row per CopyData) holds
+        nothing back. Binary: complete tuples are masked field by field.
+        Call :meth:`finish_stream` at CopyDone for what is held back."""
+        if self.plan.unmasked or not (self.plan.scan_content or self.plan.rules
+                                      or self.plan.derived_columns):
+            return chunk
+        if state.binary:
+            return self._binary_stream(chunk, state)
+        buf = state.carry + chunk if state.carry else chunk
+        cut = len(buf)
+        while cut > 0 and buf[cut - 1] in _CARRY_CLASS:
+            cut -= 1
+        if len(buf) - cut > MAX_COPY_CARRY:
+            raise MaskError("COPY data holds a run of digits too long to scan safely")
+        state.carry = buf[cut:]
+        out = buf[:cut]
+        if not out:
+            return b""
+        masked, n = mask_pans(out, self.content_style)
+        state.stats.add("copy", CONTENT_RULE, n)
+        return masked
+
+    def finish_stream(self, state: CopyState) -> bytes:
+        """Whatever ``state`` still holds, masked (call at CopyDone)."""
+        if state.binary:
+            if state.carry:
+                raise MaskError("COPY binary data ended inside a tuple")
+            return b""
+        rest, state.carry = state.carry, b""
+        masked, n = mask_pans(rest, self.content_style)
+        state.stats.add("copy", CONTENT_RULE, n)
+        return masked
+
+    def _binary_stream(self, chunk: bytes, state: CopyState) -> bytes:
+        buf = state.carry + chunk
+        pos = 0
+        out: list[bytes] = []
+        if not state.header_done:
+            if len(buf) < 19:
+                state.carry = buf
+                return b""
+            ext = struct.unpack_from(">i", buf, 15)[0]
+            if len(buf) < 19 + ext:
+                state.carry = buf
+                return b""
+            out.append(buf[:19 + ext])
+            pos = 19 + ext
+            state.header_done = True
+        n = len(buf)
+        while pos + 2 <= n:
+            nfields = struct.unpack_from(">h", buf, pos)[0]
+            if nfields == -1:  # trailer
+                out.append(buf[pos:pos + 2])
+                pos += 2
+                continue
+            p = pos + 2
+            values: list[bytes | None] = []
+            complete = True
+            for _ in range(nfields):
+                if p + 4 > n:
+                    complete = False
+                    break
+                length = struct.unpack_from(">i", buf, p)[0]
+                p += 4
+                if length < 0:
+                    values.append(None)
+                    continue
+                if p + length > n:
+                    complete = False
+                    break
+                values.append(buf[p:p + length])
+                p += length
+            if not complete:
+                break
+            masked = [None if v is None else self._copy_field(state, i, v)
+                      for i, v in enumerate(values)]
+            if any(a is not b for a, b in zip(values, masked, strict=True)):
+                out.append(build_datarow(masked))
+            else:
+                out.append(buf[pos:p])
+            pos = p
+        state.carry = buf[pos:]
+        if len(state.carry) > MAX_COPY_CARRY:
+            raise MaskError("COPY binary tuple too large to mask")
+        return b"".join(out)
+
+    def _copy_field(self, state: CopyState, i: int, v: bytes) -> bytes:
+        oid = state.column_types[i] if i < len(state.column_types) else 0
+        fn = state.fns.get(oid)
+        if fn is None and oid not in state.fns:
+            fn = content_fn(oid, 1, self.content_style) if oid else _guess_binary
+            state.fns[oid] = fn
+        if fn is None:
+            return v
+        new = fn(v)
+        if new is not v:
+            state.stats.add("copy", CONTENT_RULE, 1)
+        if new is None:  # COPY fields are never turned into NULL by content
+            return v
+        return new
+
+    def digest(self) -> ResultDigest:
+        """A fresh keyed digest pair for one result."""
+        return ResultDigest(self._digest_key)
+
+
+_BINARY_TEXTLIKE = frozenset({Oid.TEXT, Oid.VARCHAR, Oid.BPCHAR, Oid.NAME, Oid.UNKNOWN,
+                              Oid.XML, Oid.BYTEA, Oid.JSON, Oid.JSONB})
+_CARRY_CLASS = frozenset(b"0123456789 -\\uUxXabcdefABCDEF")
+
+
+def _guess_binary(v: bytes) -> bytes:
+    """Binary COPY field of unknown type: int8-sized, numeric-shaped, or
+    scanned as text (containers are walked by the generic content fn)."""
+    if len(v) == 8:
+        return _int8_fn(v) or v
+    if len(v) >= 12 and (len(v) - 8) % 2 == 0:
+        ndigits = struct.unpack_from(">h", v)[0]
+        if ndigits * 2 + 8 == len(v) and _decode_numeric_safe(v):
+            return _numeric_fn(v) or v
+    return _unknown_fn(v) or v
+
+
+def _decode_numeric_safe(v: bytes) -> bool:
+    try:
+        return decode_numeric(v) is not None
+    except struct.error:
+        return False
+
+
+_int8 = content_fn(Oid.INT8, 1)
+_numeric = content_fn(Oid.NUMERIC, 1)
+_unknown = content_fn(0, 1)
+assert _int8 is not None and _numeric is not None and _unknown is not None
+_int8_fn: ValueFn = _int8
+_numeric_fn: ValueFn = _numeric
+_unknown_fn: ValueFn = _unknown
+
+
+@dataclass(slots=True)
+class CopyState:
+    """Per-COPY carry-over between chunks (see :meth:`Masker.mask_stream`)."""
+
+    binary: bool = False
+    column_types: tuple[int, ...] = ()
+    carry: bytes = b""
+    header_done: bool = False
+    stats: MaskStats = field(default_factory=MaskStats)
+    fns: dict[int, ValueFn | None] = field(default_factory=dict)
+
+
+class ResultDigest:
+    """Keyed digests (HMAC-SHA-256) of a result before and after masking.
+
+    Each row is fed in DataRow body encoding (field count, then length-
+    prefixed values, -1 for NULL), so feeding parsed rows with
+    :meth:`update` and raw DataRow bodies with :meth:`update_raw` give the
+    same digest. An auditor holding the key can later check that a claimed
+    result is the one returned, without anyone storing card numbers."""
+
+    __slots__ = ("_after", "_before", "rows")
+
+    def __init__(self, key: bytes) -> None:
+        self._before = hmac.new(key, digestmod=hashlib.sha256)
+        self._after = hmac.new(key, digestmod=hashlib.sha256)
+        self.rows = 0
+
+    def update(self, before: Sequence[bytes | None], after: Sequence[bytes | None]) -> None:
+        self.update_raw(build_datarow(before), build_datarow(after))
+
+    def update_raw(self, before: bytes, after: bytes) -> None:
+        """Feed one row as DataRow bodies (``after is before`` is cheap)."""
+        frame = struct.pack(">I", len(before))
+        self._before.update(frame)
+        self._before.update(before)
+        if after is not before:
+            frame = struct.pack(">I", len(after))
+        self._after.update(frame)
+        self._after.update(after)
+        self.rows += 1
+
+    def hexdigests(self) -> tuple[str, str]:
+        """(before, after) as hex; the pair is the same for equal results."""
+        return self._before.hexdigest(), self._after.hexdigest()
+
