@@ -1,0 +1,114 @@
+# METADATA
+# title: Always-blocked statements
+# description: |
+#   Statements no group may run, whatever its other grants: they change who
+#   is who (roles, grants, SET ROLE), reach the server's file system or
+#   processes, take the database away, run code PostgreSQL does not sandbox,
+#   hide the SQL that would run (dynamic SQL), or read sensitive
+#   authentication data (PCI DSS 3.3.1). Each rule adds a reason; one reason
+#   refuses the whole message.
+package pgwarden.blocked
+
+import rego.v1
+
+import data.pgwarden.lib.classification as cls
+
+rules := data.pgwarden_data.rules
+
+statements := input.analysis.statements
+
+reasons contains msg if {
+	not input.analysis.parseable
+	msg := "the statement could not be parsed, and what is not understood is refused"
+}
+
+reasons contains "DROP DATABASE is always blocked" if {
+	some s in statements
+	s.drop_database
+}
+
+reasons contains "role statements (CREATE/ALTER/DROP ROLE, USER or GROUP) are always blocked" if {
+	some s in statements
+	s.role_statement
+}
+
+reasons contains "GRANT and REVOKE are always blocked" if {
+	some s in statements
+	s.grant
+}
+
+reasons contains "ALTER SYSTEM is always blocked" if {
+	some s in statements
+	s.alter_system
+}
+
+reasons contains "COPY ... PROGRAM is always blocked" if {
+	some s in statements
+	s.copy_program
+}
+
+reasons contains "COPY to or from a server file is always blocked; use STDIN/STDOUT" if {
+	some s in statements
+	s.command == "copy"
+	not s.copy_program
+	not s.copy_stdio
+}
+
+reasons contains msg if {
+	some s in statements
+	some f in s.functions
+	lower(f.name) in rules.forbidden_functions
+	msg := sprintf("server file access function %s is always blocked", [f.name])
+}
+
+reasons contains "functions in untrusted languages are always blocked" if {
+	some s in statements
+	s.untrusted_language
+}
+
+reasons contains "SET ROLE and SET SESSION AUTHORIZATION are always blocked: the gateway chooses the role" if {
+	some s in statements
+	s.set_role
+}
+
+reasons contains "SET ROLE and SET SESSION AUTHORIZATION are always blocked: the gateway chooses the role" if {
+	some s in statements
+	s.session_authorization
+}
+
+reasons contains "LOAD of a server library is always blocked" if {
+	some s in statements
+	s.command == "load"
+}
+
+dynamic_sql_allowed if {
+	some g in input.identity.groups
+	g in rules.dynamic_sql_groups
+}
+
+reasons contains "dynamic SQL (DO, EXECUTE of a statement prepared elsewhere, opaque function bodies) is blocked" if {
+	some s in statements
+	s.dynamic_sql
+	not dynamic_sql_allowed
+}
+
+reasons contains "dynamic SQL (DO, EXECUTE of a statement prepared elsewhere, opaque function bodies) is blocked" if {
+	some s in statements
+	s.opaque_sql
+	not dynamic_sql_allowed
+}
+
+reasons contains msg if {
+	some s in statements
+	some f in s.functions
+	lower(f.name) in rules.dynamic_sql_functions
+	not dynamic_sql_allowed
+	msg := sprintf("function %s runs SQL the gateway cannot see and is blocked", [f.name])
+}
+
+reasons contains msg if {
+	some s in statements
+	some r in s.relations
+	cls.touches(r, "sad")
+	msg := sprintf("%s.%s holds sensitive authentication data, which is never read or stored (PCI DSS 3.3.1)", [r.schema, r.name])
+}

@@ -1,0 +1,54 @@
+# METADATA
+# title: Cardholder data classification helpers
+# description: |
+#   Which relations and columns hold cardholder data, read from
+#   data.pgwarden_data.classification. A relation from the analysis lists every
+#   schema.table it may resolve to (`candidates`); a relation counts as
+#   cardholder data when any candidate is classified, so search_path games
+#   make a rule stricter, never looser.
+package pgwarden.lib.classification
+
+import rego.v1
+
+columns := data.pgwarden_data.classification.columns
+
+cardholder_tables := {t | some t in data.pgwarden_data.classification.cardholder_tables}
+
+pan_columns := {c | some c, kind in columns; kind == "pan"}
+
+sad_columns := {c | some c, kind in columns; kind == "sad"}
+
+# The classified columns of one schema.table.
+table_columns(table, kind) := {c |
+	some c, k in columns
+	k == kind
+	startswith(c, concat("", [table, "."]))
+}
+
+is_cardholder(rel) if {
+	some cand in rel.candidates
+	cand in cardholder_tables
+}
+
+is_table(rel, table) if table in rel.candidates
+
+# The relation names a classified column of `kind` ("pan", "sad"), or reads
+# the whole row (`*`) of a table that has one.
+touches(rel, kind) if {
+	some cand in rel.candidates
+	some col in rel.columns
+	col != "*"
+	columns[concat(".", [cand, col])] == kind
+}
+
+touches(rel, kind) if {
+	some cand in rel.candidates
+	"*" in rel.columns
+	count(table_columns(cand, kind)) > 0
+}
+
+# Classified PAN columns of every table the statement names.
+pan_columns_of(rel) := {c |
+	some cand in rel.candidates
+	some c in table_columns(cand, "pan")
+}

@@ -1,0 +1,163 @@
+# METADATA
+# title: The statement decision
+# description: |
+#   data.pgwarden.statement.decision is what policyd asks for each message.
+#   It combines the always-blocked list, the identity's groups and their
+#   grants. Groups add up: a statement runs when one of the member groups
+#   permits it, needs an approval only when every permitting group asks for
+#   one, and is unmasked only for a group that reads raw data.
+package pgwarden.statement
+
+import rego.v1
+
+import data.pgwarden.blocked
+import data.pgwarden.groups
+import data.pgwarden.lib.classification as cls
+
+rules := data.pgwarden_data.rules
+
+group_table := data.pgwarden_data.groups
+
+statements := input.analysis.statements
+
+member_groups := {g | some g in input.identity.groups; group_table[g]}
+
+querying_groups := {g | some g in member_groups; group_table[g].may_query}
+
+permitting(i) := {g | some g in querying_groups; [g, i] in groups.permitted}
+
+approval_keys := {[g, i] | some entry in groups.approval; g := entry[0]; i := entry[1]}
+
+deny_reasons contains "no group of this identity may run statements" if count(querying_groups) == 0
+
+deny_reasons contains msg if {
+	count(querying_groups) > 0
+	not database_allowed
+	msg := sprintf("database %q is not allowed for groups %v", [input.session.database, sort_set(querying_groups)])
+}
+
+deny_reasons contains msg if {
+	count(querying_groups) > 0
+	some i, s in statements
+	count(permitting(i)) == 0
+	msg := sprintf("statement %d (%s) is not permitted for groups %v", [i + 1, s.command, sort_set(querying_groups)])
+}
+
+deny_reasons contains msg if some msg in blocked.reasons
+
+database_allowed if {
+	some g in querying_groups
+	input.session.database in group_table[g].databases
+}
+
+sort_set(s) := sort([x | some x in s])
+
+# Statement i needs an approval when no permitting group runs it without one.
+approval_reasons contains reason if {
+	some i, _ in statements
+	p := permitting(i)
+	count(p) > 0
+	every g in p {
+		[g, i] in approval_keys
+	}
+	some entry in groups.approval
+	entry[0] in p
+	entry[1] == i
+	reason := entry[2]
+}
+
+default allow := false
+
+allow if {
+	input.analysis.parseable
+	count(deny_reasons) == 0
+}
+
+needs_approval if {
+	allow
+	count(approval_reasons) > 0
+}
+
+verdict := "deny" if not allow
+
+verdict := "hold" if needs_approval
+
+verdict := "allow" if {
+	allow
+	not needs_approval
+}
+
+# Raw data only for a group with `unmasked` that permits every statement.
+unmasked if {
+	some g in querying_groups
+	group_table[g].unmasked
+	every i, _ in statements {
+		[g, i] in groups.permitted
+	}
+}
+
+mask_columns contains c if {
+	some s in statements
+	some r in s.relations
+	some c in cls.pan_columns_of(r)
+}
+
+derived_columns contains o.position if {
+	some s in statements
+	some o in s.outputs
+	o.kind == "expression"
+	some src in o.sources
+	src in cls.pan_columns
+}
+
+derived_columns contains o.position if {
+	some s in statements
+	some o in s.outputs
+	o.kind == "expression"
+	some src in o.sources
+	endswith(src, ".*")
+	table := trim_suffix(src, ".*")
+	count(cls.table_columns(table, "pan")) > 0
+}
+
+default mask := {"rules": [], "derived_columns": [], "scan_content": true, "unmasked": false}
+
+mask := {"rules": [], "derived_columns": [], "scan_content": false, "unmasked": true} if unmasked
+
+mask := {
+	"rules": [{"column": c, "style": data.pgwarden_data.classification.pan_mask_style} | some c in sort_set(mask_columns)],
+	"derived_columns": sort_set(derived_columns),
+	"scan_content": true,
+	"unmasked": false,
+} if not unmasked
+
+record_rows := "masked_rows" if {
+	some g in querying_groups
+	group_table[g].record_rows == "masked_rows"
+	every i, _ in statements {
+		[g, i] in groups.permitted
+	}
+} else := "count"
+
+allow_reasons contains msg if {
+	allow
+	some i, _ in statements
+	msg := sprintf("statement %d permitted for %v", [i + 1, sort_set(permitting(i))])
+}
+
+decision := {
+	"allow": allow,
+	"verdict": verdict,
+	"reasons": array.concat(sort_set(deny_reasons), array.concat(sort_set(approval_reasons), sort_set(allow_reasons))),
+	"approval": {
+		"required": needs_approval,
+		"reason": concat("; ", sort_set(approval_reasons)),
+		"approver_groups": rules.approval.approver_groups,
+		"hold_seconds": rules.approval.hold_seconds,
+	},
+	"mask": mask,
+	"record_rows": record_rows,
+	"sqlstate": rules.sqlstate,
+}
+
+default needs_approval := false
