@@ -28,5 +28,10 @@ def _register() -> None:
 
     app.add_typer(token_app, name="token", help="Development token issuer (mint, rotate).")
 
+    from pgwarden.stack import down_command, up_command
+
+    app.command("up")(up_command)
+    app.command("down")(down_command)
+
 
 _register()
