@@ -115,9 +115,8 @@ def from_document(doc: Any, *, revision: str, analysis: Analysis,
         return deny("the policy gave no decision for this statement (undefined is a deny)",
                     revision=revision, analysis=summary, decision_id=decision_id)
     reasons = tuple(str(r) for r in doc.get("reasons", []) if isinstance(r, str))
-    sqlstate = doc.get("sqlstate") if isinstance(doc.get("sqlstate"), str) else DENY_SQLSTATE
-    if len(sqlstate) != 5:
-        sqlstate = DENY_SQLSTATE
+    raw_state = doc.get("sqlstate")
+    sqlstate = raw_state if isinstance(raw_state, str) and len(raw_state) == 5 else DENY_SQLSTATE
     if doc.get("allow") is not True:
         return Decision(verdict=Verdict.DENY,
                         reasons=reasons or ("refused by policy",),
