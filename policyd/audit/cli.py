@@ -63,8 +63,14 @@ replay_app = typer.Typer(
 )
 audit_app = typer.Typer(help="Export, verify and prune the audit trail.", no_args_is_help=True)
 
-_DECISIONS = {"denied": "deny", "deny": "deny", "held": "hold", "hold": "hold",
-              "allowed": "allow", "allow": "allow"}
+_DECISIONS = {
+    "denied": "deny",
+    "deny": "deny",
+    "held": "hold",
+    "hold": "hold",
+    "allowed": "allow",
+    "allow": "allow",
+}
 
 
 def accessor() -> str:
@@ -141,12 +147,16 @@ def sessions_list(
             raise typer.BadParameter("use denied, held or allowed", param_hint="--decision")
     since_ts = parse_since(since) if since else None
     with _open(store) as st:
-        record_access(st, "list", "sessions", since=since_ts, sub=sub, group=group,
-                      decision=decision)
+        record_access(
+            st, "list", "sessions", since=since_ts, sub=sub, group=group, decision=decision
+        )
         rows = st.list_sessions(since=since_ts, subject=sub, group=group, decision=verdict)
     if fmt == "json":
-        typer.echo(json.dumps([{k: v for k, v in r.items() if k not in CHAIN_COLUMNS}
-                               for r in rows], indent=2))
+        typer.echo(
+            json.dumps(
+                [{k: v for k, v in r.items() if k not in CHAIN_COLUMNS} for r in rows], indent=2
+            )
+        )
         return
     if not rows:
         typer.echo("no sessions")
@@ -203,11 +213,13 @@ def render_transcript(lines: list[dict[str, Any]]) -> str:
                 out.append(f"    params: {ln['params']}")
             why = "; ".join(ln["reasons"]) or "-"
             ref = ", ".join(
-                x for x in (
+                x
+                for x in (
                     f"decision {ln['decision_id']}" if ln["decision_id"] else "",
                     f"policy {ln['policy_revision']}" if ln["policy_revision"] else "",
                     f"approval {ln['approval_id']}" if ln["approval_id"] else "",
-                ) if x
+                )
+                if x
             )
             out.append(f"  decision: {ln['verdict']} because {why}" + (f" ({ref})" if ref else ""))
             counts = _fmt_counts(ln)
@@ -231,8 +243,10 @@ def render_transcript(lines: list[dict[str, Any]]) -> str:
                 + (f": {ln['reason']}" if ln["reason"] else "")
             )
         elif t == "session_end":
-            out.append(f"[{ts}] session ended: {ln['reason']}"
-                       + (f" ({ln['detail']})" if ln["detail"] else ""))
+            out.append(
+                f"[{ts}] session ended: {ln['reason']}"
+                + (f" ({ln['detail']})" if ln["detail"] else "")
+            )
         else:
             out.append(f"[{ts}] {t}: {json.dumps(ln, sort_keys=True)}")
     return "\n".join(out)
@@ -287,7 +301,7 @@ def audit_export(
     since_ts = parse_since(since) if since else None
     with _open(store) as st:
         record_access(st, "export", "all", since=since_ts, output=str(output) if output else "-")
-        sink = open(output, "w") if output else sys.stdout  # noqa: SIM115
+        sink = open(output, "w") if output else sys.stdout
         try:
             n = 0
             for rec in st.iter_records(since_ts=since_ts):
@@ -311,8 +325,9 @@ def _public(key: Path | None) -> Any:
     except SigningKeyError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"error: no signing key at {path}: checkpoint signatures cannot be checked",
-               err=True)
+    typer.echo(
+        f"error: no signing key at {path}: checkpoint signatures cannot be checked", err=True
+    )
     raise typer.Exit(2)
 
 
@@ -364,8 +379,12 @@ def audit_prune(
     with _open(store) as st:
         record_access(st, "prune", older_than)
         try:
-            result = prune(st, CheckpointLog(checkpoints_path(checkpoints), private),
-                           private.public_key(), older_than)
+            result = prune(
+                st,
+                CheckpointLog(checkpoints_path(checkpoints), private),
+                private.public_key(),
+                older_than,
+            )
         except PruneRefused as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
