@@ -10,6 +10,7 @@ manager:
   libpq refuses a loose ``~/.pgpass``::
 
       roles:
+        etl: "..."                 # shorthand: password, scram-sha-256
         app_reader:
           method: scram-sha-256
           password: "..."
@@ -17,6 +18,9 @@ manager:
           method: cert
           cert_file: /etc/pgwarden/reporting.crt
           key_file: /etc/pgwarden/reporting.key
+
+  A flat ``{"role": "password", ...}`` document (what ``pgwarden up`` writes
+  to its ``secrets.json``) is read as that shorthand for every role.
 
 * environment variables ``PGWARDEN_SECRET_<ROLE>_<FIELD>``, where ``<ROLE>`` is
   the role name upper-cased with every non-alphanumeric character turned into
@@ -334,6 +338,14 @@ def _file_entries(path: Path) -> dict[str, dict[str, str]]:
         raise SecretsError(f"secrets file {path} is not valid YAML/JSON{where}") from None
     if doc is None:
         return {}
+    if (
+        isinstance(doc, dict)
+        and "roles" not in doc
+        and doc
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items())
+    ):
+        # Shorthand {role: password}, as `pgwarden up` writes its secrets.json.
+        doc = {"roles": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("roles", {}), dict):
         raise SecretsError(f"secrets file {path}: expected a mapping with a 'roles' mapping")
     unknown_top = set(doc) - {"roles"}
@@ -343,8 +355,12 @@ def _file_entries(path: Path) -> dict[str, dict[str, str]]:
     for role, spec in (doc.get("roles") or {}).items():
         if not isinstance(role, str) or not role:
             raise SecretsError(f"secrets file {path}: role names must be non-empty strings")
+        if isinstance(spec, str):
+            spec = {"password": spec}  # shorthand: a password alone means SCRAM
         if not isinstance(spec, dict):
-            raise SecretsError(f"secrets file {path}: role {role!r} must be a mapping")
+            raise SecretsError(
+                f"secrets file {path}: role {role!r} must be a mapping or a password string"
+            )
         unknown = set(spec) - _FILE_FIELDS
         if unknown:
             raise SecretsError(

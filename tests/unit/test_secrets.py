@@ -153,6 +153,7 @@ def test_unknown_role(secrets_file: Path) -> None:
         ("roles:\n  r:\n    pasword: x\n", "unknown fields"),
         ("users: {}\n", "unknown keys"),
         ("roles: [1, 2]\n", "'roles' mapping"),
+        ("roles:\n  r: [1]\n", "mapping or a password string"),
     ],
 )
 def test_incomplete_entries_refused(tmp_path: Path, body: str, needle: str) -> None:
@@ -180,3 +181,15 @@ def test_json_file_and_missing_file(tmp_path: Path) -> None:
 
 def test_env_role_name() -> None:
     assert env_role_name("app-reader.v2") == "APP_READER_V2"
+
+
+def test_shorthand_forms(tmp_path: Path) -> None:
+    path = write(tmp_path / "s.yaml", f'roles:\n  etl: "{PASSWORD}"\n')
+    cred = load_secrets(path, environ={}).for_role("etl")
+    assert cred.method is Method.SCRAM_SHA_256
+    assert cred.password == Secret(PASSWORD)
+    # The flat document the local stack writes.
+    flat = write(tmp_path / "secrets.json", '{"app_reader": "pw1", "dba_role": "pw2"}')
+    store = load_secrets(flat, environ={})
+    assert store.roles() == ("app_reader", "dba_role")
+    assert store.for_role("dba_role").password == Secret("pw2")
