@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -29,7 +30,7 @@ def _scrub_value(value: Any) -> Any:
     return value
 
 
-def scrub_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def scrub_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
     return {k: ("[redacted]" if k.lower() in _SECRET_KEYS else _scrub_value(v))
             for k, v in event.items()}
 

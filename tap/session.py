@@ -133,7 +133,7 @@ class Session:
     ) -> None:
         self.config = config
         self.hooks = hooks or Hooks()
-        self.cancels = cancel_registry or CancelRegistry()
+        self.cancels = cancel_registry if cancel_registry is not None else CancelRegistry()
         self.phase = _STARTUP
         self.client_tls: TLSEndpoint | None = None
         self.upstream_tls: TLSEndpoint | None = None
@@ -466,18 +466,19 @@ class Session:
         elif t == b"E":
             portal, _ = pg.cstring(msg.body, 0)
             p = self._portals.get(portal)
-            stmt = self._statements.get(p.statement)[1] if p and p.statement in self._statements else None
+            known = self._statements.get(p.statement) if p is not None else None
+            stmt = known[1] if known is not None else None
             self._forward(msg, _Expect("E", stmt=stmt, portal=portal), out)
         elif t == b"D":
             kind = msg.body[:1].decode("latin-1")
             name, _ = pg.cstring(msg.body, 1)
             self._forward(msg, _Expect("D", describe_target=(kind, name)), out)
         elif t == b"C":
-            kind = msg.body[:1]
+            target = msg.body[:1]
             name, _ = pg.cstring(msg.body, 1)
-            if kind == b"S":
+            if target == b"S":
                 self._statements.pop(name, None)
-            elif kind == b"P":
+            elif target == b"P":
                 self._portals.pop(name, None)
             self._forward(msg, _Expect("C"), out)
         elif t == b"S":
@@ -709,6 +710,13 @@ class Session:
             return m.encode()
         if t == b"K":
             return self._backend_key(m)
+        if t == b"v":
+            # NegotiateProtocolVersion: the server speaks an older minor
+            # version than the client asked for (PostgreSQL < 18 and a 3.2
+            # client). Cancel keys must then have the 3.0 length.
+            (minor,) = _u32(m.body, 0)
+            self.protocol_version = (3 << 16) | minor
+            return m.encode()
         if t == b"Z":
             self.phase = _READY
             self._ready(m.body[:1].decode("latin-1"))

@@ -40,7 +40,7 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
         self.cancels = CancelRegistry()
         self.active: set[Session] = set()
 
-    async def Process(  # noqa: N802 - gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
@@ -145,7 +145,7 @@ async def serve(host: str, port: int, runtime: Runtime,
         ("grpc.so_reuseport", 0),
     ])
     servicer = NetworkExtProc(runtime)
-    pb_grpc.add_NetworkExternalProcessorServicer_to_server(servicer, server)
+    pb_grpc.add_NetworkExternalProcessorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -156,7 +156,8 @@ async def serve(host: str, port: int, runtime: Runtime,
     await health_servicer.set("envoy.service.network_ext_proc.v3.NetworkExternalProcessor",
                               health_pb2.HealthCheckResponse.SERVING)
     runtime.log.info("tap_listening", driver="extproc", host=host, port=port)
-    runtime.emit({"type": "gateway", "action": "start", "component": "tap", "detail": {"driver": "extproc"}})
+    runtime.emit({"type": "gateway", "action": "start", "component": "tap",
+                  "detail": {"driver": "extproc"}})
     if ready is not None:
         ready.set()
     try:
@@ -168,5 +169,6 @@ async def serve(host: str, port: int, runtime: Runtime,
         await health_servicer.enter_graceful_shutdown()
         with contextlib.suppress(Exception):
             await server.stop(grace=5)
-        runtime.emit({"type": "gateway", "action": "stop", "component": "tap", "detail": {"driver": "extproc"}})
+        runtime.emit({"type": "gateway", "action": "stop", "component": "tap",
+                  "detail": {"driver": "extproc"}})
         await runtime.aclose()

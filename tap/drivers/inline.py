@@ -191,7 +191,8 @@ async def serve(settings: InlineSettings, runtime: Runtime,
                                       reuse_address=True, backlog=1024)
     runtime.log.info("tap_listening", driver="inline", host=settings.listen_host,
                      port=settings.listen_port)
-    runtime.emit({"type": "gateway", "action": "start", "component": "tap", "detail": {"driver": "inline"}})
+    runtime.emit({"type": "gateway", "action": "start", "component": "tap",
+                  "detail": {"driver": "inline"}})
     if ready is not None:
         ready.set()
     try:
@@ -205,5 +206,6 @@ async def serve(settings: InlineSettings, runtime: Runtime,
             s.run(s.session.terminate("57P01", "the gateway is shutting down", reason="shutdown"))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5)
-        runtime.emit({"type": "gateway", "action": "stop", "component": "tap", "detail": {"driver": "inline"}})
+        runtime.emit({"type": "gateway", "action": "stop", "component": "tap",
+                  "detail": {"driver": "inline"}})
         await runtime.aclose()
