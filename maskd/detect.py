@@ -98,7 +98,7 @@ _SEPARATORS = b" -"
 _RUN = re.compile(rb"[0-9]+(?:[ -][0-9]+)*")
 _GROUP = re.compile(rb"[0-9]+")
 # bytea hex output, possibly behind doubled backslashes (COPY text, JSON).
-_HEX = re.compile(rb"\\[xX]((?:[0-9a-fA-F]{2}){13,})")
+_HEX = re.compile(rb"\\[xX]((?:[0-9a-fA-F]{2})+)")
 # JSON \u escapes of a digit, space or dash (any number of backslashes).
 _ESC = re.compile(rb"\\+u00(3[0-9]|20|2[dD])")
 # A JSON number token, to quote a bare numeric PAN masked inside json/jsonb.
@@ -190,16 +190,19 @@ def _apply(data: bytes, spans: Iterable[tuple[int, int]], style: str, mask: byte
 
 
 def _mask_hex(data: bytes, style: str, mask: bytes) -> tuple[bytes, int, list[tuple[int, int]]]:
-    """Mask PANs inside bytea hex tokens; returns the hex token spans so the
-    plain pass leaves their digits (hex, not decimal) alone."""
+    """Mask PANs inside bytea hex tokens; returns the hex token spans so that,
+    for a bytea value, the plain pass leaves their digits (hex, not decimal)
+    alone."""
     tokens: list[tuple[int, int]] = []
     parts: list[bytes] = []
     count = 0
     pos = 0
     for m in _HEX.finditer(data):
         tokens.append(m.span(1))
+        if m.end(1) - m.start(1) < 2 * MIN_DIGITS:
+            continue
         raw = bytes.fromhex(m.group(1).decode("ascii"))
-        masked, n = _mask_text(raw, style, mask)
+        masked, n = _mask_text(raw, style, mask, False)
         if n:
             count += n
             parts.append(data[pos:m.start(1)])
@@ -244,14 +247,20 @@ def _mask_escaped(data: bytes, style: str, mask: bytes) -> tuple[bytes, int]:
     return bytes(out), len(spans)
 
 
-def _mask_text(data: bytes, style: str, mask: bytes) -> tuple[bytes, int]:
-    """One full pass over every form; the caller loops to a fixed point."""
+def _mask_text(data: bytes, style: str, mask: bytes, bytea: bool) -> tuple[bytes, int]:
+    """One full pass over every form; the caller loops to a fixed point.
+
+    Only in a bytea value are hex digits known to be hex: elsewhere (text,
+    JSON, arrays, COPY) a ``\\x...`` lookalike is scanned both decoded and
+    as it stands, since ``'\\x' || pan`` must not hide a PAN."""
     count = 0
     exclude: list[tuple[int, int]] | None = None
     if b"\\" in data:
         if b"x" in data or b"X" in data:
-            data, n, exclude = _mask_hex(data, style, mask)
+            data, n, tokens = _mask_hex(data, style, mask)
             count += n
+            if bytea:
+                exclude = tokens
         if b"u00" in data:
             data, n = _mask_escaped(data, style, mask)
             count += n
@@ -307,17 +316,18 @@ def find_pans(data: bytes) -> list[tuple[int, int]]:
 
 
 def mask_pans(data: bytes, style: str = "last4", *, mask: bytes = MASK_CHAR,
-              json: bool = False) -> tuple[bytes, int]:
+              json: bool = False, bytea: bool = False) -> tuple[bytes, int]:
     """Masked copy of ``data`` and the number of PANs found (0: the very
     same object is returned). ``style`` is ``last4`` or ``first6_last4``;
     ``mask`` is one byte (``0`` keeps numbers parseable). ``json=True``
-    quotes masked bare JSON numbers so json/jsonb values stay valid."""
+    quotes masked bare JSON numbers so json/jsonb values stay valid;
+    ``bytea=True`` (a bytea value in hex output) reads hex only as hex."""
     if len(data) < MIN_DIGITS or len(data) - len(data.translate(None, _DIGITS)) < MIN_DIGITS:
         return data, 0
     original = data
     total = 0
     while True:  # fixed point: masking can split runs into new candidates
-        data, n = _mask_text(data, style, mask)
+        data, n = _mask_text(data, style, mask, bytea)
         if not n:
             break
         total += n

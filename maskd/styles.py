@@ -368,6 +368,8 @@ def content_fn(oid: int, fmt: int, style: str = "last4") -> ValueFn | None:
                 return b"\x01" + out if n else v
             return jsonb_bin
         return lambda v: mask_pans(v, style, json=True)[0]
+    if oid == Oid.BYTEA and fmt == 0:
+        return lambda v: mask_pans(v, style, bytea=True)[0]
     if fmt == 0:
         if oid in NUMBER_ARRAY_TYPES:
             # {4111111111111111,...}: a 0 keeps the array parseable; a number
