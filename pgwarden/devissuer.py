@@ -322,7 +322,7 @@ class DevIssuer:
         return self.sign(claims)
 
     def identity_settings(
-        self, audience: str = DEFAULT_AUDIENCE, **overrides: Any
+        self, audience: str | list[str] = DEFAULT_AUDIENCE, **overrides: Any
     ) -> IdentitySettings:
         """Validator settings that accept this issuer's tokens."""
         from policyd.identity import IdentitySettings

@@ -97,3 +97,80 @@ def rotate(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"new kid: {kid}", err=True)
+
+
+@app.command()
+def verify(
+    keys: KeysOption = None,
+    jwks_file: Annotated[
+        Path | None, typer.Option("--jwks-file", help="Validate against this JWKS file.")
+    ] = None,
+    jwks_url: Annotated[
+        str | None, typer.Option("--jwks-url", help="Validate against this HTTPS JWKS URL.")
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option("--ca-file", help="CA bundle for --jwks-url.")
+    ] = None,
+    issuer: Annotated[str | None, typer.Option("--issuer")] = None,
+    audience: Annotated[str, typer.Option("--audience")] = DEFAULT_AUDIENCE,
+    groups_claim: Annotated[str, typer.Option("--groups-claim")] = "groups",
+    kind_claim: Annotated[str, typer.Option("--kind-claim")] = "kind",
+    subject_claim: Annotated[str, typer.Option("--subject-claim")] = "sub",
+) -> None:
+    """Validate a token read from stdin and print the identity pgwarden derives.
+
+    For checking an OIDC provider's claim layout before pointing the gateway
+    at it. The token is read from stdin, never from the command line (process
+    listings would show it). Without --jwks-file/--jwks-url the development
+    issuer's keys and issuer are used.
+    """
+    import contextlib
+    import json
+    import sys
+
+    from pgwarden.devissuer import DEV_ISSUER
+    from policyd.identity import IdentitySettings, TokenRejected, TokenValidator
+
+    if jwks_file is None and jwks_url is None:
+        jwks_file = _keys_dir(keys) / "jwks.json"
+        issuer = issuer or DEV_ISSUER
+    if issuer is None:
+        raise typer.BadParameter("required with --jwks-file/--jwks-url", param_hint="--issuer")
+    try:
+        settings = IdentitySettings(
+            issuer=issuer,
+            audience=audience,
+            jwks_file=jwks_file,
+            jwks_url=jwks_url,
+            jwks_ca_file=ca_file,
+            groups_claim=groups_claim,
+            kind_claim=kind_claim,
+            subject_claim=subject_claim,
+        )
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    token = sys.stdin.readline().strip()
+    try:
+        # Log lines (JWKS loaded, ...) must not mix with the result on stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = TokenValidator(settings).validate_detailed(token)
+    except TokenRejected as exc:
+        typer.echo(f"rejected: {exc.reason_code.value}: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
+    ident = result.identity
+    typer.echo(
+        json.dumps(
+            {
+                "subject": ident.subject,
+                "groups": list(ident.groups),
+                "issuer": ident.issuer,
+                "kind": ident.kind,
+                "actor": ident.actor,
+                "expires_at": ident.expires_at,
+                "kid": result.kid,
+                "algorithm": result.algorithm,
+            },
+            indent=2,
+        )
+    )

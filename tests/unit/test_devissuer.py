@@ -125,3 +125,19 @@ def test_cli_rejects_bad_kind(tmp_path: Path) -> None:
     )
     assert result.exit_code != 0
     assert result.stdout == ""
+
+
+def test_cli_verify_reads_stdin(tmp_path: Path) -> None:
+    keys = tmp_path / "id"
+    iss = ensure_dev_keys(keys)
+    runner = CliRunner()
+    ok = runner.invoke(
+        app, ["token", "verify", "--keys", str(keys)], input=iss.mint("ci-bot", ["g"]) + "\n"
+    )
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["groups"] == ["g"]
+    token = iss.mint("ci-bot", audience="other")
+    bad = runner.invoke(app, ["token", "verify", "--keys", str(keys)], input=token + "\n")
+    assert bad.exit_code == 1
+    assert "wrong_audience" in bad.stderr
+    assert token not in bad.stderr and bad.stdout == ""

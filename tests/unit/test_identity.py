@@ -147,7 +147,7 @@ def test_leeway_accepts_just_expired(issuer: DevIssuer, validator: TokenValidato
 
 
 def test_audience_list_and_token_audience_list(issuer: DevIssuer) -> None:
-    v = TokenValidator(issuer.identity_settings(audience=["pgwarden", "other"]))  # type: ignore[arg-type]
+    v = TokenValidator(issuer.identity_settings(audience=["pgwarden", "other"]))
     assert v.validate(issuer.mint("a", audience="other")).subject == "a"
     v2 = TokenValidator(issuer.identity_settings())
     assert v2.validate(issuer.mint("b", audience=["account", "pgwarden"])).subject == "b"
