@@ -47,7 +47,7 @@ import jwt
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tap.hooks import Identity
+from tap.hooks import AuthResult, Identity
 
 __all__ = [
     "CLIENT_MESSAGE",
@@ -126,6 +126,11 @@ class TokenRejected(Exception):
 
     def __repr__(self) -> str:
         return f"TokenRejected({self.reason_code.value!r}, {self.detail!r})"
+
+    def auth_result(self) -> AuthResult:
+        """The tap's failure answer (``Session.on_auth``): reason for the audit
+        record, 28P01 and the generic message for the client."""
+        return AuthResult(ok=False, reason=self.reason_code.value, sqlstate=self.sqlstate)
 
 
 # --------------------------------------------------------------------------- settings

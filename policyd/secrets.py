@@ -44,6 +44,8 @@ from typing import Any
 
 import yaml
 
+from tap.hooks import UpstreamLogin
+
 __all__ = [
     "ENV_PREFIX",
     "Method",
@@ -140,6 +142,18 @@ class UpstreamCredential:
         return f"UpstreamCredential({', '.join(parts)})"
 
     __str__ = __repr__
+
+    def as_login(self) -> UpstreamLogin:
+        """The tap's view of this credential (``tap.hooks.UpstreamLogin``): the
+        one place the password leaves its :class:`Secret` wrapper, straight into
+        a structure whose repr hides it too."""
+        return UpstreamLogin(
+            role=self.role,
+            method=self.method.value,
+            password=self.password.reveal() if self.password is not None else None,
+            cert_file=str(self.cert_file) if self.cert_file is not None else None,
+            key_file=str(self.key_file) if self.key_file is not None else None,
+        )
 
 
 def env_role_name(role: str) -> str:

@@ -65,6 +65,8 @@ def assert_rejected(validator: TokenValidator, token: str, code: RejectReason) -
     assert_no_token_text(token, str(exc), repr(exc), exc.detail)
     assert exc.client_message == "authentication failed"
     assert exc.sqlstate == "28P01"
+    result = exc.auth_result()
+    assert (result.ok, result.reason, result.sqlstate) == (False, code.value, "28P01")
     return exc
 
 

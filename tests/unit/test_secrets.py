@@ -193,3 +193,13 @@ def test_shorthand_forms(tmp_path: Path) -> None:
     store = load_secrets(flat, environ={})
     assert store.roles() == ("app_reader", "dba_role")
     assert store.for_role("dba_role").password == Secret("pw2")
+
+
+def test_as_login_for_the_tap(secrets_file: Path) -> None:
+    store = load_secrets(secrets_file, environ={})
+    login = store.for_role("app_reader").as_login()
+    assert (login.role, login.method, login.password) == ("app_reader", "scram-sha-256", PASSWORD)
+    assert PASSWORD not in repr(login)
+    cert = store.for_role("reporting").as_login()
+    assert cert.method == "cert" and cert.password is None
+    assert cert.key_file == str(secrets_file.parent / "reporting.key")
