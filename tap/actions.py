@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tap.hooks import StatementRequest
@@ -39,10 +39,24 @@ class NeedDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class NeedAuth:
+    """Validate a token presented as the password; answer with
+    ``Session.on_auth(ticket, result)``. The token is only ever in this action
+    and in the driver's call to the identity service, never in an event."""
+
+    ticket: int
+    token: str = field(repr=False)
+    user: str
+    database: str
+    client_addr: str
+    tls: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """An audit event (a JSON-able dict with ``type`` and ``session_id``)."""
 
     record: dict[str, Any]
 
 
-Action = SendUpstream | SendDownstream | Close | NeedDecision | Event
+Action = SendUpstream | SendDownstream | Close | NeedDecision | NeedAuth | Event

@@ -123,3 +123,31 @@ class Decision:
 
 ALLOW_ALL = Decision(verdict=Verdict.ALLOW, reasons=("no policy configured",),
                      mask=MaskPlan(scan_content=False))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLogin:
+    """How the tap logs in to PostgreSQL for a session. Secrets stay here and
+    in the session's memory; ``repr`` never shows them."""
+
+    role: str
+    method: str = "scram-sha-256"  # scram-sha-256 | md5 | password | trust | cert
+    password: str | None = field(default=None, repr=False)
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """The answer to a token presented as a password.
+
+    ``reason`` is precise and goes to the audit record only; the client sees a
+    generic message.
+    """
+
+    ok: bool
+    identity: Identity = field(default_factory=Identity)
+    login: UpstreamLogin | None = None
+    reason: str = ""
+    sqlstate: str = "28P01"
+    decision_id: str = ""

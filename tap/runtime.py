@@ -15,16 +15,22 @@ from typing import Any
 import structlog
 
 from tap import protocol as pg
-from tap.hooks import ALLOW_ALL, Decision, StatementRequest
+from tap.actions import NeedAuth
+from tap.hooks import ALLOW_ALL, AuthResult, Decision, StatementRequest
 from tap.session import Hooks, Session
 from tap.tls import UpstreamTLS, server_context
 
 Decider = Callable[[StatementRequest], Awaitable[Decision]]
+Authenticator = Callable[[NeedAuth], Awaitable[AuthResult]]
 EventSink = Callable[[dict[str, Any]], None]
 
 
 async def _allow(_: StatementRequest) -> Decision:
     return ALLOW_ALL
+
+
+async def _no_identity_service(_: NeedAuth) -> AuthResult:
+    return AuthResult(ok=False, reason="no identity service is configured", sqlstate="28000")
 
 
 @dataclass(slots=True)
@@ -36,12 +42,15 @@ class TapSettings:
     upstream_ca: str | None = None
     upstream_hostname: str | None = None
     max_message_size: int = pg.DEFAULT_MAX_MESSAGE
+    auth_mode: str = "passthrough"  # passthrough | token
+    allow_plaintext_tokens: bool = False
 
 
 @dataclass
 class Runtime:
     settings: TapSettings = field(default_factory=TapSettings)
     decider: Decider = _allow
+    authenticator: Authenticator = _no_identity_service
     hook_factory: Callable[[], Hooks] = Hooks
     sink: EventSink | None = None
     log: Any = field(default_factory=lambda: structlog.get_logger("pgwarden.tap"))
@@ -61,6 +70,8 @@ class Runtime:
             "upstream_tls": UpstreamTLS(mode=s.upstream_sslmode, ca_file=s.upstream_ca,
                                         server_hostname=s.upstream_hostname),
             "max_message_size": s.max_message_size,
+            "auth_mode": s.auth_mode,
+            "allow_plaintext_tokens": s.allow_plaintext_tokens,
         }
 
     def hooks(self) -> Hooks:
@@ -68,6 +79,14 @@ class Runtime:
 
     async def decide(self, request: StatementRequest) -> Decision:
         return await self.decider(request)
+
+    async def authenticate(self, need: NeedAuth) -> AuthResult:
+        try:
+            return await self.authenticator(need)
+        except Exception as exc:  # fail closed: an identity outage refuses logins
+            self.log.error("identity_service_failed", error=exc.__class__.__name__)
+            return AuthResult(ok=False, reason=f"identity service failed: {exc.__class__.__name__}",
+                              sqlstate="28000")
 
     def emit(self, record: dict[str, Any]) -> None:
         if self.sink is not None:

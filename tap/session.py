@@ -34,6 +34,7 @@ from tap.actions import (
     Action,
     Close,
     Event,
+    NeedAuth,
     NeedDecision,
     SendDownstream,
     SendUpstream,
@@ -41,6 +42,7 @@ from tap.actions import (
 from tap.cancel import CancelRegistry
 from tap.hooks import (
     ALLOW_ALL,
+    AuthResult,
     Decision,
     Identity,
     SessionInfo,
@@ -49,12 +51,15 @@ from tap.hooks import (
 )
 from tap.results import ResultMasker, ResultMaskerFactory
 from tap.tls import TLSEndpoint, TLSError, UpstreamTLS
+from tap.upstream_auth import UpstreamAuthenticator, UpstreamAuthError
 
 _SSL_ANSWER_YES = b"S"
 _SSL_ANSWER_NO = b"N"
 
 # Phases of a session.
 _STARTUP = "startup"  # waiting for the startup packet (maybe after TLS)
+_CLIENT_AUTH = "client_auth"  # token mode: waiting for the token (password message)
+_CHECKING = "checking"  # token mode: the identity service is validating the token
 _UPSTREAM_TLS = "upstream_tls"  # waiting for the server's answer to our SSLRequest
 _AUTH = "auth"  # authentication exchange in progress
 _READY = "ready"  # query phase
@@ -78,6 +83,21 @@ class SessionConfig:
     upstream_tls: UpstreamTLS = field(default_factory=UpstreamTLS)
     max_message_size: int = pg.DEFAULT_MAX_MESSAGE
     identity: Identity = field(default_factory=Identity)
+    # "passthrough": the client authenticates to PostgreSQL itself (development).
+    # "token": the client presents an OIDC token as its password; the gateway
+    # logs in upstream with credentials only it holds.
+    auth_mode: str = "passthrough"
+    # Tokens travel in a cleartext password message: only over TLS, unless a
+    # development setting allows it (loopback only, enforced by the driver).
+    allow_plaintext_tokens: bool = False
+
+
+# Startup parameters a client may pass on in token mode. Everything else
+# (notably ``options``, which can set any GUC, role included) is dropped.
+SAFE_STARTUP_PARAMS = frozenset({
+    "application_name", "client_encoding", "DateStyle", "TimeZone", "IntervalStyle",
+    "extra_float_digits", "lc_monetary", "lc_numeric", "lc_time", "datestyle", "timezone",
+})
 
 
 @dataclass(slots=True)
@@ -147,6 +167,9 @@ class Session:
         self.server_params: dict[str, str] = {}
         self.end_reason = ""
         self._cancel_key: tuple[int, bytes] | None = None
+        self.identity = config.identity
+        self.upstream_role = ""
+        self._upstream_auth: UpstreamAuthenticator | None = None
         # Query-phase state.
         self._seq = 0
         self._ticket = 0
@@ -179,7 +202,7 @@ class Session:
                 self._startup_bytes(data, out)
             elif self.phase == _UPSTREAM_TLS:
                 raise pg.ProtocolError("unexpected data before authentication")
-            elif self.phase in (_AUTH, _READY):
+            elif self.phase in (_AUTH, _READY, _CLIENT_AUTH, _CHECKING):
                 for msg in self._client_reader.feed(data):
                     self._client_message(msg, out)
                     if self.phase == _CLOSED:
@@ -228,6 +251,45 @@ class Session:
             self._client_message(self._held.popleft(), out)
         return out
 
+    def on_auth(self, ticket: int, result: AuthResult) -> list[Action]:
+        """The identity service's answer to NeedAuth."""
+        out: list[Action] = []
+        if self.phase != _CHECKING or ticket != self._ticket:
+            return out
+        user = self.params.get("user", "")
+        if not result.ok or result.login is None:
+            self._event(out, "auth", outcome="failure", method="token", user=user,
+                        database=self.params.get("database", ""), reason=result.reason,
+                        sqlstate=result.sqlstate, decision_id=result.decision_id)
+            message = ("authentication failed" if result.sqlstate == pg.INVALID_PASSWORD
+                       else "this identity may not connect to this database")
+            self._fatal(out, result.sqlstate, f"pgwarden: {message} for user \"{user}\"",
+                        reason="auth_failed")
+            return out
+        self.identity = result.identity
+        login = result.login
+        self.upstream_role = login.role
+        self._upstream_auth = UpstreamAuthenticator(login)
+        self._event(out, "auth", outcome="success", method="token", user=user,
+                    database=self.params.get("database", ""), upstream_role=login.role,
+                    subject=result.identity.subject, groups=list(result.identity.groups),
+                    issuer=result.identity.issuer, kind=result.identity.kind,
+                    actor=result.identity.actor, decision_id=result.decision_id)
+        params = {"user": login.role, "database": self.params.get("database", login.role)}
+        params.update({k: v for k, v in self.params.items() if k in SAFE_STARTUP_PARAMS})
+        self._startup_packet = pg.encode_startup(params, self.protocol_version)
+        self.phase = _AUTH
+        upstream = self.config.upstream_tls
+        if login.cert_file:
+            upstream = replace(upstream, cert_file=login.cert_file, key_file=login.key_file)
+            self.config.upstream_tls = upstream
+        if upstream.context() is not None:
+            self.phase = _UPSTREAM_TLS
+            out.append(SendUpstream(pg.StartupPacket(pg.SSL_REQUEST, b"").encode()))
+        else:
+            self._send_upstream(out, self._startup_packet)
+        return out
+
     def on_upstream_closed(self) -> list[Action]:
         out: list[Action] = []
         if self.phase == _CANCEL:
@@ -261,7 +323,7 @@ class Session:
             session_id=self.config.session_id,
             database=self.params.get("database", self.params.get("user", "")),
             user=self.params.get("user", ""),
-            upstream_role=self.params.get("user", ""),
+            upstream_role=self.upstream_role or self.params.get("user", ""),
             client_addr=self.config.client_addr,
             application_name=self.server_params.get(
                 "application_name", self.params.get("application_name", "")),
@@ -298,8 +360,8 @@ class Session:
         if cipher:
             out.append(SendUpstream(cipher))
 
-    def _event(self, out: list[Action], kind: str, **fields: Any) -> None:
-        fields["type"] = kind
+    def _event(self, out: list[Action], event_type: str, /, **fields: Any) -> None:
+        fields["type"] = event_type
         fields["session_id"] = self.config.session_id
         out.append(Event(fields))
 
@@ -411,6 +473,15 @@ class Session:
                         "replication connections are not allowed through the gateway",
                         reason="replication_refused")
             return
+        if self.config.auth_mode == "token":
+            if self.client_tls is None and not self.config.allow_plaintext_tokens:
+                self._fatal(out, pg.INVALID_AUTHORIZATION,
+                            "pgwarden accepts tokens only over TLS: connect with sslmode=require",
+                            reason="tls_required")
+                return
+            self.phase = _CLIENT_AUTH
+            self._send_downstream(out, pg.AUTH_CLEARTEXT)
+            return
         self._startup_packet = packet.encode()
         self.phase = _AUTH
         ctx = self.config.upstream_tls.context()
@@ -448,7 +519,21 @@ class Session:
             self._held.append(msg)
             return
         t = msg.type
+        if self.phase == _CLIENT_AUTH:
+            if t != b"p":
+                raise pg.ProtocolError("expected a password message carrying the token")
+            token = msg.body[:-1].decode("utf-8", "replace") if msg.body.endswith(b"\0") else ""
+            self._ticket += 1
+            self.phase = _CHECKING
+            out.append(NeedAuth(self._ticket, token, self.params.get("user", ""),
+                                self.params.get("database", ""), self.config.client_addr,
+                                self.client_tls is not None))
+            return
+        if self.phase == _CHECKING:
+            raise pg.ProtocolError("unexpected message while the token is being checked")
         if self.phase == _AUTH:
+            if self._upstream_auth is not None:
+                raise pg.ProtocolError("unexpected message during the gateway's login")
             if t != b"p":
                 raise pg.ProtocolError("expected a password or SASL message during authentication")
             self._send_upstream(out, msg.encode())
@@ -497,7 +582,7 @@ class Session:
 
     def _request(self, sql: str, path: str, name: str = "") -> StatementRequest:
         return StatementRequest(
-            identity=self.config.identity,
+            identity=self.identity,
             session=self.info(),
             sql=sql,
             path=path,
@@ -691,6 +776,8 @@ class Session:
 
     def _auth_message(self, m: pg.Message, out: list[Action]) -> bytes | None:
         t = m.type
+        if self._upstream_auth is not None and t in (b"R", b"E"):
+            return self._gateway_login(m, out)
         if t == b"R":
             (code,) = _u32(m.body, 0)
             if code == 10:
@@ -721,8 +808,11 @@ class Session:
             self.phase = _READY
             self._ready(m.body[:1].decode("latin-1"))
             info = self.info()
+            ident = self.identity
             self._event(out, "session_start", database=info.database, user=info.user,
-                        client_addr=info.client_addr, tls=info.tls,
+                        upstream_role=info.upstream_role, subject=ident.subject,
+                        groups=list(ident.groups), issuer=ident.issuer, kind=ident.kind,
+                        actor=ident.actor, client_addr=info.client_addr, tls=info.tls,
                         application_name=info.application_name, driver=self.config.driver,
                         protocol=f"3.{self.protocol_version & 0xFFFF}")
             return m.encode()
@@ -740,6 +830,34 @@ class Session:
             value, _ = pg.cstring(m.body, pos)
             self.server_params[name] = value
         return m.encode()
+
+    def _gateway_login(self, m: pg.Message, out: list[Action]) -> bytes | None:
+        """Token mode: answer the server's authentication with the gateway's
+        credentials; the client only ever sees AuthenticationOk."""
+        assert self._upstream_auth is not None
+        if m.type == b"E":
+            fields = pg.decode_fields(m.body)
+            self._event(out, "upstream_login_failed", role=self.upstream_role,
+                        sqlstate=fields.get("C", ""), message=fields.get("M", ""))
+            self._fatal(out, pg.INVALID_AUTHORIZATION,
+                        f"pgwarden could not log in to the database as role \"{self.upstream_role}\"; "
+                        "the gateway's credentials need attention (reported to the operators)",
+                        reason="upstream_login_failed")
+            return None
+        try:
+            answer = self._upstream_auth.answer(m.body)
+        except UpstreamAuthError as exc:
+            self._event(out, "upstream_login_failed", role=self.upstream_role, message=str(exc))
+            self._fatal(out, pg.INVALID_AUTHORIZATION,
+                        f"pgwarden could not log in to the database as role \"{self.upstream_role}\"",
+                        reason="upstream_login_failed")
+            return None
+        if answer is not None:
+            self._send_upstream(out, answer)
+            return None
+        if int.from_bytes(m.body[:4], "big") == 0:
+            return pg.AUTH_OK
+        return None
 
     def _backend_key(self, m: pg.Message) -> bytes:
         """Hand the client a gateway-issued cancel key, never the server's."""

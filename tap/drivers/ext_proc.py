@@ -25,7 +25,7 @@ import grpc
 
 from pgwarden._proto import network_ext_proc_pb2 as pb
 from pgwarden._proto import network_ext_proc_pb2_grpc as pb_grpc
-from tap.actions import Action, Close, Event, NeedDecision, SendDownstream, SendUpstream
+from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
 from tap.runtime import Runtime
 from tap.session import Session, SessionConfig
@@ -77,6 +77,10 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                             decision = await self.runtime.decide(resp.request)
                             actions += session.on_decision(resp.ticket, decision)
                             continue
+                        if isinstance(resp, NeedAuth):
+                            actions += session.on_auth(resp.ticket,
+                                                       await self.runtime.authenticate(resp))
+                            continue
                         if close:
                             closed = True
                         elif direction_read == is_read:
@@ -91,9 +95,9 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
             self.runtime.session_closed(session)
 
     def _responses(self, actions: list[Action], session: Session
-                   ) -> list[tuple[pb.ProcessingResponse | NeedDecision, bool, bool]]:
+                   ) -> list[tuple[pb.ProcessingResponse | NeedDecision | NeedAuth, bool, bool]]:
         """Coalesce consecutive same-direction sends into single responses."""
-        out: list[tuple[pb.ProcessingResponse | NeedDecision, bool, bool]] = []
+        out: list[tuple[pb.ProcessingResponse | NeedDecision | NeedAuth, bool, bool]] = []
         up: list[bytes] = []
         down: list[bytes] = []
 
@@ -118,7 +122,7 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                 down.append(a.data)
             elif isinstance(a, Event):
                 self.runtime.emit(a.record)
-            elif isinstance(a, NeedDecision):
+            elif isinstance(a, NeedDecision | NeedAuth):
                 flush()
                 out.append((a, False, False))
             elif isinstance(a, Close):

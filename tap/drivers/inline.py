@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import cast
 
-from tap.actions import Action, Close, Event, NeedDecision, SendDownstream, SendUpstream
+from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
 from tap.runtime import Runtime
 from tap.session import Session, SessionConfig
@@ -151,6 +151,8 @@ class ClientSide(asyncio.Protocol):
                     self.transport.write(action.data)
             elif isinstance(action, Event):
                 self.runtime.emit(action.record)
+            elif isinstance(action, NeedAuth):
+                asyncio.get_running_loop().create_task(self._authenticate(action))
             elif isinstance(action, NeedDecision):
                 self.waiting = True
                 if self.transport is not None:
@@ -167,6 +169,11 @@ class ClientSide(asyncio.Protocol):
         self.run(self.session.on_decision(need.ticket, decision))
         if self.transport is not None and not self._closed:
             self.transport.resume_reading()
+
+    async def _authenticate(self, need: NeedAuth) -> None:
+        result = await self.runtime.authenticate(need)
+        if not self._closed:
+            self.run(self.session.on_auth(need.ticket, result))
 
     def _close_all(self) -> None:
         if self._closed:
