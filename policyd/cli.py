@@ -1,0 +1,69 @@
+"""`pgwarden policyd serve|input|opa`: run the decision point, show what a
+policy sees, or run a local OPA on rego/."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    listen: str = typer.Option("127.0.0.1:50061", help="unix:/path.sock or host:port"),
+    opa_url: str = typer.Option("http://127.0.0.1:8181", help="OPA REST API base URL"),
+    opa_deadline: float = typer.Option(0.5, help="seconds per OPA query; past it: deny"),
+    revision_interval: float = typer.Option(1.0, help="seconds between policy revision polls"),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve PolicyService (Decide, DecideConnect, WatchRevision) and gRPC health."""
+    from pgwarden.logs import configure
+    from policyd.server import PolicyServer
+
+    configure(log_level)
+    server = PolicyServer(listen, opa_url, opa_deadline=opa_deadline,
+                          revision_interval=revision_interval)
+    asyncio.run(server.serve_forever())
+
+
+@app.command("input")
+def show_input(
+    sql: str = typer.Argument(..., help="the SQL of one message"),
+    group: list[str] = typer.Option([], "--group", "-g", help="identity group (repeat)"),  # noqa: B008
+    database: str = typer.Option("shop"),
+    role: str = typer.Option("", help="upstream role ($user in search_path)"),
+    search_path: str = typer.Option('"$user", public'),
+    param: list[str] = typer.Option([], "--param", "-p", help="Bind value $1, $2, ... (repeat)"),  # noqa: B008
+) -> None:
+    """Print the policy input document for SQL (pipe into `opa eval -I`)."""
+    from policyd.analysis import analyse
+    from policyd.decision import statement_input
+    from tap.hooks import Identity, SessionInfo, StatementRequest
+
+    request = StatementRequest(
+        identity=Identity(subject="cli", groups=tuple(group)),
+        session=SessionInfo(session_id="cli", database=database, upstream_role=role,
+                            search_path=search_path),
+        sql=sql, params=tuple(param) if param else None)
+    analysis = analyse(sql, search_path=search_path, user=role, params=request.params)
+    typer.echo(json.dumps(statement_input(request, analysis), indent=2))
+
+
+@app.command()
+def opa(
+    port: int = typer.Option(8181),
+    rego: Path = typer.Option(Path(__file__).resolve().parent.parent / "rego"),  # noqa: B008
+) -> None:
+    """Run OPA on 127.0.0.1:PORT with --watch on the policy folder (local stack)."""
+    import time
+
+    from policyd.opa_process import OpaProcess
+
+    with OpaProcess(paths=[rego], port=port) as proc:
+        typer.echo(f"OPA on {proc.url} watching {rego}; Ctrl-C to stop")
+        while proc.running:
+            time.sleep(1)
