@@ -33,5 +33,9 @@ def _register() -> None:
     app.command("up")(up_command)
     app.command("down")(down_command)
 
+    from policyd.cli import app as policyd_app
+
+    app.add_typer(policyd_app, name="policyd", help="Policy decisions: serve, show input, run OPA.")
+
 
 _register()
