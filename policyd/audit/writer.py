@@ -159,11 +159,11 @@ class AuditWriter:
             self._checkpoints = CheckpointLog(self._checkpoint_file, key)
         except Exception as exc:
             log.error("audit_signing_key_unavailable", error=str(exc))
+        self.submit([self._gateway("start", writer_id=self.writer_id)])
         for target, name in ((self._run, "audit-writer"), (self._flush_loop, "audit-fsync")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        self.submit([self._gateway("start", writer_id=self.writer_id)])
         return self
 
     def flush(self, timeout: float = 30.0) -> bool:

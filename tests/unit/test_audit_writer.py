@@ -1,0 +1,185 @@
+"""The writer: spool first, batches, outage and recovery in order, exactly
+once after a crash, fail closed when the spool cannot be written, and no
+PAN, token or password in the store, the spool or the checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from sqlalchemy import text
+
+from policyd.audit.events import Event, GatewayEvent, StatementEvent
+from policyd.audit.store import AuditStore
+from policyd.audit.writer import AuditWriter
+
+REPO = Path(__file__).resolve().parents[2]
+PANS = ["4111111111111111", "5555555555554444", "378282246310005"]
+JWT = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhZ2VudC03In0.c2lnbmF0dXJlLWJ5dGVz"
+PASSWORD = "Tr0ub4dor&3-hunter2"
+
+
+def stmts(sid: str, n: int, start: int = 1) -> list[Event]:
+    return [
+        StatementEvent(session_id=sid, statement_seq=i, sql=f"SELECT {i}", verdict="allow")
+        for i in range(start, start + n)
+    ]
+
+
+def writer(tmp: Path, url: str, **kw: object) -> AuditWriter:
+    return AuditWriter(url, tmp / "spool.jsonl", signing_key=tmp / "key",
+                       checkpoint_file=tmp / "cp.jsonl", retry_max_seconds=0.2,
+                       **kw)  # type: ignore[arg-type]
+
+
+def statement_order(url: str) -> list[tuple[str, int]]:
+    with AuditStore(url) as st, st.engine.connect() as c:
+        return [(r[0], r[1]) for r in c.execute(
+            text("SELECT session_id, statement_seq FROM audit_statements ORDER BY seq"))]
+
+
+def test_batches_many_events_per_transaction(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    w = writer(tmp_path, url, batch_size=500).start()
+    for k in range(20):
+        assert w.submit(stmts("s", 100, start=k * 100 + 1))
+    assert w.close()
+    assert w.stats.stored == 2002
+    assert w.stats.batches <= 2002 / 50  # never one transaction per event
+    assert statement_order(url) == [("s", i) for i in range(1, 2001)]
+
+
+def test_outage_and_recovery_keep_order_and_lose_nothing(tmp_path: Path) -> None:
+    """The store directory is blocked by a plain file: the store cannot be
+    opened, events wait in the spool; once unblocked everything arrives in
+    order, bracketed by sink_outage/sink_recovered records."""
+    blocker = tmp_path / "store"
+    blocker.write_text("not a directory")
+    url = f"sqlite:///{blocker / 'a.db'}"
+    w = writer(tmp_path, url, batch_size=7).start()
+    for k in range(10):
+        assert w.submit(stmts("s", 10, start=k * 10 + 1))
+    assert not w.flush(timeout=1.0)
+    assert w.in_outage
+    blocker.unlink()
+    assert w.flush(timeout=30)
+    assert w.close()
+    assert statement_order(url) == [("s", i) for i in range(1, 101)]
+    with AuditStore(url) as st, st.engine.connect() as c:
+        actions = [r[0] for r in c.execute(
+            text("SELECT action FROM audit_gateway_events ORDER BY seq"))]
+    assert actions == ["start", "sink_outage", "sink_recovered", "stop"]
+
+
+def test_spool_replay_after_kill_9_is_exactly_once(tmp_path: Path) -> None:
+    """A producer killed with SIGKILL right after submit() returned loses
+    nothing: the next writer on the same spool stores every event once."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from pathlib import Path
+        from policyd.audit.events import StatementEvent
+        from policyd.audit.writer import AuditWriter
+        t = Path({str(tmp_path)!r})
+        w = AuditWriter({url!r}, t / "spool.jsonl", signing_key=t / "key",
+                        checkpoint_file=t / "cp.jsonl", batch_size=50)
+        w.start()
+        for k in range(40):
+            evs = [StatementEvent(session_id="k", statement_seq=k * 25 + i, sql="SELECT 1",
+                                  verdict="allow") for i in range(1, 26)]
+            assert w.submit(evs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    w = writer(tmp_path, url).start()
+    assert w.close()
+    assert statement_order(url) == [("k", i) for i in range(1, 1001)]
+
+
+def test_spool_failure_fails_closed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    w = writer(tmp_path, url, max_spool_bytes=4000).start()
+    results = [w.submit(stmts("s", 5, start=k * 5 + 1)) for k in range(30)]
+    assert results[0] is True and results[-1] is False
+    assert w.stats.refused > 0
+    w.close()
+
+
+def test_spool_failure_fail_open_keeps_events_in_memory(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    w = writer(tmp_path, url, max_spool_bytes=4000, fail_closed=False).start()
+    assert all(w.submit(stmts("s", 5, start=k * 5 + 1)) for k in range(30))
+    assert w.flush(timeout=30)
+    w.close()
+    assert statement_order(url) == [("s", i) for i in range(1, 151)]
+
+
+def test_spool_is_compacted_once_stored(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    w = writer(tmp_path, url, compact_bytes=1000).start()
+    assert w.submit(stmts("s", 50))
+    assert w.flush()
+    w.close()
+    lines = (tmp_path / "spool.jsonl").read_text().splitlines()
+    assert len(lines) <= 2 and json.loads(lines[0]).get("base", 0) >= 51
+
+
+def test_no_pan_token_or_password_reaches_store_spool_or_checkpoints(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    secret_events: list[Event] = [
+        StatementEvent(session_id="x", statement_seq=1, verdict="allow",
+                       sql=f"SELECT * FROM cards WHERE pan = '{PANS[0]}'",
+                       recorded_rows=[[PANS[1], None]]),
+        StatementEvent(session_id="x", statement_seq=2, verdict="deny",
+                       sql=f"ALTER ROLE app WITH PASSWORD '{PASSWORD}'",
+                       reasons=["role change"]),
+        StatementEvent(session_id="x", statement_seq=3, verdict="allow",
+                       sql="SELECT * FROM cards WHERE pan = $1 AND note = $2",
+                       params=[PANS[2], f"Bearer {JWT}"], path="extended"),
+        StatementEvent(session_id="x", statement_seq=4, verdict="allow",
+                       sql="ALTER USER app PASSWORD $1", params=[PASSWORD], path="extended"),
+        StatementEvent(session_id="x", statement_seq=5, verdict="allow",
+                       sql=f"SELECT dblink_connect('host=db password={PASSWORD}')",
+                       error_sqlstate="22P02",
+                       error_message=f'invalid input syntax: "{PANS[0]}" token {JWT}'),
+        GatewayEvent(action="policy_reload", detail={"note": f"saw {PANS[1]}"}),
+    ]
+    # Spool only, store unreachable: the spool is scanned before anything is stored.
+    blocker = tmp_path / "blocked"
+    blocker.write_text("")
+    w0 = writer(tmp_path, f"sqlite:///{blocker / 'a.db'}")
+    assert w0.submit(secret_events)
+    spool_text = (tmp_path / "spool.jsonl").read_bytes()
+    w0.spool.close()
+    w = writer(tmp_path, url, compact_bytes=1 << 30).start()
+    assert w.submit(secret_events)
+    assert w.close()
+    w_blob = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+                      and p.name != "blocked")
+    for blob in (spool_text, w_blob):
+        for secret in [*PANS, JWT, PASSWORD, "hunter2"]:
+            assert secret.encode() not in blob, secret
+    with AuditStore(url) as st:
+        rows = [r.row for r in st.iter_records() if r.table == "audit_statements"]
+    assert rows[0]["sql"].endswith("1111'")  # last four kept
+    assert rows[1]["sql"] == "ALTER ROLE app WITH PASSWORD '<redacted>'"
+    assert rows[3]["params"] == ["<redacted>"]
+    assert rows[0]["recorded_rows"][0][1] is None
+
+
+def test_store_reopened_by_a_new_writer_continues_the_chain(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    for run in range(3):
+        w = writer(tmp_path, url).start()
+        assert w.submit(stmts(f"r{run}", 10))
+        assert w.close()
+    with AuditStore(url) as st:
+        assert st.head()[0] == 36
+    assert os.path.getsize(tmp_path / "cp.jsonl") > 0
