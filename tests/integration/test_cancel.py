@@ -181,6 +181,7 @@ async def test_asyncpg_timeout_cancels_within_a_second(
         port=int(params.get("port", 5432)),
         user=params.get("user"),
         password=params.get("password"),
+        passfile=params.get("passfile"),
         database=params.get("dbname"),
         ssl=sslmode,
         timeout=15,

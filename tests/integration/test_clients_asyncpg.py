@@ -31,6 +31,7 @@ def connect_kwargs(dsn: str, ssl: str | None = None) -> dict[str, Any]:
         "port": int(params.get("port", 5432)),
         "user": params.get("user"),
         "password": params.get("password"),
+        "passfile": params.get("passfile"),  # the stack's DSNs carry no password
         "database": params.get("dbname"),
         "ssl": ssl or params.get("sslmode") or "disable",
         "timeout": 15,

@@ -8,6 +8,7 @@ import datetime as dt
 import decimal
 import io
 import ssl
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,24 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 pytestmark = pytest.mark.integration
+
+
+def password_for(params: dict[str, Any]) -> str | None:
+    """The password a DSN implies: inline, or from its libpq ``passfile``
+    (host:port:database:user:password, ``*`` matching anything)."""
+    if params.get("password"):
+        return str(params["password"])
+    passfile = params.get("passfile")
+    if not passfile:
+        return None
+    wanted = [str(params.get(k, "")) for k in ("host", "port", "dbname", "user")]
+    for line in Path(str(passfile)).read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(":", 4)
+        if len(fields) == 5 and all(f in ("*", w) for f, w in zip(fields[:4], wanted, strict=True)):
+            return fields[4]
+    return None
 
 
 def connect(dsn: str, tls: bool = False) -> pg8000.native.Connection:
@@ -28,7 +47,7 @@ def connect(dsn: str, tls: bool = False) -> pg8000.native.Connection:
         context.verify_mode = ssl.CERT_NONE
     return pg8000.native.Connection(
         user=str(params["user"]),
-        password=str(params.get("password")) if params.get("password") else None,
+        password=password_for(params),
         host=str(params.get("host", "127.0.0.1")),
         port=int(params.get("port", 5432)),
         database=str(params["dbname"]) if params.get("dbname") else None,

@@ -170,9 +170,11 @@ def _run_listen_script(
 ) -> subprocess.CompletedProcess[str]:
     """Run listen.sql, and NOTIFY from a direct connection while it waits."""
     app_name = f"pgwarden-listen-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(stack.app_dsn_direct, autocommit=True) as conn:
+    # The application role may not create tables in public: set up as admin.
+    with psycopg.connect(make_conninfo(stack.upstream_dsn, dbname="shop"), autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS pgwarden_notify_flag (set_at timestamptz)")
         conn.execute("TRUNCATE pgwarden_notify_flag")
+        conn.execute("GRANT SELECT, INSERT ON pgwarden_notify_flag TO app")
 
     result: dict[str, subprocess.CompletedProcess[str]] = {}
 
