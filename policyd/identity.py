@@ -278,16 +278,16 @@ class FileJwksSource:
         return self._stat() != self._signature
 
     def fetch(self) -> dict[str, Any]:
-        signature = self._stat()
+        # Remember what we tried even when it fails: a missing or broken file is
+        # then retried when it changes, not on every validation.
+        self._signature = self._stat()
         try:
             raw = self.path.read_bytes()
         except OSError as exc:
             raise JwksUnavailable(f"cannot read {self.description}: {exc.strerror}") from exc
         if len(raw) > _MAX_JWKS_BYTES:
             raise JwksUnavailable(f"{self.description} is larger than {_MAX_JWKS_BYTES} bytes")
-        doc = _parse_jwks(raw, self.description)
-        self._signature = signature
-        return doc
+        return _parse_jwks(raw, self.description)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -456,7 +456,7 @@ class JwksCache:
         """
         with self._lock:
             if self._loaded_at is None:
-                if not self._may_refetch():
+                if not self._may_refetch() and not self.source.changed():
                     raise TokenRejected(
                         RejectReason.JWKS_UNAVAILABLE,
                         f"no keys loaded yet; last attempt failed: {self._last_error}",

@@ -405,9 +405,27 @@ def test_settings_refuse_dangerous_choices(tmp_path: Path) -> None:
     assert s.leeway_seconds == 30
 
 
-def test_missing_jwks_file_is_jwks_unavailable(tmp_path: Path, issuer: DevIssuer) -> None:
-    v = TokenValidator(issuer.identity_settings(jwks_file=tmp_path / "absent.json"))
+def test_missing_jwks_file_is_jwks_unavailable_until_it_appears(
+    tmp_path: Path, issuer: DevIssuer
+) -> None:
+    path = tmp_path / "later.json"
+    v = TokenValidator(issuer.identity_settings(jwks_file=path), clock=FakeClock())
     assert_rejected(v, issuer.mint("a"), RejectReason.JWKS_UNAVAILABLE)
+    assert_rejected(v, issuer.mint("a"), RejectReason.JWKS_UNAVAILABLE)
+    assert v.jwks.fetch_count == 1  # not re-read on every attempt
+    path.write_bytes(issuer.jwks_path.read_bytes())
+    assert v.validate(issuer.mint("a")).subject == "a"  # no restart, no waiting
+
+
+def test_broken_jwks_file_keeps_the_keys_we_had(tmp_path: Path, issuer: DevIssuer) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_bytes(issuer.jwks_path.read_bytes())
+    v = TokenValidator(issuer.identity_settings(jwks_file=path), clock=FakeClock())
+    assert v.validate(issuer.mint("a")).subject == "a"
+    path.write_text("{ half written")
+    assert v.validate(issuer.mint("b")).subject == "b"
+    assert v.validate(issuer.mint("c")).subject == "c"
+    assert v.jwks.fetch_count == 2
 
 
 def test_validator_repr_has_no_secrets(validator: TokenValidator) -> None:
