@@ -1,0 +1,102 @@
+package pgwarden.statement_test
+
+import rego.v1
+
+import data.pgwarden.fixtures_test as f
+import data.pgwarden.statement
+
+decide(groups, statements) := d if {
+	d := statement.decision with input as f.message(groups, statements)
+}
+
+read_pan := f.statement({
+	"relations": [f.rel("public.payments", "read", ["card_number", "id"], true)],
+	"outputs": [
+		{"position": 0, "name": "id", "sources": ["public.payments.id"], "kind": "column"},
+		{"position": 1, "name": "x", "sources": ["public.payments.card_number"], "kind": "expression"},
+		{"position": 2, "name": "y", "sources": ["public.payments.*"], "kind": "expression"},
+	],
+})
+
+test_reader_allowed_masked if {
+	d := decide(["fraud-readers"], [read_pan])
+	d.allow
+	d.verdict == "allow"
+	d.mask.rules == [{"column": "public.payments.card_number", "style": "last4"}]
+	d.mask.derived_columns == [1, 2]
+	d.mask.scan_content
+	not d.mask.unmasked
+	d.record_rows == "count"
+	d.sqlstate == "42501"
+}
+
+test_large_amount_is_hold if {
+	d := decide(["fraud-readers"], [f.select_payments([f.cmp("public.payments.amount", ">", 10000)], true)])
+	d.verdict == "hold"
+	d.approval.required
+	d.approval.approver_groups == ["approvers"]
+	d.approval.hold_seconds == 120
+	d.approval.reason == "read of public.payments.amount above 10000"
+}
+
+test_dba_unmasked_and_recorded if {
+	d := decide(["dba"], [f.select_payments([f.cmp("public.payments.amount", ">", 10000)], true)])
+	d.verdict == "allow"
+	d.mask.unmasked
+	not d.mask.scan_content
+	d.record_rows == "masked_rows"
+}
+
+test_groups_add_up if {
+	d := decide(["fraud-readers", "dba"], [f.select_payments([f.cmp("public.payments.amount", ">", 10000)], true)])
+	d.verdict == "allow"
+}
+
+test_approvers_may_not_query if {
+	d := decide(["approvers"], [read_pan])
+	d.verdict == "deny"
+	d.reasons == ["no group of this identity may run statements"]
+}
+
+test_unknown_group if decide(["strangers"], [read_pan]).verdict == "deny"
+
+test_wrong_database if {
+	msg := object.union(f.message(["fraud-readers"], [read_pan]), {"session": {"database": "postgres"}})
+	d := statement.decision with input as msg
+	d.verdict == "deny"
+	d.reasons == [`database "postgres" is not allowed for groups ["fraud-readers"]`]
+}
+
+test_one_denied_statement_denies_message if {
+	d := decide(["fraud-readers"], [read_pan, f.statement({"command": "delete", "relations": [f.rel("public.payments", "write", [], true)]})])
+	d.verdict == "deny"
+	d.reasons == [`statement 2 (delete) is not permitted for groups ["fraud-readers"]`]
+}
+
+test_blocked_beats_dba if {
+	d := decide(["dba"], [f.statement({"command": "drop_database", "drop_database": true})])
+	d.verdict == "deny"
+	d.reasons == ["DROP DATABASE is always blocked"]
+}
+
+test_unparseable_denied if {
+	msg := object.union(f.message(["dba"], []), {"analysis": {"parseable": false, "statements": []}})
+	d := statement.decision with input as msg
+	d.verdict == "deny"
+	not d.allow
+}
+
+test_approval_only_if_every_permitting_group_asks if {
+	# payments-writers permit the DELETE only with approval; dba without.
+	del := f.statement({"command": "delete", "relations": [f.rel("public.payments", "write", [], true)]})
+	decide(["payments-writers"], [del]).verdict == "hold"
+	decide(["payments-writers", "dba"], [del]).verdict == "allow"
+}
+
+test_mixed_groups_masked_unless_unmasked_group_permits_all if {
+	ins := f.statement({"command": "insert", "relations": [f.rel("public.payments", "write", ["card_number"], true)]})
+	d := decide(["payments-writers"], [ins])
+	d.verdict == "allow"
+	not d.mask.unmasked
+	d.mask.rules == [{"column": "public.payments.card_number", "style": "last4"}]
+}
