@@ -33,6 +33,10 @@ def _register() -> None:
     app.command("up")(up_command)
     app.command("down")(down_command)
 
+    from pgwarden.demo import demo_command
+
+    app.command("demo")(demo_command)
+
     from policyd.cli import app as policyd_app
 
     app.add_typer(policyd_app, name="policyd", help="Policy decisions: serve, show input, run OPA.")
