@@ -36,7 +36,7 @@ C-level ``bytes.translate``; only the rest meets a regular expression.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 __all__ = [
     "ISSUER_PREFIXES",
@@ -95,8 +95,10 @@ _TO_INT = bytes.maketrans(_DIGITS, bytes(range(10)))
 _DOUBLED = bytes.maketrans(_DIGITS, bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
 _SEPARATORS = b" -"
 # A separated run: groups joined by exactly one space or dash.
-_RUN = re.compile(rb"[0-9]+(?:[ -][0-9]+)*")
-_GROUP = re.compile(rb"[0-9]+")
+# A separated run of at least 13 digits: the leftmost match starts at the
+# run's first digit and, being greedy, ends at its last, so matches are
+# exactly the maximal runs that are long enough (shorter ones never match).
+_RUN13 = re.compile(rb"[0-9](?:[ -]?[0-9]){12,}")
 # bytea hex output, possibly behind doubled backslashes (COPY text, JSON).
 _HEX = re.compile(rb"\\[xX]((?:[0-9a-fA-F]{2})+)")
 # JSON \u escapes of a digit, space or dash (any number of backslashes).
@@ -134,13 +136,23 @@ def is_pan_digits(digits: bytes) -> bool:
 
 
 def _run_candidates(run: bytes, base: int, out: list[tuple[int, int]]) -> None:
-    """Append the spans (absolute offsets) of the PANs inside one separated run."""
-    ndigits = len(run) - len(run.translate(None, _SEPARATORS))
-    if ndigits == len(run):  # one group: the common case
-        if len(run) <= MAX_DIGITS and is_pan_digits(run):
-            out.append((base, base + len(run)))
+    """Append the spans (absolute offsets) of the PANs inside one separated
+    run of at least 13 digits."""
+    digits = run.translate(None, _SEPARATORS)
+    ndigits = len(digits)
+    if ndigits <= MAX_DIGITS and is_pan_digits(digits):
+        # The whole run is a PAN: masking it leaves only its last four
+        # digits, which any other qualifying window inside it would keep
+        # too, so there is nothing more to find here.
+        out.append((base, base + len(run)))
         return
-    groups = [(m.start(), m.end()) for m in _GROUP.finditer(run)]
+    if ndigits == len(run):
+        return  # one group that is not a PAN (or longer than 19 digits)
+    groups: list[tuple[int, int]] = []
+    pos = 0
+    for g in run.replace(b"-", b" ").split(b" "):
+        groups.append((pos, pos + len(g)))
+        pos += len(g) + 1
     for i, (gs, _ge) in enumerate(groups):
         total = 0
         for j in range(i, len(groups)):
@@ -148,19 +160,15 @@ def _run_candidates(run: bytes, base: int, out: list[tuple[int, int]]) -> None:
             total += e - s
             if total > MAX_DIGITS:
                 break
-            if total >= MIN_DIGITS:
-                digits = run[gs:e].translate(None, _SEPARATORS)
-                if is_pan_digits(digits):
-                    out.append((base + gs, base + e))
+            if total >= MIN_DIGITS and is_pan_digits(run[gs:e].translate(None, _SEPARATORS)):
+                out.append((base + gs, base + e))
 
 
 def _plain_spans(data: bytes,
                  exclude: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
-    for m in _RUN.finditer(data):
+    for m in _RUN13.finditer(data):
         s, e = m.span()
-        if e - s < MIN_DIGITS:
-            continue
         if exclude and any(s < xe and xs < e for xs, xe in exclude):
             continue
         _run_candidates(m.group(), s, out)
@@ -176,7 +184,32 @@ def _keep_positions(data: bytes, span: tuple[int, int], style: str) -> list[int]
     return pos[:-4]
 
 
-def _apply(data: bytes, spans: Iterable[tuple[int, int]], style: str, mask: bytes) -> bytes:
+_MASK_TABLES: dict[bytes, bytes] = {}
+
+
+def _mask_table(mask: bytes) -> bytes:
+    table = _MASK_TABLES.get(mask)
+    if table is None:
+        table = _MASK_TABLES[mask] = bytes.maketrans(_DIGITS, mask * 10)
+    return table
+
+
+def _apply(data: bytes, spans: list[tuple[int, int]], style: str, mask: bytes) -> bytes:
+    if style == "last4":
+        # Fast path: disjoint spans that end in four digits are masked with
+        # one C-level translate each.
+        table = _mask_table(mask)
+        parts: list[bytes] = []
+        pos = 0
+        for s, e in spans:
+            if s < pos or not data[e - 4:e].isdigit():
+                break
+            parts.append(data[pos:s])
+            parts.append(data[s:e - 4].translate(table))
+            pos = e - 4
+        else:
+            parts.append(data[pos:])
+            return b"".join(parts)
     buf = bytearray(data)
     m = mask[0]
     for span in spans:
@@ -324,13 +357,22 @@ def mask_pans(data: bytes, style: str = "last4", *, mask: bytes = MASK_CHAR,
     ``bytea=True`` (a bytea value in hex output) reads hex only as hex."""
     if len(data) < MIN_DIGITS or len(data) - len(data.translate(None, _DIGITS)) < MIN_DIGITS:
         return data, 0
+    if b"\\" not in data and not json:
+        # Plain text (the common case): one pass, and a second only when
+        # the output still has 13 digits.
+        spans = _plain_spans(data)
+        if not spans:
+            return data, 0
+        out = _apply(data, spans, style, mask)
+        if len(out) - len(out.translate(None, _DIGITS)) < MIN_DIGITS:
+            return out, len(spans)
     original = data
     total = 0
     while True:  # fixed point: masking can split runs into new candidates
         data, n = _mask_text(data, style, mask, bytea)
-        if not n:
-            break
         total += n
+        if not n or len(data) - len(data.translate(None, _DIGITS)) < MIN_DIGITS:
+            break
         style = "last4"  # a second pass never widens what is shown
     if total and json:
         data = _quote_bare_numbers(original, data)
