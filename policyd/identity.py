@@ -358,8 +358,14 @@ class JwksChange:
     key_count: int
 
 
+def _short(value: str, limit: int = 64) -> str:
+    """An attacker-chosen header value made fit for an audit detail: quoted
+    (control characters escaped) and bounded."""
+    return repr(value[:limit] + ("..." if len(value) > limit else ""))
+
+
 def _kid_label(kid: str | None) -> str:
-    return kid if kid is not None else "<no kid>"
+    return _short(kid) if kid is not None else "<no kid>"
 
 
 class JwksCache:
@@ -688,7 +694,7 @@ class TokenValidator:
         if alg not in self._allowed:
             raise TokenRejected(
                 RejectReason.DISALLOWED_ALG,
-                f"algorithm {alg!r} is not in the allow-list {sorted(self._allowed)}",
+                f"algorithm {_short(alg, 16)} is not in the allow-list {sorted(self._allowed)}",
             )
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):

@@ -642,3 +642,14 @@ def test_cached_keys_survive_an_outage(
     server.jwks_path = Path("/nonexistent/jwks.json")  # handler now fails -> no answer
     clock.now += 120
     assert v.validate(issuer.mint("b")).subject == "b"
+
+
+def test_attacker_chosen_kid_is_bounded_and_escaped(
+    issuer: DevIssuer, validator: TokenValidator
+) -> None:
+    kid = "x\n" + "k" * 5000
+    token = jwt.encode(_claims(issuer), issuer._keys[issuer.current_kid], algorithm="EdDSA",
+                       headers={"kid": kid})
+    exc = assert_rejected(validator, token, RejectReason.UNKNOWN_KEY)
+    assert "\n" not in exc.detail
+    assert len(exc.detail) < 300
