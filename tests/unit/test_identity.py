@@ -24,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from pgwarden.devissuer import DevIssuer, ensure_dev_keys
@@ -653,3 +655,46 @@ def test_attacker_chosen_kid_is_bounded_and_escaped(
     exc = assert_rejected(validator, token, RejectReason.UNKNOWN_KEY)
     assert "\n" not in exc.detail
     assert len(exc.detail) < 300
+
+
+# --------------------------------------------------------------------------- properties
+
+_JWS_SHAPED = r"[A-Za-z0-9_\-]{0,40}\.[A-Za-z0-9_\-]{0,40}\.[A-Za-z0-9_\-]{0,40}"
+
+_FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@_FUZZ
+@given(st.text(max_size=300) | st.from_regex(_JWS_SHAPED, fullmatch=True))
+def test_arbitrary_input_only_ever_raises_token_rejected(
+    validator: TokenValidator, text: str
+) -> None:
+    try:
+        validator.validate(text)
+    except TokenRejected as exc:
+        assert_no_token_text(text, str(exc), repr(exc))
+    else:  # pragma: no cover - a random string forging an EdDSA signature
+        raise AssertionError("random input accepted")
+
+
+@_FUZZ
+@given(data=st.data())
+def test_any_single_character_change_is_refused_or_harmless(
+    issuer: DevIssuer, validator: TokenValidator, data: st.DataObject
+) -> None:
+    token = issuer.mint("ci-bot", ["analysts"], act="alice")
+    original = validator.validate_detailed(token).claims
+    pos = data.draw(st.integers(0, len(token) - 1))
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
+    char = data.draw(st.sampled_from(alphabet).filter(lambda c: c != token[pos]))
+    mutated = token[:pos] + char + token[pos + 1 :]
+    try:
+        result = validator.validate_detailed(mutated)
+    except TokenRejected as exc:
+        assert_no_token_text(mutated, str(exc), repr(exc))
+    else:
+        # Only base64 padding bits of the signature can change without effect.
+        assert result.claims == original
+        assert pos > token.rindex(".")
