@@ -131,6 +131,8 @@ test_writer_insert_select_reads if {
 
 test_writer_no_select if not permits("payments-writers", bounded_select)
 
+test_writer_select_without_tables if permits("payments-writers", f.statement({}))
+
 test_writer_housekeeping if permits("payments-writers", f.statement({"command": "show"}))
 
 # --- dba and approvers
