@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -52,12 +52,15 @@ from tap.hooks import AuthResult, Identity
 __all__ = [
     "CLIENT_MESSAGE",
     "CLIENT_SQLSTATE",
+    "ConnectDecider",
+    "ConnectGrant",
     "FailureThrottle",
     "IdentitySettings",
     "JwksCache",
     "JwksChange",
     "RejectReason",
     "ThrottleSettings",
+    "TokenAuthenticator",
     "TokenRejected",
     "TokenValidator",
     "ValidatedToken",
@@ -967,3 +970,98 @@ class FailureThrottle:
     def __len__(self) -> int:
         return len(self._entries)
 
+
+
+# --------------------------------------------------------------------------- composition
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectGrant:
+    """The connect decision (Rego, in policyd): the upstream role this identity
+    may use for this database, or ``role=None`` with the reason it may not."""
+
+    role: str | None
+    reason: str = ""
+    decision_id: str = ""
+
+
+ConnectDecider = Callable[[Identity, str, str], Awaitable[ConnectGrant]]
+"""``(identity, database, client_user) -> ConnectGrant``."""
+
+
+class CredentialSource(Protocol):
+    """What :class:`TokenAuthenticator` needs from ``policyd.secrets.SecretStore``."""
+
+    def for_role(self, role: str) -> Any: ...
+
+
+class TokenAuthenticator:
+    """Token in, ``tap.hooks.AuthResult`` out: validation, the connect
+    decision, the upstream credential and the failure slowdown in one call, so
+    a driver answering ``NeedAuth`` does one ``await``::
+
+        result = await authenticator.authenticate(need.token, need.client_addr,
+                                                  need.database, need.user)
+        actions = session.on_auth(need.ticket, result)
+
+    Failures of the token are answered after the throttle's delay with 28P01;
+    a refused connect decision or a role without credentials with 28000. The
+    precise reason is in ``AuthResult.reason`` for the audit record.
+    """
+
+    def __init__(
+        self,
+        validator: TokenValidator,
+        credentials: CredentialSource,
+        decide_connect: ConnectDecider,
+        *,
+        throttle: FailureThrottle | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.validator = validator
+        self.credentials = credentials
+        self.decide_connect = decide_connect
+        self.throttle = throttle if throttle is not None else FailureThrottle()
+        self._sleep = sleep
+
+    async def authenticate(
+        self, token: str, client_addr: str, database: str, user: str
+    ) -> AuthResult:
+        try:
+            identity = await self.validator.validate_async(token)
+        except TokenRejected as exc:
+            _log.info(
+                "token_rejected",
+                reason=exc.reason_code.value,
+                detail=exc.detail,
+                client_addr=client_addr,
+                database=database,
+                user=user,
+            )
+            delay = self.throttle.record_failure(client_addr)
+            if delay > 0:
+                await self._sleep(delay)
+            return exc.auth_result()
+
+        grant = await self.decide_connect(identity, database, user)
+        if grant.role is None:
+            return AuthResult(
+                ok=False,
+                identity=identity,
+                reason=f"connect_denied: {grant.reason}" if grant.reason else "connect_denied",
+                sqlstate="28000",
+                decision_id=grant.decision_id,
+            )
+        try:
+            login = self.credentials.for_role(grant.role).as_login()
+        except KeyError:
+            _log.error("no_upstream_credential", role=grant.role, database=database)
+            return AuthResult(
+                ok=False,
+                identity=identity,
+                reason=f"no_upstream_credential: role {grant.role!r}",
+                sqlstate="28000",
+                decision_id=grant.decision_id,
+            )
+        self.throttle.record_success(client_addr)
+        return AuthResult(ok=True, identity=identity, login=login, decision_id=grant.decision_id)
