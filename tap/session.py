@@ -183,6 +183,7 @@ class Session:
         self._masker: ResultMasker | None = None
         self._copy_out = False
         self._inspect_server = False  # slow path needed for server messages
+        self._close_after = False  # the server sent a FATAL: close once it is passed on
 
     # ------------------------------------------------------------------
     # Public API used by the drivers
@@ -294,6 +295,7 @@ class Session:
         out: list[Action] = []
         if self.phase == _CANCEL:
             self.phase = _CLOSED
+            self._close_tls(out)
             out.append(Close("cancel_request"))
         elif self.phase != _CLOSED:
             self.end_reason = self.end_reason or "server_closed"
@@ -386,7 +388,14 @@ class Session:
             self._cancel_key = None
         if started:
             self._event(out, "session_end", reason=self.end_reason or "closed")
+        self._close_tls(out)
         out.append(Close(self.end_reason or "closed"))
+
+    def _close_tls(self, out: list[Action]) -> None:
+        if self.client_tls is not None:
+            notify = self.client_tls.close()
+            if notify:
+                out.append(SendDownstream(notify))
 
     # ------------------------------------------------------------------
     # Startup phase
@@ -448,6 +457,7 @@ class Session:
         self._event(out, "cancel_request", matched=target is not None)
         if target is None:
             self.phase = _CLOSED
+            self._close_tls(out)
             out.append(Close("cancel_request"))
         else:
             # PostgreSQL closes a cancel connection once it has read the
@@ -663,25 +673,15 @@ class Session:
         pending: list[bytes] = []
         for m in msgs:
             rewritten = self._server_message(m, out)
-            if rewritten is None:
-                continue
-            pending.append(rewritten)
+            if rewritten is not None:
+                pending.append(rewritten)
+            if self.phase == _CLOSED or self._close_after:
+                break
         if pending and self.phase != _CLOSED:
             self._send_downstream(out, b"".join(pending))
-        elif pending:
-            # A FATAL from the server ends the session, but the client still
-            # deserves to see it.
-            try:
-                data = b"".join(pending)
-                if self.client_tls is not None:
-                    self.client_tls.send(data)
-                    cipher = self.client_tls.outgoing()
-                    if cipher:
-                        out.insert(len(out) - 1, SendDownstream(cipher))
-                else:
-                    out.insert(len(out) - 1, SendDownstream(data))
-            except TLSError:
-                pass
+        if self._close_after and self.phase != _CLOSED:
+            # A FATAL from the server ends the session once the client has it.
+            self._finish(out)
 
     def _fast_ok(self, frames: list[tuple[int, int, int]], block: bytes) -> bool:
         """Pass a block through untouched when it only holds messages the tap
@@ -821,10 +821,8 @@ class Session:
             self._event(out, "auth", outcome="failure", sqlstate=fields.get("C", ""),
                         message=fields.get("M", ""), user=self.params.get("user", ""))
             self.end_reason = "auth_failed"
-            data = m.encode()
-            self._send_downstream(out, data)
-            self._finish(out)
-            return None
+            self._close_after = True
+            return m.encode()
         if t == b"S":
             name, pos = pg.cstring(m.body, 0)
             value, _ = pg.cstring(m.body, pos)
@@ -981,9 +979,8 @@ class Session:
                         message=text)
         if fields.get("S") in ("FATAL", "PANIC"):
             self.end_reason = "server_fatal"
-            self._send_downstream(out, m.encode())
-            self._finish(out)
-            return None
+            self._close_after = True
+            return m.encode()
         factory = self.hooks.masker_factory
         if factory is not None:
             masker = factory(ALLOW_ALL, ())

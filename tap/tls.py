@@ -130,6 +130,20 @@ class TLSEndpoint:
     def outgoing(self) -> bytes:
         return self._out.read()
 
+    def close(self) -> bytes:
+        """Start a clean TLS shutdown; return the close_notify record to send.
+
+        Without it, clients report "unexpected eof" (libpq does, for example,
+        on the cancel connection it encrypts).
+        """
+        if not self.handshake_done:
+            return b""
+        try:
+            self._obj.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError, ValueError):
+            pass
+        return self.outgoing()
+
     @property
     def selected_alpn(self) -> str | None:
         return self._obj.selected_alpn_protocol()
