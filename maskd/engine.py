@@ -125,9 +125,9 @@ class RowMasker:
 
     __slots__ = ("_counts", "_digit_skip", "_ops", "columns", "needs_work", "rows")
 
-    def __init__(self, ops: list[_Op], columns: Sequence[ColumnMeta], digit_skip: bool) -> None:
+    def __init__(self, ops: list[_Op], columns: tuple[ColumnMeta, ...], digit_skip: bool) -> None:
         self._ops = ops
-        self.columns = tuple(columns)
+        self.columns = columns
         self._counts = [0] * len(ops)
         # Only content scanning of text-form values: a row with fewer than
         # 13 ASCII digits in its whole body needs nothing (the body's length
@@ -143,6 +143,10 @@ class RowMasker:
         for op, n in zip(self._ops, self._counts, strict=True):
             st.add(op.column, op.rule, n)
         return st
+
+    def fresh(self) -> RowMasker:
+        """The same resolved columns with zeroed counters."""
+        return RowMasker(self._ops, self.columns, self._digit_skip)
 
     def reset(self) -> None:
         self._counts = [0] * len(self._ops)
@@ -231,21 +235,28 @@ class Masker:
         self._rules = {r.column: r.style for r in plan.rules}
         for style in self._rules.values():
             rule_fn(style, Oid.TEXT, 0, self._column_key)  # unknown style: fail now
-        self._prepared: dict[tuple[ColumnMeta, ...], RowMasker] = {}
+        self._resolved: dict[tuple[ColumnMeta, ...], tuple[list[_Op], bool]] = {}
+        self._scratch: dict[tuple[ColumnMeta, ...], RowMasker] = {}
 
     def prepare(self, columns: Sequence[ColumnMeta]) -> RowMasker:
-        """Resolve ``columns`` once; the result masks rows of that shape."""
+        """A RowMasker for rows of this shape, with its own counters (one per
+        result set). Column resolution is cached per shape, so preparing
+        the same shape again (a re-executed statement) costs a dict lookup."""
         key = tuple(columns)
-        cached = self._prepared.get(key)
-        if cached is not None:
-            return cached
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            resolved = self._resolve(key)
+            if len(self._resolved) < 256:
+                self._resolved[key] = resolved
+        return RowMasker(resolved[0], key, resolved[1])
+
+    def _resolve(self, columns: tuple[ColumnMeta, ...]) -> tuple[list[_Op], bool]:
         ops: list[_Op] = []
         digit_skip = True
-        active = not self.plan.unmasked
         derived = set(self.plan.derived_columns)
+        if self.plan.unmasked:
+            return ops, digit_skip
         for i, col in enumerate(columns):
-            if not active:
-                break
             style = col.style or (self._rules.get(col.table_column) if col.table_column else None)
             if col.derived or i in derived:
                 ops.append(_Op(i, rule_fn(DERIVED_STYLE, col.type_oid, col.format,
@@ -261,15 +272,18 @@ class Masker:
                     ops.append(_Op(i, fn, False, col.name, CONTENT_RULE))
                     if col.format == 1 and col.type_oid not in _BINARY_TEXTLIKE:
                         digit_skip = False
-        rm = RowMasker(ops, columns, digit_skip)
-        if len(self._prepared) < 64:
-            self._prepared[key] = rm
-        return rm
+        return ops, digit_skip
 
     def mask_row(self, values: Sequence[bytes | None],
                  columns: Sequence[ColumnMeta]) -> tuple[list[bytes | None], MaskStats]:
-        """Masked copy of one row and what was masked in it."""
-        rm = self.prepare(columns)
+        """Masked copy of one row and what was masked in it (convenience
+        form; a caller with many rows should keep a :meth:`prepare` result)."""
+        key = tuple(columns)
+        rm = self._scratch.get(key)
+        if rm is None:
+            rm = self.prepare(key)
+            if len(self._scratch) < 64:
+                self._scratch[key] = rm
         before = list(rm._counts)
         out = rm.mask_row(values)
         st = MaskStats(rows=1)

@@ -41,5 +41,9 @@ def _register() -> None:
 
     app.add_typer(policyd_app, name="policyd", help="Policy decisions: serve, show input, run OPA.")
 
+    from maskd.cli import app as maskd_app
+
+    app.add_typer(maskd_app, name="maskd", help="Mask card numbers in results: serve.")
+
 
 _register()
