@@ -152,6 +152,10 @@ class DevIssuer:
     ) -> None:
         self.directory = directory
         self._clock = clock
+        self._reload()
+
+    def _reload(self) -> None:
+        """(Re)read the directory: another process may have rotated meanwhile."""
         meta = self._read_meta()
         self.issuer: str = meta["issuer"]
         self.algorithm: Algorithm = meta["algorithm"]
@@ -258,6 +262,7 @@ class DevIssuer:
         for ``grace_seconds`` so tokens already issued keep validating. Returns
         the new kid."""
         with _locked(self.directory):
+            self._reload()
             for entry in self._entries:
                 if entry.kid == self.current_kid and entry.retire_at is None:
                     entry.retire_at = self._clock() + grace_seconds

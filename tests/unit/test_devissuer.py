@@ -141,3 +141,12 @@ def test_cli_verify_reads_stdin(tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert "wrong_audience" in bad.stderr
     assert token not in bad.stderr and bad.stdout == ""
+
+
+def test_rotation_by_another_process_is_not_undone(tmp_path: Path) -> None:
+    a = ensure_dev_keys(tmp_path / "id")
+    b = ensure_dev_keys(tmp_path / "id")  # a second process, same directory
+    first = a.rotate()
+    second = b.rotate()  # b's view was stale; it must build on a's rotation
+    kids = [k["kid"] for k in json.loads(a.jwks_path.read_text())["keys"]]
+    assert first in kids and second in kids and len(kids) == 3
