@@ -995,6 +995,22 @@ class CredentialSource(Protocol):
     def for_role(self, role: str) -> Any: ...
 
 
+class AuthRequest(Protocol):
+    """The fields of ``tap.actions.NeedAuth`` the authenticator reads."""
+
+    @property
+    def token(self) -> str: ...
+
+    @property
+    def client_addr(self) -> str: ...
+
+    @property
+    def database(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+
 class TokenAuthenticator:
     """Token in, ``tap.hooks.AuthResult`` out: validation, the connect
     decision, the upstream credential and the failure slowdown in one call, so
@@ -1023,6 +1039,10 @@ class TokenAuthenticator:
         self.decide_connect = decide_connect
         self.throttle = throttle if throttle is not None else FailureThrottle()
         self._sleep = sleep
+
+    async def __call__(self, need: AuthRequest) -> AuthResult:
+        """Fits ``tap.runtime.Runtime.authenticator`` as is."""
+        return await self.authenticate(need.token, need.client_addr, need.database, need.user)
 
     async def authenticate(
         self, token: str, client_addr: str, database: str, user: str

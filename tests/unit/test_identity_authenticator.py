@@ -78,3 +78,14 @@ async def test_connect_denied_and_missing_credential(issuer: DevIssuer) -> None:
     ghost = await auth.authenticate(issuer.mint("a", ["ghost"]), "h", "shop", "a")
     assert (ghost.ok, ghost.sqlstate) == (False, "28000")
     assert "ghost_role" in ghost.reason
+
+
+async def test_plugs_into_the_tap_runtime(issuer: DevIssuer) -> None:
+    from tap.actions import NeedAuth
+    from tap.runtime import Runtime
+
+    runtime = Runtime(authenticator=make(issuer, []))
+    need = NeedAuth(ticket=1, token=issuer.mint("ci-bot", ["analysts"]), user="ci-bot",
+                    database="shop", client_addr="127.0.0.1", tls=True)
+    result = await runtime.authenticate(need)
+    assert result.ok and result.login is not None and result.login.role == "app_reader"
