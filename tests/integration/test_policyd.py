@@ -1,0 +1,241 @@
+"""policyd end to end: PolicyClient -> gRPC -> PolicyService -> real OPA.
+
+Each test starts its own OPA (on a copy of rego/ when it edits policies)
+and its own policyd; everything is stopped afterwards. Waiting for a
+background change (a policy reload, a restart) is a bounded poll of a
+condition, never a timing assertion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opa_client.errors import RegoParseError
+
+from policyd.client import UNAVAILABLE_REASON, PolicyClient
+from policyd.decision import UNAVAILABLE_SQLSTATE
+from policyd.opa_process import OpaProcess
+from policyd.server import SERVICE_NAME, PolicyServer
+from tap.hooks import Identity, SessionInfo, StatementRequest, Verdict
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="function")]
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+READER = Identity(subject="fraud-bot", groups=("fraud-readers",), issuer="https://idp")
+SESSION = SessionInfo(session_id="s-1", database="shop", upstream_role="fraud_reader")
+
+
+def req(sql: str, identity: Identity = READER,
+        params: tuple[str | None, ...] | None = None) -> StatementRequest:
+    return StatementRequest(identity=identity, session=SESSION, sql=sql, params=params)
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, tries: int = 400) -> None:
+    for _ in range(tries):
+        if await condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+@pytest.fixture
+def rego_copy(tmp_path: Path) -> Path:
+    dest = tmp_path / "rego"
+    shutil.copytree(ROOT / "rego", dest)
+    return dest
+
+
+@pytest.fixture
+def opa(rego_copy: Path) -> Iterator[OpaProcess]:
+    with OpaProcess(paths=[rego_copy]) as proc:
+        yield proc
+
+
+@asynccontextmanager
+async def policyd(opa_url: str, listen: str = "127.0.0.1:0") -> AsyncIterator[PolicyServer]:
+    server = PolicyServer(listen, opa_url, opa_deadline=1.0, revision_interval=0.1)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+@asynccontextmanager
+async def client(target: str) -> AsyncIterator[PolicyClient]:
+    async with PolicyClient(target, deadline=2.0) as c:
+        await until(lambda: _true(c.cache.enabled), "the revision stream")
+        yield c
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_decisions_through_grpc(opa: OpaProcess) -> None:
+    async with policyd(opa.url) as server, client(server.target) as c:
+        allow = await c.decide(req("SELECT id, card_number FROM payments WHERE id = 1"))
+        assert allow.verdict is Verdict.ALLOW
+        assert allow.policy_revision == server.engine.revision
+        assert allow.mask.rules[0].column == "public.payments.card_number"
+        assert allow.analysis["commands"] == ["select"]
+
+        hold = await c.decide(req("SELECT * FROM payments WHERE amount > 10000"))
+        assert hold.verdict is Verdict.HOLD
+        assert hold.approval.required and hold.approval.approver_groups == ("approvers",)
+
+        deny = await c.decide(req("DROP DATABASE shop"))
+        assert deny.verdict is Verdict.DENY and deny.sqlstate == "42501"
+        assert "DROP DATABASE is always blocked" in deny.reasons
+
+
+async def test_warm_path_stays_in_process_and_is_keyed_right(opa: OpaProcess) -> None:
+    async with policyd(opa.url) as server, client(server.target) as c:
+        sql = "SELECT id FROM payments WHERE id = 1"
+        first = await c.decide(req(sql))
+        again = await c.decide(req(sql))
+        assert again is first and c.cache.hits == 1
+
+        # Another group set is another key: a dba decision is not a reader's.
+        dba = Identity(subject="fraud-bot", groups=("dba",))
+        assert (await c.decide(req(sql, dba))).mask.unmasked
+        assert not (await c.decide(req(sql))).mask.unmasked
+
+        # HOLD is never cached.
+        held = "SELECT * FROM payments WHERE amount > 10000"
+        await c.decide(req(held))
+        hits = c.cache.hits
+        assert (await c.decide(req(held))).verdict is Verdict.HOLD
+        assert c.cache.hits == hits
+
+        # The values of the parameters the policy read are part of the key.
+        by_amount = "SELECT id FROM payments WHERE amount = $1"
+        small = await c.decide(req(by_amount, params=("5",)))
+        large = await c.decide(req(by_amount, params=("20000",)))
+        assert small.verdict is Verdict.ALLOW and large.verdict is Verdict.HOLD
+        assert (await c.decide(req(by_amount, params=("5",)))) is small
+
+
+async def test_decide_connect(opa: OpaProcess) -> None:
+    async with policyd(opa.url) as server, client(server.target) as c:
+        ok = await c.decide_connect(READER, "shop")
+        assert ok.allowed and ok.upstream_role == "fraud_reader" and ok.policy_revision
+        both = Identity(subject="x", groups=("fraud-readers", "dba"))
+        assert (await c.decide_connect(both, "shop")).upstream_role == "dba_role"
+        approver = Identity(subject="alice", groups=("approvers",), kind="human")
+        assert not (await c.decide_connect(approver, "shop")).allowed
+        assert not (await c.decide_connect(READER, "postgres")).allowed
+
+
+async def test_policy_edit_is_picked_up_without_restart(opa: OpaProcess, rego_copy: Path) -> None:
+    async with policyd(opa.url) as server, client(server.target) as c:
+        sql = "SELECT id FROM payments WHERE id = 1"
+        before = await c.decide(req(sql))
+        assert before.verdict is Verdict.ALLOW
+        assert (await c.decide(req(sql))) is before  # cached
+
+        groups = rego_copy / "pgwarden_data" / "groups.json"
+        doc = json.loads(groups.read_text())
+        doc["groups"]["fraud-readers"]["databases"] = []
+        groups.write_text(json.dumps(doc))
+
+        await until(lambda: _true(c.cache.revision not in ("", before.policy_revision)),
+                    "the new revision to reach the tap's cache")
+        after = await c.decide(req(sql))
+        assert after.verdict is Verdict.DENY
+        assert after.policy_revision != before.policy_revision
+        assert "not allowed" in after.reasons[0]
+
+
+async def test_opa_down_fails_closed_and_recovers(opa: OpaProcess) -> None:
+    async with policyd(opa.url) as server, client(server.target) as c:
+        sql = "SELECT id FROM payments WHERE id = 2"
+        assert (await c.decide(req(sql))).verdict is Verdict.ALLOW
+        channel = grpc.aio.insecure_channel(server.target)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def status() -> int:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            return int(reply.status)
+
+        assert await status() == health_pb2.HealthCheckResponse.SERVING
+
+        opa.stop()
+        down = await c.decide(req("SELECT id FROM payments WHERE id = 3"))
+        assert down.verdict is Verdict.DENY
+        assert down.sqlstate == UNAVAILABLE_SQLSTATE
+        assert "policy engine unavailable" in down.reasons[0]
+        # policyd reports the outage; the tap stops trusting its cache.
+        await until(lambda: _true(not c.cache.enabled), "the cache to switch off")
+        assert (await c.decide(req(sql))).verdict is Verdict.DENY
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        opa.start()  # same port
+
+        async def allowed_again() -> bool:
+            return (await c.decide(req(sql))).verdict is Verdict.ALLOW
+
+        await until(allowed_again, "decisions after OPA came back")
+
+        async def serving() -> bool:
+            return await status() == health_pb2.HealthCheckResponse.SERVING
+
+        await until(serving, "health to report SERVING again")
+        await until(lambda: _true(c.cache.enabled), "the cache to switch back on")
+        await channel.close()
+
+
+async def test_policyd_down_fails_closed_and_recovers(opa: OpaProcess, tmp_path: Path) -> None:
+    target = f"unix:{tmp_path / 'policyd.sock'}"
+    sql = "SELECT id FROM payments WHERE id = 4"
+    async with PolicyClient(target, deadline=0.5) as c:
+        async with policyd(opa.url, listen=target):
+            await until(lambda: _true(c.cache.enabled), "the revision stream")
+            assert (await c.decide(req(sql))).verdict is Verdict.ALLOW
+        down = await c.decide(req(sql))
+        assert down.verdict is Verdict.DENY
+        assert down.sqlstate == UNAVAILABLE_SQLSTATE
+        assert down.reasons[0].startswith(UNAVAILABLE_REASON)
+        assert not c.cache.enabled
+
+        async with policyd(opa.url, listen=target):
+            async def allowed_again() -> bool:
+                return (await c.decide(req(sql))).verdict is Verdict.ALLOW
+
+            await until(allowed_again, "decisions after policyd came back")
+
+
+async def test_policy_upload_is_not_rewritten(opa: OpaProcess) -> None:
+    """opa-python-client's v0->v1 rewrite stays off: v0 Rego is refused."""
+    async with policyd(opa.url) as server:
+        engine = server.engine
+        with pytest.raises(RegoParseError):
+            await engine.put_policy("legacy", "package legacy\n\nallow { true }\n")
+        assert await engine.query("legacy", {}, rule="allow") is None
+        before = await engine.refresh_revision()
+        await engine.put_policy("modern", "package modern\n\nallow if true\n")
+        assert await engine.query("modern", {}, rule="allow") is True
+        assert await engine.refresh_revision() != before
+        await engine.delete_policy("modern")
+
+
+async def test_undefined_decision_is_deny(opa: OpaProcess, rego_copy: Path) -> None:
+    (rego_copy / "pgwarden" / "statement.rego").unlink()
+    (rego_copy / "pgwarden" / "statement_test.rego").unlink()
+    async with policyd(opa.url) as server:
+        async def gone() -> bool:
+            return await server.engine.query("pgwarden.statement", {}) is None
+
+        await until(gone, "OPA to drop the statement policy")
+        async with client(server.target) as c:
+            d = await c.decide(req("SELECT 1"))
+            assert d.verdict is Verdict.DENY
+            assert "undefined" in d.reasons[0]
