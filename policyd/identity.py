@@ -65,6 +65,7 @@ __all__ = [
     "TokenValidator",
     "ValidatedToken",
     "render_actor_chain",
+    "source_key",
 ]
 
 _log = structlog.get_logger("pgwarden.identity")

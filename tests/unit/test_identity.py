@@ -79,6 +79,13 @@ def assert_no_token_text(token: str, *texts: str) -> None:
             assert piece not in text, "token text leaked into an error message"
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local HTTPS JWKS server must be reached directly, whatever the CI's proxy."""
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def issuer(tmp_path: Path) -> DevIssuer:
     return ensure_dev_keys(tmp_path / "identity")
