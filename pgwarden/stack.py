@@ -27,6 +27,7 @@ import json
 import os
 import pwd
 import random
+import resource
 import secrets
 import shlex
 import shutil
@@ -92,6 +93,27 @@ def pg_bin(tool: str) -> str:
     if found is None:
         raise StackError(f"{tool} not found in {folder} nor on PATH: run `make setup`")
     return found
+
+
+def opa_binary() -> str:
+    """OPA built by scripts/bootstrap.sh (version pinned in scripts/versions.env)."""
+    built = ROOT / ".cache" / "bin" / "opa"
+    if built.exists():
+        return str(built)
+    found = shutil.which("opa")
+    if found is None:
+        raise StackError(f"OPA not found at {built}: run `make setup`")
+    return found
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, inherited by everything we spawn:
+    a thousand sessions through Envoy and a tap need several thousand fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def envoy_binary() -> str:
@@ -957,6 +979,24 @@ class LocalStack:
         self.procs[proc.name] = proc
         return proc
 
+    def stop_tap(self, mode: str) -> None:
+        """Stop one tap (fail-closed tests); :meth:`restart_tap` brings it back."""
+        stop(self.procs[f"tap-{mode}"])
+
+    def restart_tap(self, mode: str, extra_args: Sequence[str] = ()) -> Proc:
+        """(Re)start one tap on its port with the stack's arguments plus ``extra_args``.
+
+        Envoy keeps pointing at the same port, so the gateway recovers without
+        restarting anything else.
+        """
+        name = f"tap-{mode}"
+        if name in self.procs:
+            stop(self.procs[name])
+        proc = start_tap(mode, self.ports[f"tap_{mode}"], self.postgres.port, self.certs,
+                         [*self.tap_args, *extra_args], workdir=self.workdir)
+        self.procs[name] = proc
+        return proc
+
 
 def start_stack(
     workdir: Path,
@@ -973,6 +1013,7 @@ def start_stack(
     everything started so far is stopped before the error propagates."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    raise_fd_limit()
     certs = ensure_certs(certs_dir or workdir / "certs")
     secrets_ = Secrets.load_or_create(workdir)
     pg = start_postgres(workdir, certs, settings=pg_settings)

@@ -14,7 +14,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgwarden import stack as stackmod
-from pgwarden.stack import BRANDS, LocalStack, luhn_valid
+from pgwarden.stack import BRANDS, TAP_MODES, LocalStack, luhn_valid
 
 BRAND_PATTERNS = {
     "visa": r"4\d{15}",
@@ -110,6 +110,23 @@ def test_no_password_in_any_log_or_env_file(stack: LocalStack) -> None:
         assert all(password not in text for text in texts)
     assert stack.secrets.pgpass.stat().st_mode & 0o077 == 0
     assert stack.secrets.file.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("mode", TAP_MODES)
+def test_gateway_fails_closed_without_its_tap_and_recovers(stack: LocalStack, mode: str) -> None:
+    """No tap, no database: Envoy must not fall back to a direct path
+    (failure_mode_allow: false for ext_proc; no other route for inline)."""
+    mark = stack.pg_log_mark()
+    stack.stop_tap(mode)
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            with psycopg.connect(stack.gateway_dsn[mode], connect_timeout=10) as conn:
+                conn.execute("SELECT 'pgwarden-must-not-pass'")
+    finally:
+        stack.restart_tap(mode)
+    assert "pgwarden-must-not-pass" not in stack.pg_log_since(mark)
+    with psycopg.connect(stack.gateway_dsn[mode], connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
