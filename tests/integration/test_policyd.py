@@ -176,7 +176,11 @@ async def test_opa_down_fails_closed_and_recovers(opa: OpaProcess) -> None:
         # policyd reports the outage; the tap stops trusting its cache.
         await until(lambda: _true(not c.cache.enabled), "the cache to switch off")
         assert (await c.decide(req(sql))).verdict is Verdict.DENY
-        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def not_serving() -> bool:
+            return await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await until(not_serving, "health to report NOT_SERVING")
 
         opa.start()  # same port
 
@@ -228,8 +232,9 @@ async def test_policy_upload_is_not_rewritten(opa: OpaProcess) -> None:
 
 
 async def test_undefined_decision_is_deny(opa: OpaProcess, rego_copy: Path) -> None:
-    (rego_copy / "pgwarden" / "statement.rego").unlink()
-    (rego_copy / "pgwarden" / "statement_test.rego").unlink()
+    # One write (OPA --watch reloads it): the decision rule no longer exists.
+    policy = rego_copy / "pgwarden" / "statement.rego"
+    policy.write_text(policy.read_text().replace("\ndecision := {", "\nold_decision := {"))
     async with policyd(opa.url) as server:
         async def gone() -> bool:
             return await server.engine.query("pgwarden.statement", {}) is None
