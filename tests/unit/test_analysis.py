@@ -1,0 +1,213 @@
+"""policyd.analysis: what the policy is told about SQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policyd.analysis import analyse, parse_search_path, scrub_pan
+
+
+def one(sql: str, **kw: Any) -> dict[str, Any]:
+    a = analyse(sql, **kw)
+    assert a.parseable, a.error
+    assert len(a.statements) == 1
+    return a.statements[0]
+
+
+def rel(stmt: dict[str, Any], name: str, access: str | None = None) -> dict[str, Any]:
+    found = [r for r in stmt["relations"] if r["name"] == name
+             and (access is None or r["access"] == access)]
+    assert found, stmt["relations"]
+    return found[0]
+
+
+def test_commands() -> None:
+    assert one("select 1")["command"] == "select"
+    assert one("insert into t values (1)")["command"] == "insert"
+    assert one("update t set a = 1")["command"] == "update"
+    assert one("delete from t")["command"] == "delete"
+    assert one("merge into t using s on t.id = s.id when matched then delete")["command"] == "merge"
+    assert one("create table t (a int)")["command"] == "ddl"
+    assert one("vacuum")["command"] == "maintenance"
+    assert one("begin")["command"] == "transaction"
+    assert one("commit")["transaction"] == "commit"
+    assert one("set x = 1")["command"] == "set"
+    assert one("copy t to stdout")["command"] == "copy"
+    assert one("select 1 into t2")["command"] == "select_into"
+
+
+def test_search_path_resolution_like_postgres() -> None:
+    s = one("select * from payments", search_path='"$user", public', user="fraud_reader")
+    r = rel(s, "payments")
+    assert r["candidates"] == ["fraud_reader.payments", "public.payments"]
+    assert r["schema"] == "public"  # the $user schema is listed, not shown
+    assert not r["qualified"]
+    # system catalogs: pg_catalog is searched first
+    assert rel(one("select * from pg_authid"), "pg_authid")["candidates"][0] == "pg_catalog.pg_authid"
+    # qualified names are taken as written
+    assert rel(one('select * from "Evil".payments'), "payments")["candidates"] == ["Evil.payments"]
+
+
+def test_set_search_path_applies_to_later_statements_of_the_message() -> None:
+    a = analyse("SET search_path = evil, public; SELECT * FROM payments")
+    assert rel(a.statements[1], "payments")["candidates"] == ["evil.payments", "public.payments"]
+
+
+def test_unqualified_function_schema() -> None:
+    assert one("select lower('a')")["functions"] == [
+        {"schema": "pg_catalog", "name": "lower", "qualified": False}]
+    # pg_catalog placed after evil: an unqualified name may resolve to evil.
+    fn = one("select lower('a')", search_path="evil, pg_catalog")["functions"][0]
+    assert fn["schema"] == "evil"
+    assert one("select evil.lower('a')")["functions"][0]["qualified"]
+
+
+def test_columns_and_star() -> None:
+    s = one("select p.id, c.name from payments p join customers c on c.id = p.customer_id "
+            "where p.id = 1")
+    assert rel(s, "payments")["columns"] == ["customer_id", "id"]
+    assert rel(s, "customers")["columns"] == ["id", "name"]
+    assert rel(one("select * from payments"), "payments")["columns"] == ["*"]
+
+
+def test_unqualified_column_in_a_join_is_attributed_to_every_table() -> None:
+    s = one("select cvv from payments, customers")
+    assert "cvv" in rel(s, "payments")["columns"] and "cvv" in rel(s, "customers")["columns"]
+
+
+def test_lineage_through_expressions_subqueries_and_ctes() -> None:
+    s = one("select encode(card_number::bytea, 'hex') as h, id from payments where id = 1")
+    assert s["outputs"][0] == {"position": 0, "name": "h", "kind": "expression",
+                               "sources": ["public.payments.card_number"]}
+    assert s["outputs"][1]["kind"] == "column"
+    s = one("with x as (select card_number as cn from customers) select upper(cn) from x")
+    assert s["outputs"][0]["sources"] == ["public.customers.card_number"]
+    s = one("select (select card_number from payments limit 1) as c")
+    assert s["outputs"][0]["sources"] == ["public.payments.card_number"]
+    s = one("select card_number from payments union select card_number from customers")
+    assert s["outputs"][0]["sources"] == ["public.customers.card_number",
+                                          "public.payments.card_number"]
+    s = one("select 1 as one")
+    assert s["outputs"][0]["kind"] == "constant"
+
+
+def test_returning_is_an_output() -> None:
+    s = one("update payments set amount = 1 where id = 1 returning card_number")
+    assert s["outputs"][0]["sources"] == ["public.payments.card_number"]
+
+
+def test_data_modifying_cte_and_select_into() -> None:
+    s = one("with d as (delete from payments returning *) select * from d")
+    assert s["data_modifying_cte"]
+    assert rel(s, "payments", "write")
+    s = one("select * into copy_of from payments")
+    assert s["select_into"] and rel(s, "copy_of", "write")
+
+
+def test_copy_details() -> None:
+    s = one("copy payments (id, card_number) to program 'gzip > /tmp/x'")
+    assert s["copy_program"] and s["copy_direction"] == "to"
+    assert rel(s, "payments", "read")["columns"] == ["card_number", "id"]
+    s = one("copy payments from '/tmp/in.csv'")
+    assert s["copy_direction"] == "from" and s["copy_filename"] == "/tmp/in.csv"
+    assert rel(s, "payments", "write")
+    assert one("copy payments to stdout")["copy_stdio"]
+
+
+def test_bounded_reads() -> None:
+    assert not rel(one("select * from payments"), "payments")["bounded"]
+    assert rel(one("select * from payments where id = 1"), "payments")["bounded"]
+    assert rel(one("select * from payments limit 5"), "payments")["bounded"]
+    assert not rel(one("select * from payments limit all"), "payments")["bounded"]
+    assert not rel(one("select * from payments where 1 = 1"), "payments")["bounded"]
+    # a WHERE on another table does not bound this one
+    s = one("select * from payments p, customers c where c.id = 1")
+    assert not rel(s, "payments")["bounded"] and rel(s, "customers")["bounded"]
+
+
+def test_comparisons_literals_params_and_negation() -> None:
+    s = one("select * from payments where amount > 10000")
+    assert s["comparisons"][0] | {} == {
+        "column": "amount", "sources": ["public.payments.amount"], "op": ">",
+        "value": 10000, "known": True, "negated": False, "disjunctive": False, "level": 1,
+        "param": None}
+    s = one("select * from payments where 10000 < amount")
+    assert s["comparisons"][0]["op"] == ">"
+    s = one("select * from payments where not amount <= 5 or id = 2")
+    assert s["comparisons"][0]["negated"] and s["comparisons"][0]["disjunctive"]
+    s = one("select * from payments where amount > $2", params=("a", "42"))
+    c = s["comparisons"][0]
+    assert (c["param"], c["value"], c["known"]) == (2, 42, True)
+    assert s["params_read"] == [2]
+    s = one("select * from payments where amount > $1")
+    assert s["comparisons"][0]["known"] is False and s["params_read"] == []
+
+
+def test_pan_literals_never_reach_the_analysis() -> None:
+    a = analyse("select * from payments where card_number = '4111 1111 1111 1111'")
+    assert "4111" not in repr(a.to_input())
+    assert a.statements[0]["comparisons"][0]["redacted"]
+    bad = analyse("selekt 4111111111111111")
+    assert not bad.parseable or "4111111111111111" not in bad.error
+
+
+def test_unparseable_is_flagged() -> None:
+    a = analyse("SELEKT * FROM payments")
+    assert not a.parseable and a.error.startswith("unparseable SQL")
+    assert a.statements == []
+
+
+def test_dynamic_and_special_statements() -> None:
+    assert one("do $$ begin perform 1; end $$")["dynamic_sql"]
+    assert one("execute p(1)")["opaque_sql"]
+    two = analyse("prepare p as select 1; execute p").statements
+    assert not two[1]["opaque_sql"]
+    assert one("set role postgres")["set_role"]
+    assert one("set session authorization postgres")["session_authorization"]
+    assert one("alter system set work_mem = '1GB'")["alter_system"]
+    assert one("create user x")["role_statement"]
+    assert one("revoke select on t from x")["grant"]
+    assert one("drop database shop")["drop_database"]
+    s = one("create function f() returns int language plpython3u as $$ return 1 $$")
+    assert s["untrusted_language"] and s["language"] == "plpython3u"
+
+
+def test_fingerprint_normalises_constants() -> None:
+    assert analyse("select * from t where id = 1").fingerprint == analyse(
+        "SELECT * FROM t WHERE id = 2").fingerprint
+
+
+def test_multi_statement_message() -> None:
+    a = analyse("begin; select 1; commit")
+    assert [s["command"] for s in a.statements] == ["transaction", "select", "transaction"]
+    assert a.summary()["commands"] == ["transaction", "select", "transaction"]
+
+
+def test_parse_search_path() -> None:
+    assert parse_search_path('"$user", public') == ["$user", "public"]
+    assert parse_search_path('Evil, "Mixed""Case"') == ["evil", 'Mixed"Case']
+
+
+def test_scrub_pan() -> None:
+    assert scrub_pan("near 4111111111111111 here") == "near [redacted] here"
+    assert scrub_pan("order 1234567890123") == "order 1234567890123"  # not Luhn-valid
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_never_raises_on_any_text(sql: str) -> None:
+    a = analyse(sql)
+    assert a.parseable or a.error
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([
+    "select", "*", "from", "payments", "where", "amount", ">", "1", "(", ")", ",", ";",
+    "with", "x", "as", "delete", "returning", "union", "not", "or", "and", "$1", "join",
+    "on", "=", "limit", "pg_read_file('a')", "lateral", "values"]), max_size=25))
+def test_never_raises_on_sql_like_tokens(tokens: list[str]) -> None:
+    a = analyse(" ".join(tokens), params=("5",))
+    assert a.parseable or a.error

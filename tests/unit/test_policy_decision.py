@@ -1,0 +1,113 @@
+"""Decision documents -> tap.hooks.Decision, and back over the wire: fail closed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pgwarden._proto import policy_pb2 as pb
+from policyd.analysis import analyse
+from policyd.convert import decision_from_pb, decision_to_pb, request_from_pb, request_to_pb
+from policyd.decision import from_document, params_read, statement_input
+from tap.hooks import (
+    ColumnRule,
+    Decision,
+    Identity,
+    MaskPlan,
+    RecordRows,
+    SessionInfo,
+    StatementRequest,
+    Verdict,
+)
+
+ANALYSIS = analyse("select card_number from payments where id = 1")
+
+
+def doc(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"allow": True, "reasons": ["ok"], "sqlstate": "42501",
+                            "mask": {"rules": [{"column": "public.payments.card_number",
+                                                "style": "last4"}],
+                                     "derived_columns": [], "scan_content": True,
+                                     "unmasked": False},
+                            "approval": {"required": False, "reason": "",
+                                         "approver_groups": [], "hold_seconds": 60},
+                            "record_rows": "count"}
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("document", [None, [], "allow", {}, {"allow": "true"},
+                                      {"allow": 1}])
+def test_undefined_or_odd_documents_deny(document: Any) -> None:
+    d = from_document(document, revision="r", analysis=ANALYSIS)
+    assert d.verdict is Verdict.DENY and d.sqlstate == "42501" and d.reasons
+
+
+def test_allow() -> None:
+    d = from_document(doc(), revision="r", analysis=ANALYSIS)
+    assert d.verdict is Verdict.ALLOW and d.policy_revision == "r" and d.decision_id
+    assert d.mask.rules == (ColumnRule("public.payments.card_number", "last4"),)
+    assert d.analysis["commands"] == ["select"]
+
+
+def test_approval_makes_a_hold() -> None:
+    d = from_document(doc(approval={"required": True, "reason": "big", "approver_groups":
+                                    ["approvers"], "hold_seconds": 30}),
+                      revision="r", analysis=ANALYSIS)
+    assert d.verdict is Verdict.HOLD and d.approval.hold_seconds == 30.0
+
+
+@pytest.mark.parametrize("bad", [
+    {"mask": {"rules": [{"column": "x", "style": "rot13"}]}},
+    {"mask": {"rules": [{"style": "last4"}]}},
+    {"mask": "none"},
+    {"approval": {"required": True, "hold_seconds": -1}},
+    {"record_rows": "everything"},
+])
+def test_malformed_allow_is_a_deny(bad: dict[str, Any]) -> None:
+    d = from_document(doc(**bad), revision="r", analysis=ANALYSIS)
+    assert d.verdict is Verdict.DENY and "malformed" in d.reasons[0]
+
+
+def test_bad_sqlstate_falls_back() -> None:
+    d = from_document({"allow": False, "sqlstate": "nope"}, revision="r", analysis=ANALYSIS)
+    assert d.sqlstate == "42501"
+
+
+def test_params_read_and_input_have_no_sql_text() -> None:
+    req = StatementRequest(identity=Identity(groups=("g",)), session=SessionInfo("s"),
+                           sql="select * from payments where amount > $1 -- 4111111111111111",
+                           params=("10",))
+    a = analyse(req.sql, params=req.params)
+    assert params_read(a) == (1,)
+    doc_in = statement_input(req, a)
+    assert "sql" not in doc_in["request"] and "4111111111111111" not in repr(doc_in)
+    assert doc_in["identity"]["groups"] == ["g"]
+
+
+def test_request_round_trip() -> None:
+    req = StatementRequest(
+        identity=Identity(subject="s", groups=("a", "b"), issuer="i", kind="human",
+                          actor="x<-y", expires_at=12.5),
+        session=SessionInfo("sid", database="db", user="u", upstream_role="r",
+                            client_addr="1.2.3.4", application_name="app", tls=True,
+                            search_path="a, b", transaction_status="T"),
+        sql="select $1", path="parse", statement_name="st", params=("1", None))
+    assert request_from_pb(request_to_pb(req)) == req
+    no_params = StatementRequest(identity=Identity(), session=SessionInfo("s"), sql="x")
+    assert request_from_pb(request_to_pb(no_params)).params is None
+
+
+def test_decision_round_trip() -> None:
+    d = Decision(verdict=Verdict.HOLD, reasons=("r",), decision_id="id", policy_revision="rev",
+                 mask=MaskPlan(rules=(ColumnRule("a.b.c"),), derived_columns=(1,),
+                               scan_content=False, unmasked=True),
+                 record_rows=RecordRows.MASKED_ROWS, record_rows_cap=7,
+                 analysis={"commands": ["select"]})
+    assert decision_from_pb(decision_to_pb(d)) == d
+
+
+def test_unknown_verdict_on_the_wire_is_a_deny() -> None:
+    d = decision_from_pb(pb.DecideResponse(reasons=["?"]))
+    assert d.verdict is Verdict.DENY
