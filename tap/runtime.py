@@ -44,6 +44,7 @@ class TapSettings:
     max_message_size: int = pg.DEFAULT_MAX_MESSAGE
     auth_mode: str = "passthrough"  # passthrough | token
     allow_plaintext_tokens: bool = False
+    idle_timeout: float | None = 900.0
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Runtime:
     sink: EventSink | None = None
     log: Any = field(default_factory=lambda: structlog.get_logger("pgwarden.tap"))
     sessions_open: int = 0
+    policy_client: Any = None
     _tls: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +74,7 @@ class Runtime:
             "max_message_size": s.max_message_size,
             "auth_mode": s.auth_mode,
             "allow_plaintext_tokens": s.allow_plaintext_tokens,
+            "idle_timeout": s.idle_timeout,
         }
 
     def hooks(self) -> Hooks:

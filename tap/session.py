@@ -90,6 +90,8 @@ class SessionConfig:
     # Tokens travel in a cleartext password message: only over TLS, unless a
     # development setting allows it (loopback only, enforced by the driver).
     allow_plaintext_tokens: bool = False
+    idle_timeout: float | None = 900.0  # seconds; PCI DSS 8.2.8
+
 
 
 # Startup parameters a client may pass on in token mode. Everything else
@@ -184,6 +186,7 @@ class Session:
         self._copy_out = False
         self._inspect_server = False  # slow path needed for server messages
         self._close_after = False  # the server sent a FATAL: close once it is passed on
+        self.last_activity = 0.0  # driver's clock, set by touch()
 
     # ------------------------------------------------------------------
     # Public API used by the drivers
@@ -315,6 +318,33 @@ class Session:
         if self.phase != _CLOSED:
             self._fatal(out, sqlstate, message, reason=reason)
         return out
+
+    def touch(self, now: float) -> None:
+        """The client did something (the driver calls this with its clock)."""
+        self.last_activity = now
+
+    def tick(self, wall: float, monotonic: float) -> list[Action]:
+        """End the session when its token expired or it sat idle too long.
+
+        The core has no clock: drivers call this periodically (inline) or
+        before handling each chunk (ext_proc). ``wall`` (epoch seconds) is
+        compared with the token's ``exp``; ``monotonic`` with the last activity.
+        """
+        now = monotonic
+        if self.phase in (_CLOSED, _CANCEL):
+            return []
+        exp = self.identity.expires_at
+        if exp is not None and wall >= exp and self.phase == _READY:
+            return self.terminate(pg.INVALID_AUTHORIZATION,
+                                  "pgwarden: the session's token expired; reconnect with a fresh token",
+                                  reason="token_expired")
+        idle = self.config.idle_timeout
+        if (idle is not None and self.last_activity and now - self.last_activity >= idle
+                and self._waiting is None and self.transaction_status != "A"):
+            return self.terminate(pg.IDLE_SESSION_TIMEOUT,
+                                  f"pgwarden: session ended after {idle:.0f} s without activity "
+                                  "(PCI DSS 8.2.8); reconnect to continue", reason="idle_timeout")
+        return []
 
     @property
     def waiting_for_decision(self) -> bool:

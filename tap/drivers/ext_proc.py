@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -48,6 +49,7 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
         config = SessionConfig(session_id=str(uuid.uuid4()), client_addr=peer, driver="extproc",
                                **self.runtime.session_options())
         session = Session(config, self.runtime.hooks(), self.cancels)
+        session.touch(time.monotonic())
         self.active.add(session)
         self.runtime.session_opened(session)
         closed = False
@@ -58,8 +60,14 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                     yield _ack(req)
                     continue
                 is_read = req.HasField("read_data")
-                if is_read:
+                # No timer can push into this stream: deadlines are checked as
+                # chunks arrive; Envoy's tcp_proxy idle_timeout ends silent ones.
+                expired = session.tick(time.time(), time.monotonic())
+                if expired:
+                    actions = expired
+                elif is_read:
                     chunk = req.read_data
+                    session.touch(time.monotonic())
                     actions = session.on_read(chunk.data)
                     if chunk.end_of_stream:
                         actions += session.on_client_closed()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import cast
@@ -84,6 +85,7 @@ class ClientSide(asyncio.Protocol):
         config = SessionConfig(session_id=str(uuid.uuid4()), client_addr=addr, driver="inline",
                                **self.runtime.session_options())
         self.session = Session(config, self.runtime.hooks(), self.cancels)
+        self.session.touch(time.monotonic())
         self.settings.sessions.add(self)
         self.runtime.session_opened(self.session)
         asyncio.get_running_loop().create_task(self._connect_upstream())
@@ -113,6 +115,7 @@ class ClientSide(asyncio.Protocol):
             self.run(self.session.on_read(chunk))
 
     def data_received(self, data: bytes) -> None:
+        self.session.touch(time.monotonic())
         if not self._upstream_ready:
             self._early.append(data)
             return
@@ -187,6 +190,15 @@ class ClientSide(asyncio.Protocol):
             self.upstream.transport.close()
 
 
+async def _tick(settings: InlineSettings) -> None:
+    """Deadlines (idle timeout, token expiry) of every session, once a second.
+    Wall-clock time for token ``exp``, monotonic time for idleness."""
+    while True:
+        await asyncio.sleep(1.0)
+        for client in list(settings.sessions):
+            client.run(client.session.tick(time.time(), time.monotonic()))
+
+
 async def serve(settings: InlineSettings, runtime: Runtime,
                 ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
@@ -200,6 +212,7 @@ async def serve(settings: InlineSettings, runtime: Runtime,
                      port=settings.listen_port)
     runtime.emit({"type": "gateway", "action": "start", "component": "tap",
                   "detail": {"driver": "inline"}})
+    ticker = loop.create_task(_tick(settings))
     if ready is not None:
         ready.set()
     try:
@@ -208,6 +221,7 @@ async def serve(settings: InlineSettings, runtime: Runtime,
         else:
             await stop.wait()
     finally:
+        ticker.cancel()
         server.close()
         for s in list(settings.sessions):
             s.run(s.session.terminate("57P01", "the gateway is shutting down", reason="shutdown"))

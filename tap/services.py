@@ -1,0 +1,100 @@
+"""Assemble a tap :class:`~tap.runtime.Runtime` from the configuration:
+the policy client and its in-process decision cache, the token
+authenticator with the gateway-held credentials, masking and the audit sink.
+
+This is the one module that imports the service packages; the session and
+the drivers never do.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Any
+
+import structlog
+
+from pgwarden.config import PgwardenConfig
+from tap.hooks import Decision, Identity, StatementRequest
+from tap.runtime import Runtime, TapSettings
+from tap.session import Hooks
+
+log = structlog.get_logger("pgwarden.tap")
+
+
+def tap_settings(config: PgwardenConfig) -> TapSettings:
+    tap = config.tap
+    return TapSettings(
+        tls_cert=str(tap.tls.cert_file) if tap.tls.cert_file else None,
+        tls_key=str(tap.tls.key_file) if tap.tls.key_file else None,
+        require_client_tls=tap.tls.require and bool(tap.tls.cert_file),
+        upstream_sslmode=tap.upstream_tls.sslmode,
+        upstream_ca=str(tap.upstream_tls.ca_file) if tap.upstream_tls.ca_file else None,
+        upstream_hostname=tap.upstream_tls.server_hostname,
+        max_message_size=tap.max_message_size,
+        auth_mode=tap.auth_mode,
+        allow_plaintext_tokens=tap.allow_plaintext_tokens,
+        idle_timeout=tap.idle_timeout_seconds,
+    )
+
+
+async def _deny_all(request: StatementRequest) -> Decision:
+    from policyd import decision as dec
+
+    return dec.deny("no policy service is configured for this gateway; every statement is refused")
+
+
+async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtime:
+    """A runtime whose resources are closed with ``stack``."""
+    runtime = Runtime(settings=tap_settings(config))
+    tap = config.tap
+    decide_cached: Any = None
+    if tap.policyd is not None:
+        from policyd.client import DecisionCache, PolicyClient
+
+        client = PolicyClient(tap.policyd.target, deadline=tap.policyd.deadline_seconds,
+                              cache=DecisionCache(tap.policyd.cache_size))
+        await stack.enter_async_context(client)
+        runtime.decider = client.decide
+        decide_cached = client.cache.get
+        runtime.policy_client = client
+    else:
+        runtime.decider = _deny_all
+
+    def hooks() -> Hooks:
+        h = Hooks()
+        h.decide_cached = decide_cached if decide_cached is not None else (lambda _r: None)
+        return h
+
+    runtime.hook_factory = hooks
+
+    if tap.auth_mode == "token":
+        runtime.authenticator = _token_authenticator(config, runtime)
+    return runtime
+
+
+def _token_authenticator(config: PgwardenConfig, runtime: Runtime) -> Any:
+    from policyd.identity import (
+        ConnectGrant,
+        FailureThrottle,
+        IdentitySettings,
+        TokenAuthenticator,
+        TokenValidator,
+    )
+    from policyd.secrets import load_secrets
+
+    if config.identity is None:
+        raise SystemExit("auth_mode 'token' needs an 'identity:' section (issuer, audience, JWKS)")
+    validator = TokenValidator(IdentitySettings.model_validate(config.identity))
+    credentials = load_secrets(config.tap.secrets_file)
+    client = getattr(runtime, "policy_client", None)
+
+    async def decide_connect(identity: Identity, database: str, user: str) -> ConnectGrant:
+        if client is None:
+            return ConnectGrant(role=None, reason="no policy service configured")
+        d = await client.decide_connect(identity, database)
+        if not d.allowed:
+            return ConnectGrant(role=None, reason="; ".join(d.reasons) or "not allowed",
+                                decision_id=d.decision_id)
+        return ConnectGrant(role=d.upstream_role, decision_id=d.decision_id)
+
+    return TokenAuthenticator(validator, credentials, decide_connect, throttle=FailureThrottle())
