@@ -36,11 +36,17 @@ C-level ``bytes.translate``; only the rest meets a regular expression.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+
+import re2
 
 __all__ = [
     "ISSUER_PREFIXES",
     "MASK_CHAR",
+    "PREFILTER_LOOSE",
+    "candidate_indexes",
     "contains_pan",
     "digit_count",
     "find_pans",
@@ -99,6 +105,20 @@ _SEPARATORS = b" -"
 # run's first digit and, being greedy, ends at its last, so matches are
 # exactly the maximal runs that are long enough (shorter ones never match).
 _RUN13 = re.compile(rb"[0-9](?:[ -]?[0-9]){12,}")
+# Necessary condition for a plain PAN, checked in C before any Python work:
+# some group start (no digit before it) with an issuer's first digit (2-6)
+# followed by at least 12 more digits, single separators allowed. The
+# lookbehind sits after the first character so the engine keeps its fast
+# scan for the leading character class.
+_PREFILTER = re.compile(rb"[2-6](?<![0-9].)(?:[ -]?[0-9]){12,}")
+# The same without the boundary: sound on framed data (DataRow bodies),
+# where a length byte may be an ASCII digit right before a value.
+PREFILTER_LOOSE = re.compile(rb"[2-6](?:[ -]?[0-9]){12,}")
+# RE2 (linear time, no per-position backtracking) for scanning a whole
+# batch joined into one buffer; RE2 has no lookbehind, so the boundary is
+# consumed and group 1 is the candidate.
+_BATCH = re2.compile(rb"(?:^|[^0-9])([2-6](?:[ -]?[0-9]){12,})")
+_BATCH_LOOSE = re2.compile(rb"()[2-6](?:[ -]?[0-9]){12,}")
 # bytea hex output, possibly behind doubled backslashes (COPY text, JSON).
 _HEX = re.compile(rb"\\[xX]((?:[0-9a-fA-F]{2})+)")
 # JSON \u escapes of a digit, space or dash (any number of backslashes).
@@ -360,6 +380,8 @@ def mask_pans(data: bytes, style: str = "last4", *, mask: bytes = MASK_CHAR,
     if b"\\" not in data and not json:
         # Plain text (the common case): one pass, and a second only when
         # the output still has 13 digits.
+        if _PREFILTER.search(data) is None:
+            return data, 0
         spans = _plain_spans(data)
         if not spans:
             return data, 0
@@ -377,6 +399,32 @@ def mask_pans(data: bytes, style: str = "last4", *, mask: bytes = MASK_CHAR,
     if total and json:
         data = _quote_bare_numbers(original, data)
     return (data, total) if total else (original, 0)
+
+
+def candidate_indexes(values: Sequence[bytes | None], *, framed: bool = False) -> list[int]:
+    """Indexes of the values that may hold a PAN, found with one RE2 scan
+    of the whole batch joined by NUL bytes (a NUL ends any digit run), so a
+    PAN-free value costs no Python code at all. Values with a backslash may
+    hide digits in escapes or hex and are always returned. ``framed=True``
+    for values that are protocol frames (DataRow bodies): the scan then
+    does not rely on the byte before a digit run. The rest is certain: a
+    value not returned holds no PAN."""
+    parts = [b"" if v is None else v for v in values]
+    buf = b"\x00".join(parts)
+    if len(buf) - len(buf.translate(None, _DIGITS)) < MIN_DIGITS:
+        return []
+    ends = list(accumulate(len(p) + 1 for p in parts))  # offset after each NUL
+    found: set[int] = set()
+    pattern = _BATCH_LOOSE if framed else _BATCH
+    for m in pattern.finditer(buf):
+        found.add(bisect_right(ends, m.start(1)))
+    pos = buf.find(b"\\")
+    while pos >= 0:
+        i = bisect_right(ends, pos)
+        found.add(i)
+        nxt = ends[i] if i < len(ends) else len(buf)
+        pos = buf.find(b"\\", nxt)
+    return sorted(found)
 
 
 def contains_pan(data: bytes | str) -> bool:

@@ -144,11 +144,7 @@ class MaskServicer(pb_grpc.MaskServiceServicer):
             if not rm.needs_work:
                 rm.rows += len(rows)
         if request.datarows:
-            if rm.needs_work:
-                response.datarows.extend([rm.mask_datarow(b) for b in request.datarows])
-            else:
-                response.datarows.extend(request.datarows)
-                rm.rows += len(request.datarows)
+            response.datarows.extend(rm.mask_datarows(request.datarows))
         response.stats.CopyFrom(stats_to_pb(rm.stats))
         return response
 

@@ -14,7 +14,16 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maskd.detect import contains_pan, digit_count, find_pans, luhn_ok, mask_pans, scrub
+from maskd.detect import (
+    candidate_indexes,
+    contains_pan,
+    digit_count,
+    find_pans,
+    luhn_ok,
+    mask_pans,
+    scrub,
+)
+from maskd.wire import build_datarow
 
 # ----------------------------------------------------------------- oracle
 
@@ -292,3 +301,33 @@ def test_luhn_and_digit_count() -> None:
     assert luhn_ok(b"79927398713")
     assert not luhn_ok(b"79927398710")
     assert digit_count(b"a1b2c3") == 3
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_batch_prefilter_never_drops_a_pan(data: st.DataObject) -> None:
+    """candidate_indexes is a prefilter: every value in which mask_pans
+    finds something must be among the candidates, framed or not."""
+    values: list[bytes | None] = []
+    for _ in range(data.draw(st.integers(1, 8))):
+        kind = data.draw(st.sampled_from(["pan", "text", "none", "escaped"]))
+        if kind == "none":
+            values.append(None)
+            continue
+        text = data.draw(TEXT)
+        if kind in ("pan", "escaped"):
+            pan = data.draw(pans())
+            shown = data.draw(formatted(pan))
+            if kind == "escaped":
+                shown = "".join(f"\\u{ord(c):04x}" for c in shown[:3]) + shown[3:]
+            text = text + data.draw(BOUNDARY) + shown + data.draw(BOUNDARY)
+        values.append(text.encode())
+    hits = set(candidate_indexes(values))
+    for i, v in enumerate(values):
+        if v is not None and mask_pans(v)[1]:
+            assert i in hits
+    bodies = [build_datarow([v]) for v in values]
+    framed = set(candidate_indexes(bodies, framed=True))
+    for i, b in enumerate(bodies):
+        if values[i] is not None and mask_pans(values[i] or b"")[1]:
+            assert i in framed, b

@@ -98,6 +98,27 @@ def test_datarow_roundtrip_and_fast_path() -> None:
         rm.mask_datarow(build_datarow([b"4111111111111111"]))  # wrong field count
 
 
+def test_mask_datarows_batch_equals_one_by_one() -> None:
+    cols = [ColumnMeta("a", None, Oid.TEXT, 0), ColumnMeta("b", None, Oid.INT8, 0)]
+    rows: list[list[bytes | None]] = [
+        [b"x" * 45 + b"4111111111111111", b"1"],  # length 61: byte 0x3d before it
+        [b"plain", b"4111111111111111"],
+        [b"note 523456 2026-11-05", None],
+        [None, b"12"],
+        [b'{"c": "\\u00345555555555554444"}', b"7"],
+    ]
+    rows += [[b"%048d" % i + b"4111111111111111", b"3"] for i in range(3)]
+    bodies = [build_datarow(r) for r in rows]
+    for plan in (MaskPlan(), PLAN):
+        a = Masker(plan, KEY).prepare(cols)
+        b = Masker(plan, KEY).prepare(cols)
+        batch = a.mask_datarows(bodies)
+        assert batch == [b.mask_datarow(x) for x in bodies]
+        assert a.stats.as_dict() == b.stats.as_dict()
+        assert not any(contains_pan(v) for x in batch for v in parse_datarow(x) if v)
+        assert batch[2] is bodies[2] and batch[3] is bodies[3]
+
+
 def test_result_digest_before_after() -> None:
     m = Masker(PLAN, KEY)
     rm = m.prepare(COLUMNS)
