@@ -34,7 +34,7 @@ from maskd.styles import (
     decode_numeric,
     rule_fn,
 )
-from maskd.wire import build_datarow, parse_datarow
+from maskd.wire import build_datarow
 from tap.hooks import MaskPlan
 
 __all__ = [
@@ -52,6 +52,9 @@ DERIVED_STYLE = "redact"  # a derived column is masked as a whole
 CONTENT_RULE = "content"
 DERIVED_RULE = "derived"
 MAX_COPY_CARRY = 16 * 1024 * 1024
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_NULL = b"\xff\xff\xff\xff"
 
 
 class MaskError(Exception):
@@ -124,7 +127,7 @@ class _Op:
 class RowMasker:
     """A Masker bound to one result shape. Not thread-safe; one per result."""
 
-    __slots__ = ("_counts", "_digit_skip", "_ops", "columns", "needs_work", "rows")
+    __slots__ = ("_by_index", "_counts", "_digit_skip", "_ops", "columns", "needs_work", "rows")
 
     def __init__(self, ops: list[_Op], columns: tuple[ColumnMeta, ...], digit_skip: bool) -> None:
         self._ops = ops
@@ -134,6 +137,9 @@ class RowMasker:
         # 13 ASCII digits in its whole body needs nothing (the body's length
         # bytes can only add digits, so the test stays conservative).
         self._digit_skip = digit_skip
+        self._by_index: list[tuple[int, _Op] | None] = [None] * len(columns)
+        for k, op in enumerate(ops):
+            self._by_index[op.index] = (k, op)
         self.needs_work = bool(ops)
         self.rows = 0
 
@@ -236,14 +242,62 @@ class RowMasker:
         return self._datarow(body)
 
     def _datarow(self, body: bytes) -> bytes:
-        values = parse_datarow(body)
-        if len(values) != len(self.columns):
+        """Walk the field lengths once and splice only the fields that
+        change: no list of values, no re-framing of untouched fields. A
+        text-form content column skips values shorter than 13 bytes without
+        slicing them."""
+        by_index = self._by_index
+        counts = self._counts
+        n = len(body)
+        try:
+            nfields = _I16.unpack_from(body)[0]
+        except struct.error as exc:
+            raise ValueError("truncated DataRow") from exc
+        if nfields != len(by_index):
             raise ValueError("DataRow field count differs from RowDescription")
-        out = self.mask_row(values)
-        for a, b in zip(values, out, strict=True):
-            if a is not b:
-                return build_datarow(out)
-        return body
+        self.rows += 1
+        pos = 2
+        pieces: list[bytes] | None = None
+        done = 0  # body[:done] is already in pieces
+        unpack = _I32.unpack_from
+        for i in range(nfields):
+            if pos + 4 > n:
+                raise ValueError("truncated DataRow")
+            length = unpack(body, pos)[0]
+            start = pos
+            pos += 4
+            if length > 0:
+                pos += length
+                if pos > n:
+                    raise ValueError("truncated DataRow")
+            entry = by_index[i]
+            if entry is None or length < 0:
+                continue
+            k, op = entry
+            if op.batch and length < 13:
+                continue
+            v = body[start + 4:pos]
+            new = op.fn(v)
+            if new is v and not op.always:
+                continue
+            counts[k] += 1
+            if new is v:
+                continue
+            if pieces is None:
+                pieces = []
+            pieces.append(body[done:start])
+            if new is None:
+                pieces.append(_NULL)
+            else:
+                pieces.append(_I32.pack(len(new)))
+                pieces.append(new)
+            done = pos
+        if pos != n:
+            raise ValueError("DataRow length mismatch")
+        if pieces is None:
+            return body
+        pieces.append(body[done:])
+        return b"".join(pieces)
 
 
 class Masker:

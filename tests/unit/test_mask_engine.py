@@ -119,6 +119,22 @@ def test_mask_datarows_batch_equals_one_by_one() -> None:
         assert batch[2] is bodies[2] and batch[3] is bodies[3]
 
 
+VALUE = st.one_of(st.none(), st.binary(max_size=20),
+                  st.sampled_from([b"4111111111111111", b"x 5555 5555 5555 4444 y", b"12"]))
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(VALUE, VALUE, VALUE, VALUE), min_size=1, max_size=5))
+def test_datarow_splice_equals_parse_mask_build(rows: list[tuple[bytes | None, ...]]) -> None:
+    a = Masker(PLAN, KEY).prepare(COLUMNS)
+    b = Masker(PLAN, KEY).prepare(COLUMNS)
+    for row in rows:
+        assert parse_datarow(a.mask_datarow(build_datarow(row))) == b.mask_row(row)
+    assert a.stats.as_dict() == b.stats.as_dict()
+    with pytest.raises(ValueError):
+        a.mask_datarow(build_datarow(rows[0])[:-1] if any(rows[0]) else b"\x00\x04")
+
+
 def test_result_digest_before_after() -> None:
     m = Masker(PLAN, KEY)
     rm = m.prepare(COLUMNS)
