@@ -86,6 +86,9 @@ class TapConfig(_Strict):
     max_message_size: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     idle_timeout_seconds: float = Field(900, gt=0)  # PCI DSS 8.2.8: 15 minutes
     secrets_file: Path | None = None
+    # Role whose gateway-held credentials read pg_attribute, so masking rules
+    # can name table columns (none: content detection only).
+    catalog_role: str | None = None
     policyd: PolicyTarget | None = Field(default_factory=PolicyTarget)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     audit: AuditSinkConfig | None = Field(default_factory=AuditSinkConfig)

@@ -8,7 +8,7 @@ each DataRow body through it. ``None`` from the factory means "nothing to do".
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from tap.hooks import Decision
 from tap.protocol import Field
@@ -24,5 +24,22 @@ class ResultMasker(Protocol):
         the encoded message to send on, or None to keep it unchanged."""
         ...
 
+    def copy_out_started(self, body: bytes) -> None:
+        """CopyOutResponse body: the overall format of the COPY data."""
+        ...
 
-ResultMaskerFactory = Callable[[Decision, "tuple[Field, ...] | None"], "ResultMasker | None"]
+    def copy_data(self, body: bytes) -> bytes:
+        """Encoded CopyData message(s) to send for this server CopyData."""
+        ...
+
+    def copy_done(self) -> bytes:
+        """Encoded CopyData of whatever was held back, sent before CopyDone."""
+        ...
+
+    def stats_dict(self) -> dict[str, Any]:
+        """Counts of masked values (values, by_column, by_rule): never values."""
+        ...
+
+
+# (decision, RowDescription fields if known, database) -> masker or None
+ResultMaskerFactory = Callable[[Decision, "tuple[Field, ...] | None", str], "ResultMasker | None"]

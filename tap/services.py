@@ -60,9 +60,12 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
     else:
         runtime.decider = _deny_all
 
+    masking = _masking(config)
+
     def hooks() -> Hooks:
         h = Hooks()
         h.decide_cached = decide_cached if decide_cached is not None else (lambda _r: None)
+        h.masker_factory = masking
         return h
 
     runtime.hook_factory = hooks
@@ -98,3 +101,44 @@ def _token_authenticator(config: PgwardenConfig, runtime: Runtime) -> Any:
         return ConnectGrant(role=d.upstream_role, decision_id=d.decision_id)
 
     return TokenAuthenticator(validator, credentials, decide_connect, throttle=FailureThrottle())
+
+
+def _mask_key(config: PgwardenConfig) -> bytes:
+    import os
+    import secrets as pysecrets
+
+    mask = config.tap.mask
+    if mask.hmac_key_file is not None:
+        raw = mask.hmac_key_file.read_bytes().strip()
+        if len(raw) < 32:
+            raise SystemExit(f"{mask.hmac_key_file}: the masking key must hold at least 32 bytes")
+        return raw
+    if mask.hmac_key_env and os.environ.get(mask.hmac_key_env):
+        return os.environ[mask.hmac_key_env].encode()
+    log.warning("mask_key_ephemeral", detail="no masking key configured: hmac masking and result "
+                "digests use a per-process key and cannot be compared across restarts")
+    return pysecrets.token_bytes(32)
+
+
+def _masking(config: PgwardenConfig) -> Any:
+    from tap.catalog import Catalog, psycopg_loader
+    from tap.masking import MaskingFactory
+
+    tap = config.tap
+    lookup = None
+    if tap.catalog_role is not None:
+        from policyd.secrets import load_secrets
+
+        cred = load_secrets(tap.secrets_file).for_role(tap.catalog_role)
+        host, _, port = tap.upstream.rpartition(":")
+        ssl = tap.upstream_tls
+        catalog = Catalog(psycopg_loader(
+            host, int(port), tap.catalog_role,
+            cred.password.reveal() if cred.password is not None else None,
+            sslmode=ssl.sslmode if ssl.sslmode != "disable" else "disable",
+            sslrootcert=str(ssl.ca_file) if ssl.ca_file else None))
+        lookup = catalog.resolver
+    factory = MaskingFactory(key=_mask_key(config))
+    if lookup is not None:
+        factory.catalog = lookup
+    return factory

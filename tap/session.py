@@ -142,6 +142,10 @@ class _Expect:
     stmt: _Statement | None = None
     portal: str = ""
     describe_target: tuple[str, str] | None = None  # ('S'|'P', name) for Describe
+    rows: int = 0
+    tags: list[str] | None = None
+    error: tuple[str, str] | None = None
+    maskers: list[ResultMasker] | None = None
 
 
 class Session:
@@ -187,6 +191,7 @@ class Session:
         self._inspect_server = False  # slow path needed for server messages
         self._close_after = False  # the server sent a FATAL: close once it is passed on
         self.last_activity = 0.0  # driver's clock, set by touch()
+        self._late_events: list[Action] = []  # completion events found while framing
 
     # ------------------------------------------------------------------
     # Public API used by the drivers
@@ -349,6 +354,10 @@ class Session:
     @property
     def waiting_for_decision(self) -> bool:
         return self._waiting is not None
+
+    @property
+    def _database(self) -> str:
+        return self.params.get("database") or self.params.get("user", "")
 
     def info(self) -> SessionInfo:
         return SessionInfo(
@@ -696,6 +705,9 @@ class Session:
                 return
             if self._fast_ok(frames, block):
                 self._send_downstream(out, block)
+                if self._late_events:
+                    out.extend(self._late_events)
+                    self._late_events.clear()
                 return
             msgs = [pg.Message(block[s:s + 1], block[s + 5:e]) for _, s, e in frames]
         else:
@@ -709,6 +721,9 @@ class Session:
                 break
         if pending and self.phase != _CLOSED:
             self._send_downstream(out, b"".join(pending))
+        if self._late_events:
+            out.extend(self._late_events)
+            self._late_events.clear()
         if self._close_after and self.phase != _CLOSED:
             # A FATAL from the server ends the session once the client has it.
             self._finish(out)
@@ -728,9 +743,7 @@ class Session:
         for t, s, e in frames:
             if t == 0x44:  # D DataRow
                 if expect:
-                    st = expect[0].stmt
-                    if st is not None:
-                        st.rows += 1
+                    expect[0].rows += 1
             elif t == 0x43:  # C CommandComplete
                 self._complete_command(block[s + 5:e - 1].decode("utf-8", "replace"))
             elif t == 0x5A:  # Z ReadyForQuery
@@ -740,7 +753,7 @@ class Session:
                     expect.popleft()
             elif t in (0x73, 0x49):  # s I end an Execute
                 if expect and expect[0].kind == "E":
-                    expect.popleft()
+                    self._end_execute()
         return True
 
     def _server_message(self, m: pg.Message, out: list[Action]) -> bytes | None:
@@ -751,8 +764,7 @@ class Session:
         if t == b"D":
             head = self._expect[0] if self._expect else None
             if head is not None:
-                if head.stmt is not None:
-                    head.stmt.rows += 1
+                head.rows += 1
                 if self._masker is None and head.kind == "E":
                     portal = self._portals.get(head.portal)
                     self._start_masking(head.stmt, portal.fields if portal else None)
@@ -771,6 +783,8 @@ class Session:
             return m.encode()
         if t == b"E":
             return self._server_error(m, out)
+        if t == b"d" and self._masker is not None:
+            return self._masker.copy_data(m.body)
         if t in (b"N", b"A", b"d"):
             if self._masker is not None or self.hooks.masker_factory is not None:
                 masked = self._mask_async_message(m)
@@ -796,9 +810,18 @@ class Session:
             return m.encode()
         if t == b"H":
             self._copy_out = True
+            if self.hooks.masker_factory is not None:
+                if self._masker is None:
+                    head = self._expect[0] if self._expect else None
+                    self._start_masking(head.stmt if head is not None else None, None,
+                                        default=ALLOW_ALL)
+                if self._masker is not None:
+                    self._masker.copy_out_started(m.body)
             return m.encode()
         if t == b"c":
             self._copy_out = False
+            if self._masker is not None:
+                return self._masker.copy_done() + m.encode()
             return m.encode()
         return m.encode()
 
@@ -906,6 +929,8 @@ class Session:
         while expect:
             e = expect.popleft()
             if e.kind in "QSF":
+                if e.stmt is not None:
+                    self._statement_end(e)
                 break
         self._masker = None
         self._simple_fields = None
@@ -916,16 +941,43 @@ class Session:
         if not expect:
             return
         head = expect[0]
-        if head.stmt is not None:
-            head.stmt.tags.append(tag)
+        if head.tags is None:
+            head.tags = [tag]
+        else:
+            head.tags.append(tag)
         if head.kind == "E":
             self._end_execute()
         else:
             self._masker = None
 
     def _end_execute(self) -> None:
-        self._expect.popleft()
+        e = self._expect.popleft()
+        if e.stmt is not None:
+            self._statement_end(e)
         self._masker = None
+
+    def _statement_end(self, e: _Expect) -> None:
+        """One execution finished: what came back, for the audit record."""
+        stmt = e.stmt
+        assert stmt is not None
+        masked: dict[str, Any] | None = None
+        if e.maskers:
+            total: dict[str, Any] = {"values": 0, "by_column": {}, "by_rule": {}}
+            for m in e.maskers:
+                st = m.stats_dict()
+                total["values"] += st.get("values", 0)
+                for k in ("by_column", "by_rule"):
+                    for name, n in st.get(k, {}).items():
+                        total[k][name] = total[k].get(name, 0) + n
+            masked = total
+        fields: dict[str, Any] = {"type": "statement_end", "session_id": self.config.session_id,
+                                  "seq": stmt.seq, "rows": e.rows, "tags": e.tags or [],
+                                  "path": stmt.path}
+        if e.error is not None:
+            fields["sqlstate"], fields["error"] = e.error
+        if masked is not None:
+            fields["masked"] = masked
+        self._late_events.append(Event(fields))
 
     def _row_description(self, fields: tuple[pg.Field, ...]) -> None:
         head = self._expect[0] if self._expect else None
@@ -954,20 +1006,26 @@ class Session:
                     portal.fields = fields
         self._expect.popleft()
 
-    def _start_masking(self, stmt: _Statement | None,
-                       fields: tuple[pg.Field, ...] | None) -> None:
+    def _start_masking(self, stmt: _Statement | None, fields: tuple[pg.Field, ...] | None,
+                       default: Decision | None = None) -> None:
         factory = self.hooks.masker_factory
-        decision = stmt.decision if stmt is not None else None
+        decision = stmt.decision if stmt is not None else default
         if factory is None or decision is None:
             self._masker = None
             return
-        self._masker = factory(decision, fields)
+        self._masker = factory(decision, fields, self._database)
+        head = self._expect[0] if self._expect else None
+        if self._masker is not None and head is not None:
+            if head.maskers is None:
+                head.maskers = [self._masker]
+            else:
+                head.maskers.append(self._masker)
 
     def _mask_async_message(self, m: pg.Message) -> bytes | None:
         factory = self.hooks.masker_factory
         if factory is None:
             return None
-        masker = self._masker or factory(ALLOW_ALL, ())
+        masker = self._masker or factory(ALLOW_ALL, (), self._database)
         if masker is None:
             return None
         return masker.other_message(m.type, m.body)
@@ -984,11 +1042,17 @@ class Session:
         if not self._markers:
             self._inspect_server = False
         head = self._expect[0] if self._expect else None
+        if head is not None and stmt is None:
+            head.error = (fields.get("C", ""), text)
         if head is not None and head.kind in "PBDCE":
             # The server skips everything up to Sync after an error in the
             # extended protocol: so do the expectations.
+            first = True
             while self._expect and self._expect[0].kind not in "SQF":
-                self._expect.popleft()
+                e = self._expect.popleft()
+                if first and e.kind == "E" and e.stmt is not None:
+                    self._statement_end(e)
+                first = False
         self._masker = None
         if stmt is not None:
             d = stmt.decision
@@ -1004,7 +1068,6 @@ class Session:
                 hint=_hint_for(d),
             )
         if head is not None and head.stmt is not None:
-            head.stmt.error = {"C": fields.get("C", ""), "M": text}
             self._event(out, "statement_error", seq=head.stmt.seq, sqlstate=fields.get("C", ""),
                         message=text)
         if fields.get("S") in ("FATAL", "PANIC"):
@@ -1013,7 +1076,7 @@ class Session:
             return m.encode()
         factory = self.hooks.masker_factory
         if factory is not None:
-            masker = factory(ALLOW_ALL, ())
+            masker = factory(ALLOW_ALL, (), self._database)
             if masker is not None:
                 masked = masker.other_message(m.type, m.body)
                 if masked is not None:

@@ -1,0 +1,173 @@
+"""Masking on every path a result can take, in the tap process.
+
+The session asks a :class:`MaskingFactory` for a :class:`ResultMasker` per
+result set. Rows are masked in-process by maskd's engine (column rules,
+derived columns, content detection of Luhn-valid PANs), so the data path
+never waits on a network hop per batch; see docs/masking.md for why maskd's
+gRPC service is kept for batch callers and not put on the tap's hot path.
+
+Paths covered: DataRow (text and binary, rules by column identity from the
+catalog), NoticeResponse and ErrorResponse fields, NotificationResponse
+payloads, COPY TO STDOUT data (text, CSV, binary). If masking fails the
+message is replaced by an ErrorResponse: never delivered raw.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from maskd.detect import mask_pans, may_contain_pan
+from maskd.engine import ColumnMeta, CopyState, Masker, MaskError, MaskStats, RowMasker
+from tap import protocol as pg
+from tap.hooks import Decision, MaskPlan
+
+# (database) -> resolver of (table OID, attribute number) -> "schema.table.column"
+ColumnResolver = Callable[[int, int], str | None]
+CatalogLookup = Callable[[str], ColumnResolver]
+
+_MASK_FAILED = pg.error_response(
+    "58000", "pgwarden: a result could not be masked and was withheld; the session continues",
+    hint="retry; if it persists, tell the gateway operators (the event is recorded)")
+
+
+def _no_catalog(_database: str) -> ColumnResolver:
+    return lambda _table, _column: None
+
+
+@dataclass(slots=True)
+class MaskingFactory:
+    """Builds per-result maskers for one tap process."""
+
+    key: bytes
+    catalog: CatalogLookup = _no_catalog
+    # The plan used for messages outside a statement's result (notices,
+    # notifications, errors): content detection always on.
+    ambient: MaskPlan = field(default_factory=lambda: MaskPlan(scan_content=True))
+    _maskers: dict[MaskPlan, Masker] = field(default_factory=dict)
+
+    def masker(self, plan: MaskPlan) -> Masker:
+        m = self._maskers.get(plan)
+        if m is None:
+            m = Masker(plan, self.key)
+            if len(self._maskers) < 1024:
+                self._maskers[plan] = m
+        return m
+
+    def __call__(self, decision: Decision, fields: tuple[pg.Field, ...] | None,
+                 database: str) -> ResultMasker | None:
+        plan = decision.mask
+        if plan.unmasked:
+            return None  # the policy grants raw data; the decision is recorded
+        masker = self.masker(plan if plan.active else self.ambient)
+        rows: RowMasker | None = None
+        if fields is not None:
+            resolve = self.catalog(database)
+            columns = [ColumnMeta(name=f.name,
+                                  table_column=resolve(f.table_oid, f.column) if f.table_oid
+                                  else None,
+                                  type_oid=f.type_oid, format=f.format) for f in fields]
+            rows = masker.prepare(columns)
+        return ResultMasker(masker, rows, fields)
+
+
+class ResultMasker:
+    """Masks one result set and the messages around it."""
+
+    __slots__ = ("_copy", "_fields", "_masker", "_rows", "stats")
+
+    def __init__(self, masker: Masker, rows: RowMasker | None,
+                 fields: tuple[pg.Field, ...] | None) -> None:
+        self._masker = masker
+        self._rows = rows
+        self._fields = fields
+        self._copy: CopyState | None = None
+        self.stats = MaskStats()
+
+    def stats_dict(self) -> dict[str, Any]:
+        total = MaskStats()
+        total.merge(self.stats)
+        if self._rows is not None:
+            total.merge(self._rows.stats)
+        if self._copy is not None:
+            total.merge(self._copy.stats)
+        return total.as_dict()
+
+    def data_row(self, body: bytes) -> bytes:
+        try:
+            if self._rows is not None:
+                masked = self._rows.mask_datarow(body)
+            else:
+                masked = self._unknown_shape(body)
+        except (MaskError, ValueError):
+            return _MASK_FAILED
+        return b"D" + struct.pack("!i", len(masked) + 4) + masked
+
+    def _unknown_shape(self, body: bytes) -> bytes:
+        """No RowDescription known for this row (a cached statement executed
+        without Describe that the tap never saw described). Text values are
+        content-scanned; a binary 8-byte or numeric value cannot be read
+        safely without its type, so the row is withheld (fail closed)."""
+        values = pg.decode_data_row(body)
+        changed = False
+        out: list[bytes | None] = []
+        for v in values:
+            if v is None or not may_contain_pan(v):
+                out.append(v)
+                continue
+            masked, n = mask_pans(v)
+            self.stats.add("(unknown column)", "content", n)
+            changed = changed or n > 0
+            out.append(masked)
+        return pg.encode_data_row(out)[5:] if changed else body
+
+    def copy_data(self, body: bytes) -> bytes:
+        try:
+            if self._copy is None:
+                self._copy = self._masker.copy_state("text")
+            masked = self._masker.mask_stream(body, self._copy)
+        except MaskError:
+            return _MASK_FAILED
+        return pg.Message(b"d", masked).encode() if masked else b""
+
+    def copy_out_started(self, body: bytes) -> None:
+        """CopyOutResponse: overall format 0 text/CSV, 1 binary."""
+        fmt = body[0] if body else 0
+        self._copy = self._masker.copy_state(fmt)
+
+    def copy_done(self) -> bytes:
+        if self._copy is None:
+            return b""
+        try:
+            rest = self._masker.finish_stream(self._copy)
+        except MaskError:
+            return _MASK_FAILED
+        return pg.Message(b"d", rest).encode() if rest else b""
+
+    def other_message(self, kind: bytes, body: bytes) -> bytes | None:
+        if kind in (b"N", b"E"):
+            fields = pg.decode_fields(body)
+            changed = False
+            for code, value in fields.items():
+                if code in ("S", "V", "C"):
+                    continue
+                raw = value.encode()
+                if may_contain_pan(raw):
+                    masked, n = mask_pans(raw)
+                    if n:
+                        fields[code] = masked.decode()
+                        self.stats.add("(message)", "content", n)
+                        changed = True
+            return pg.encode_fields(kind, fields) if changed else None
+        if kind == b"A":
+            pid, channel, payload = pg.decode_notification(body)
+            raw = payload.encode()
+            if not may_contain_pan(raw):
+                return None
+            masked, n = mask_pans(raw)
+            return pg.encode_notification(pid, channel, masked.decode()) if n else None
+        if kind == b"d":
+            return self.copy_data(body)
+        return None

@@ -1,0 +1,108 @@
+"""Masking through the sans-IO session: every server path, bytes only."""
+
+from __future__ import annotations
+
+import struct
+
+from tap import protocol as pg
+from tap.actions import Event, SendDownstream, SendUpstream
+from tap.hooks import ALLOW_ALL, ColumnRule, Decision, MaskPlan, Verdict
+from tap.masking import MaskingFactory
+from tap.session import Hooks, Session, SessionConfig
+
+PAN = b"4111111111111111"
+AMEX = b"378282246310005"
+
+
+def down(acts: list) -> bytes:  # type: ignore[type-arg]
+    return b"".join(a.data for a in acts if isinstance(a, SendDownstream))
+
+
+def msg(t: bytes, body: bytes = b"") -> bytes:
+    return pg.Message(t, body).encode()
+
+
+def row_description(*cols: tuple[str, int, int, int]) -> bytes:
+    body = struct.pack("!h", len(cols))
+    for name, table, attnum, typ in cols:
+        body += name.encode() + b"\0" + struct.pack("!IhIhih", table, attnum, typ, -1, -1, 0)
+    return msg(b"T", body)
+
+
+def session(decision: Decision = ALLOW_ALL, catalog: dict | None = None) -> Session:  # type: ignore[type-arg]
+    names = catalog or {}
+    factory = MaskingFactory(key=b"k" * 32,
+                             catalog=lambda _db: lambda t, c: names.get((t, c)))
+    s = Session(SessionConfig(session_id="m"),
+                Hooks(decide_cached=lambda _r: decision, masker_factory=factory))
+    s.on_read(pg.encode_startup({"user": "app", "database": "shop"}))
+    s.on_write(pg.AUTH_OK + pg.encode_backend_key(1, b"abcd") + pg.ready_for_query(b"I"))
+    return s
+
+
+def test_pan_in_a_text_column_is_masked_keeping_last_four() -> None:
+    s = session()
+    s.on_read(pg.simple_query("select card_number from payments"))
+    acts = s.on_write(row_description(("card_number", 0, 0, 25))
+                      + pg.encode_data_row([PAN]) + msg(b"C", b"SELECT 1\0")
+                      + pg.ready_for_query(b"I"))
+    out = down(acts)
+    assert PAN not in out and b"1111" in out
+    end = [a.record for a in acts if isinstance(a, Event) and a.record["type"] == "statement_end"]
+    assert end[0]["rows"] == 1 and end[0]["masked"]["values"] == 1
+
+
+def test_column_rule_by_catalog_identity_masks_even_non_luhn_values() -> None:
+    plan = MaskPlan(rules=(ColumnRule("public.payments.card_number", "redact"),), scan_content=True)
+    s = session(Decision(verdict=Verdict.ALLOW, mask=plan), {(16384, 2): "public.payments.card_number"})
+    s.on_read(pg.simple_query("select card_number from payments"))
+    out = down(s.on_write(row_description(("card_number", 16384, 2, 25))
+                          + pg.encode_data_row([b"1234"]) + msg(b"C", b"SELECT 1\0")
+                          + pg.ready_for_query(b"I")))
+    assert b"1234" not in out
+
+
+def test_notice_error_and_notification_payloads_are_masked() -> None:
+    s = session()
+    notice = pg.notice_response(f"card {PAN.decode()} seen")
+    err = pg.encode_fields(b"E", {"S": "ERROR", "C": "23505", "M": "duplicate key",
+                                  "D": f"Key (card_number)=({AMEX.decode()}) already exists."})
+    note = pg.encode_notification(7, "cards", f"new {PAN.decode()}")
+    out = down(s.on_write(notice + err + note))
+    assert PAN not in out and AMEX not in out
+    assert out.count(b"1111") >= 2 and b"0005" in out
+
+
+def test_copy_out_is_masked_across_chunks() -> None:
+    s = session()
+    s.on_read(pg.simple_query("copy payments to stdout"))
+    head = msg(b"H", b"\x00\x00\x01\x00\x00")
+    data = msg(b"d", b"1\t" + PAN + b"\n") + msg(b"d", b"2\t" + AMEX + b"\n")
+    tail = msg(b"c") + msg(b"C", b"COPY 2\0") + pg.ready_for_query(b"I")
+    stream = head + data + tail
+    out = b"".join(down(s.on_write(stream[i:i + 7])) for i in range(0, len(stream), 7))
+    assert PAN not in out and AMEX not in out
+    assert [m.type for m in pg.iter_frames(out)][-3:] == [b"c", b"C", b"Z"]
+
+
+def test_unmasked_decision_delivers_raw_data() -> None:
+    s = session(Decision(verdict=Verdict.ALLOW, mask=MaskPlan(unmasked=True)))
+    s.on_read(pg.simple_query("select card_number from payments"))
+    out = down(s.on_write(row_description(("card_number", 0, 0, 25)) + pg.encode_data_row([PAN])
+                          + msg(b"C", b"SELECT 1\0") + pg.ready_for_query(b"I")))
+    assert PAN in out
+
+
+def test_extended_execute_without_describe_is_still_masked() -> None:
+    s = session()
+    # The statement is described once, then executed twice without Describe.
+    s.on_read(pg.parse_message("s1", "select card_number from payments") + msg(b"D", b"Ss1\0")
+              + msg(b"S"))
+    s.on_write(msg(b"1") + msg(b"t", b"\x00\x00") + row_description(("card_number", 0, 0, 25))
+               + pg.ready_for_query(b"I"))
+    bind = msg(b"B", b"\0s1\0\0\0\0\0\0\0")
+    acts = s.on_read(bind + msg(b"E", b"\0\0\0\0\0") + msg(b"S"))
+    assert any(isinstance(a, SendUpstream) for a in acts)
+    out = down(s.on_write(msg(b"2") + pg.encode_data_row([PAN]) + msg(b"C", b"SELECT 1\0")
+                          + pg.ready_for_query(b"I")))
+    assert PAN not in out and b"1111" in out
