@@ -133,3 +133,28 @@ async def test_wrong_database_denied(service: PolicyService) -> None:
     d = await decide(service, req)
     assert d.verdict.value == "deny"
     assert "postgres" in d.reasons[0]
+
+
+async def test_decision_documents_match_the_documented_schema(service: PolicyService) -> None:
+    import json
+
+    import jsonschema
+
+    from policyd.analysis import analyse
+    from policyd.decision import statement_input
+    from policyd.opa import CONNECT_PACKAGE, STATEMENT_PACKAGE
+
+    schema = json.loads((ROOT / "docs" / "policy-input.schema.json").read_text())
+    decision = jsonschema.Draft202012Validator({"$defs": schema["$defs"], "$ref": "#/$defs/decision"})
+    connect = jsonschema.Draft202012Validator(
+        {"$defs": schema["$defs"], "$ref": "#/$defs/connect_decision"})
+    for entry in CORPUS[::7]:
+        for group in ROLE:
+            req = request(entry.sql, group, entry.params)
+            doc = await service.engine.query(STATEMENT_PACKAGE, statement_input(
+                req, analyse(req.sql, user=ROLE[group], params=req.params)))
+            assert not [e.message for e in decision.iter_errors(doc)], (entry.sql, doc)
+    for group in ROLE:
+        doc = await service.engine.query(CONNECT_PACKAGE, {
+            "identity": {"subject": "a", "groups": [group]}, "database": "shop"})
+        assert not [e.message for e in connect.iter_errors(doc)], doc
