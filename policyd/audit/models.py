@@ -209,6 +209,22 @@ def event_to_content(event: Event) -> tuple[str, dict[str, Any]]:
     return str(model.__tablename__), data
 
 
+_TIME_FIELDS = ("ts", "started_at", "finished_at")
+
+
+def spooled_to_content(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Like :func:`event_to_content` for an event already validated and
+    serialised to the spool (``model_dump(mode="json")`` form), without a
+    second pydantic round trip on the writer's hot path."""
+    row = dict(data)
+    kind = row.pop("type")
+    for key in _TIME_FIELDS:
+        value = row.get(key)
+        if isinstance(value, str):
+            row[key] = format_ts(datetime.fromisoformat(value))
+    return str(RECORD_MODELS[kind].__tablename__), row
+
+
 def canonical(table: str, row: dict[str, Any]) -> bytes:
     """The bytes a record's hashes cover: its table and every column but the
     two hashes, as JSON with sorted keys and no whitespace."""
@@ -218,10 +234,15 @@ def canonical(table: str, row: dict[str, Any]) -> bytes:
 
 
 def chain_hash(prev_hash: str, table: str, row: dict[str, Any]) -> str:
+    return hash_canonical(prev_hash, canonical(table, row))
+
+
+def hash_canonical(prev_hash: str, body: bytes) -> str:
+    """SHA-256 of the previous hash, a newline and the canonical body."""
     h = hashlib.sha256()
     h.update(prev_hash.encode())
     h.update(b"\n")
-    h.update(canonical(table, row))
+    h.update(body)
     return h.hexdigest()
 
 

@@ -80,9 +80,17 @@ def scrub_text(text: str) -> str:
     ``password=`` pairs removed."""
     if not text:
         return text
-    text = _JWT.sub("<jwt>", text)
-    text = _CONN_PASSWORD.sub(lambda m: f"{m.group(1)}={PARAM_MASK}", text)
+    if "eyJ" in text:
+        text = _JWT.sub("<jwt>", text)
+    if _may_hold_password(text):
+        text = _CONN_PASSWORD.sub(lambda m: f"{m.group(1)}={PARAM_MASK}", text)
     return scrub_pan(text)
+
+
+def _may_hold_password(text: str) -> bool:
+    """Cheap pre-check: every secret pattern here contains one of these."""
+    low = text.lower()
+    return "pass" in low or "pwd" in low
 
 
 def _secret_spans(sql: str) -> tuple[list[tuple[int, int]], set[int]] | None:
@@ -125,7 +133,7 @@ def scrub_sql(
     ``PASSWORD $n`` becomes ``<redacted>``; then tokens and PANs are removed
     from the text and every parameter.
     """
-    found = _secret_spans(sql)
+    found = _secret_spans(sql) if _may_hold_password(sql) else ([], set())
     secret_params: set[int] = set()
     if found is None:
         m = _PASSWORD_WORD.search(sql)

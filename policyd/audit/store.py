@@ -11,6 +11,7 @@ turn, never interleaving inside a batch.
 from __future__ import annotations
 
 import heapq
+import json
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy import JSON, Engine, create_engine, event, select, update
 from sqlalchemy.engine import Connection, make_url
 
 from policyd.audit.events import Event
@@ -29,8 +30,9 @@ from policyd.audit.models import (
     ChainHead,
     SessionHead,
     WriterState,
-    chain_hash,
+    canonical,
     event_to_content,
+    hash_canonical,
     record_tables,
     table_of,
 )
@@ -114,6 +116,7 @@ class AuditStore:
             upgrade(self.url)
         self.engine = make_engine(self.url)
         self.tables = record_tables()
+        self._insert_sql = self._prepare_inserts()
 
     @property
     def dialect(self) -> str:
@@ -139,6 +142,20 @@ class AuditStore:
         """
         if not scrubbed:
             events = [scrub_event(e) for e in events]
+        return self.append_content(
+            [event_to_content(e) for e in events], writer_id=writer_id, spool_n=spool_n
+        )
+
+    def append_content(
+        self,
+        contents: Sequence[tuple[str, dict[str, Any]]],
+        *,
+        writer_id: str | None = None,
+        spool_n: int | None = None,
+    ) -> list[int]:
+        """``append`` for rows already made (and scrubbed) by the caller:
+        ``(table, non-chain columns)`` pairs, as the writer reads them from
+        its spool."""
         head_t = table_of(ChainHead)
         shead_t = table_of(SessionHead)
         with self.engine.begin() as conn:
@@ -146,7 +163,7 @@ class AuditStore:
                 select(head_t.c.seq, head_t.c.hash).where(head_t.c.id == 1).with_for_update()
             ).one_or_none()
             seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
-            sids = sorted({e.session_id for e in events})
+            sids = sorted({str(row["session_id"]) for _, row in contents})
             heads: dict[str, tuple[int, str]] = {}
             for chunk_start in range(0, len(sids), 500):
                 chunk = sids[chunk_start : chunk_start + 500]
@@ -159,18 +176,20 @@ class AuditStore:
             known = set(heads)
             by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
             seqs: list[int] = []
-            for ev in events:
-                table, row = event_to_content(ev)
+            for table, content in contents:
+                row = dict(content)
+                sid = str(row["session_id"])
                 seq += 1
-                sseq, sprev = heads.get(ev.session_id, (0, GENESIS))
+                sseq, sprev = heads.get(sid, (0, GENESIS))
                 row.update(seq=seq, session_seq=sseq + 1, session_prev_hash=sprev, prev_hash=prev)
-                row["hash"] = prev = chain_hash(prev, table, row)
-                row["session_hash"] = chain_hash(sprev, table, row)
-                heads[ev.session_id] = (sseq + 1, row["session_hash"])
+                body = canonical(table, row)  # one serialisation serves both chains
+                row["hash"] = prev = hash_canonical(prev, body)
+                row["session_hash"] = hash_canonical(sprev, body)
+                heads[sid] = (sseq + 1, row["session_hash"])
                 by_table[table].append(row)
                 seqs.append(seq)
             for table, rows in by_table.items():
-                conn.execute(self.tables[table].insert(), rows)
+                self._insert(conn, table, rows)
             if head is None:
                 conn.execute(head_t.insert(), [{"id": 1, "seq": seq, "hash": prev}])
             else:
@@ -179,6 +198,45 @@ class AuditStore:
             if writer_id is not None and spool_n is not None:
                 self._set_writer_position(conn, writer_id, spool_n)
         return seqs
+
+    def _insert(self, conn: Connection, table: str, rows: list[dict[str, Any]]) -> None:
+        """One multi-row insert through the driver (``executemany``).
+
+        Bypasses SQLAlchemy's per-value processing, which cost more than the
+        database on the writer's hot path; JSON columns are serialised here.
+        Reads still go through SQLAlchemy, so verify sees exactly the values
+        any other reader sees.
+        """
+        sql, json_cols, cols = self._insert_sql[table]
+        data = [
+            tuple(
+                json.dumps(r[c], ensure_ascii=False) if c in json_cols and r[c] is not None
+                else r[c]
+                for c in cols
+            )
+            for r in rows
+        ]
+        conn.exec_driver_sql(sql, data)
+
+    def _prepare_inserts(self) -> dict[str, tuple[str, frozenset[str], tuple[str, ...]]]:
+        quote = self.engine.dialect.identifier_preparer.quote
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        out: dict[str, tuple[str, frozenset[str], tuple[str, ...]]] = {}
+        for name, table in self.tables.items():
+            cols = tuple(c.name for c in table.columns)
+            json_cols = frozenset(c.name for c in table.columns if isinstance(c.type, JSON))
+            values = ", ".join(
+                (f"CAST({mark} AS JSON)" if c in json_cols and mark == "%s" else mark)
+                for c in cols
+            )
+            out[name] = (
+                # identifiers come from our own table metadata, quoted by the dialect
+                f"INSERT INTO {quote(name)} ({', '.join(quote(c) for c in cols)}) "  # noqa: S608
+                f"VALUES ({values})",
+                json_cols,
+                cols,
+            )
+        return out
 
     def _move_session_heads(
         self,

@@ -28,11 +28,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from policyd.audit.chain import CheckpointLog, checkpoints_path, key_path, load_or_create_key
-from policyd.audit.events import Event, GatewayEvent, event_to_json, parse_event
+from policyd.audit.events import Event, GatewayEvent, event_to_json
+from policyd.audit.models import event_to_content, spooled_to_content
 from policyd.audit.scrub import scrub_event
 from policyd.audit.spool import Spool, SpoolEntry, SpoolError
 from policyd.audit.store import AuditStore, store_url
@@ -229,15 +231,15 @@ class AuditWriter:
             self._stored_n = self._store.writer_position(self.writer_id)
         return self._store
 
-    def _next_batch(self) -> tuple[list[SpoolEntry], list[Event]]:
+    def _next_batch(self) -> tuple[list[SpoolEntry], list[tuple[str, dict[str, Any]]]]:
         if self._stored_n is None:
             return [], []
         entries = self.spool.read(self._stored_n, self.batch_size)
         if entries:
-            return entries, [parse_event(e.event) for e in entries]
+            return entries, [spooled_to_content(e.event) for e in entries]
         with self._submit_lock:
             mem = [self._memory[i] for i in range(min(self.batch_size, len(self._memory)))]
-        return [], mem
+        return [], [event_to_content(e) for e in mem]
 
     def _run(self) -> None:
         backoff = 0.1
@@ -254,13 +256,13 @@ class AuditWriter:
                         self._wake.wait(0.5)
                     continue
                 if entries:
-                    store.append(
-                        events, writer_id=self.writer_id, spool_n=entries[-1].n, scrubbed=True
+                    store.append_content(
+                        events, writer_id=self.writer_id, spool_n=entries[-1].n
                     )
                     self._stored_n = entries[-1].n
                     self.spool.advance(entries[-1])
                 else:
-                    store.append(events, scrubbed=True)
+                    store.append_content(events)
                     with self._submit_lock:
                         for _ in events:
                             self._memory.popleft()
