@@ -60,9 +60,7 @@ def _sleeping(admin: psycopg.Connection[Any], app_name: str) -> int:
 
 
 @pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
-def test_psycopg_cancel_returns_within_a_second(
-    stack: Any, mode: str, sslmode: str, method: str
-) -> None:
+def test_psycopg_cancel_returns_within_a_second(stack: Any, mode: str, sslmode: str, method: str) -> None:
     """``cancel()`` sends a plain CancelRequest (libpq PQcancel, never
     encrypted); ``cancel_safe()`` uses libpq 17+'s cancel API, which asks for
     TLS first when the session uses it. Both must work through the gateway."""
@@ -135,9 +133,7 @@ def test_psycopg_cancel_inside_transaction_then_rollback(stack: Any, mode: str) 
     ):
         conn.execute("CREATE TEMP TABLE cancel_probe (v int)")
         conn.execute("INSERT INTO cancel_probe VALUES (1)")
-        canceller = threading.Thread(
-            target=lambda: (_wait_until_sleeping(admin, app_name), conn.cancel())
-        )
+        canceller = threading.Thread(target=lambda: (_wait_until_sleeping(admin, app_name), conn.cancel()))
         canceller.start()
         with pytest.raises(errors.QueryCanceled):
             conn.execute("SELECT pg_sleep(30)")
@@ -177,9 +173,7 @@ def test_cancel_with_a_wrong_key_cancels_nothing(stack: Any, mode: str) -> None:
         assert result.get("row") == ("",), "the sleeping query was disturbed by a bogus cancel"
 
 
-async def test_asyncpg_timeout_cancels_within_a_second(
-    stack: Any, mode: str, sslmode: str
-) -> None:
+async def test_asyncpg_timeout_cancels_within_a_second(stack: Any, mode: str, sslmode: str) -> None:
     """asyncpg turns a timeout into a CancelRequest on a new connection; the
     next statement waits for that cancel to complete."""
     params = conninfo_to_dict(stack.gateway_dsn[mode])

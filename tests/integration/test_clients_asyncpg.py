@@ -98,8 +98,7 @@ async def test_parameters_round_trip_in_binary(conns: list[asyncpg.Connection]) 
         json.dumps({"nested": {"k": [1, 2]}}),
     )
     query = (
-        "SELECT $1::int8, $2::numeric, $3::text, $4::bytea, $5::timestamptz,"
-        " $6::int[], $7::text, $8::jsonb"
+        "SELECT $1::int8, $2::numeric, $3::text, $4::bytea, $5::timestamptz, $6::int[], $7::text, $8::jsonb"
     )
     results = [tuple(await c.fetchrow(query, *args) or ()) for c in conns]
     assert results[1] == results[0]
@@ -122,8 +121,14 @@ async def test_prepared_statements(conns: list[asyncpg.Connection]) -> None:
             chunk2 = await cur.fetch(5)
             iterated = [r async for r in stmt.cursor("i", 2500, prefetch=100)]
         results.append(
-            (described, params, [[tuple(r) for r in run] for run in runs], value,
-             [tuple(r) for r in chunk1 + chunk2], len(iterated))
+            (
+                described,
+                params,
+                [[tuple(r) for r in run] for run in runs],
+                value,
+                [tuple(r) for r in chunk1 + chunk2],
+                len(iterated),
+            )
         )
     assert results[1] == results[0]
     assert results[0][0] == [("g", "int4"), ("?column?", "text")]
@@ -152,8 +157,7 @@ async def test_copy_records_to_table_and_copy_from_query(conns: list[asyncpg.Con
         ]
         status = await conn.copy_records_to_table("copied", records=records)
         stats = await conn.fetchrow(
-            "SELECT count(*), sum(id), count(name), sum(amount), max(at), sum(length(raw))"
-            " FROM copied"
+            "SELECT count(*), sum(id), count(name), sum(amount), max(at), sum(length(raw)) FROM copied"
         )
         sink = bytearray()
 
@@ -213,8 +217,12 @@ async def test_transactions_and_errors(conns: list[asyncpg.Connection]) -> None:
         await conn.execute("DO $$ BEGIN RAISE NOTICE 'notice %', 1; END $$")
         seen.append(messages)
         seen.append(await conn.fetchval("SELECT 'usable after errors'"))
-        results.append([[tuple(r) for r in s] if isinstance(s, list) and s and
-                        isinstance(s[0], asyncpg.Record) else s for s in seen])
+        results.append(
+            [
+                [tuple(r) for r in s] if isinstance(s, list) and s and isinstance(s[0], asyncpg.Record) else s
+                for s in seen
+            ]
+        )
     assert results[1] == results[0]
     assert results[0][0] == ("23505", "tx_pkey")
     assert results[0][2] == [(1,), (3,)]

@@ -81,8 +81,15 @@ def test_simple_queries_equal_direct(conns: list[pg8000.native.Connection]) -> N
         results.append((rows, columns, conn.row_count, payments))
     assert results[1] == results[0]
     rows, _, _, payments = results[0]
-    assert rows[0] == [1, decimal.Decimal("0.25000000000000000000"), "row 1", True, None,
-                       dt.date(2024, 1, 2), [1, None]]
+    assert rows[0] == [
+        1,
+        decimal.Decimal("0.25000000000000000000"),
+        "row 1",
+        True,
+        None,
+        dt.date(2024, 1, 2),
+        [1, None],
+    ]
     assert len(rows) == 100
     assert payments, "the seeded payments table is empty"
 
@@ -146,8 +153,10 @@ def test_copy_and_notices(conns: list[pg8000.native.Connection]) -> None:
     results = []
     for conn in conns:
         conn.run("CREATE TEMP TABLE c8000 (id int, v text)")
-        conn.run("COPY c8000 FROM STDIN WITH (FORMAT csv)",
-                 stream=io.StringIO("".join(f"{i},v{i}\n" for i in range(3000))))
+        conn.run(
+            "COPY c8000 FROM STDIN WITH (FORMAT csv)",
+            stream=io.StringIO("".join(f"{i},v{i}\n" for i in range(3000))),
+        )
         out = io.StringIO()
         conn.run("COPY (SELECT * FROM c8000 ORDER BY id) TO STDOUT WITH (FORMAT csv)", stream=out)
         conn.notices.clear()

@@ -105,19 +105,15 @@ def assert_same_output(
     assert normalise(gateway.stderr) == normalise(direct.stderr)
 
 
-def test_basic_script_output_equals_direct(
-    stack: Any, mode: str, sslmode: str, tmp_path: Path
-) -> None:
+def test_basic_script_output_equals_direct(stack: Any, mode: str, sslmode: str, tmp_path: Path) -> None:
     (tmp_path / "direct").mkdir()
     (tmp_path / "gateway").mkdir()
     direct = run_psql(stack.app_dsn_direct, "basic.sql", tmp_path / "direct")
-    gateway = run_psql(
-        stack.gateway_dsn[mode], "basic.sql", tmp_path / "gateway", sslmode=sslmode
-    )
+    gateway = run_psql(stack.gateway_dsn[mode], "basic.sql", tmp_path / "gateway", sslmode=sslmode)
     # The script really exercised what it claims to (so equal-but-empty
     # output from two broken runs cannot pass).
     assert "ERROR:  22012: division by zero" in direct.stderr
-    assert "ERROR:  42P01: relation \"no_such_table_pgwarden\" does not exist" in direct.stderr
+    assert 'ERROR:  42P01: relation "no_such_table_pgwarden" does not exist' in direct.stderr
     assert "NOTICE:  00000: notice number 42" in direct.stderr
     assert "WARNING:  01000: a warning with detail" in direct.stderr
     assert "current transaction is aborted" in direct.stderr
@@ -150,9 +146,7 @@ def test_copy_script_output_and_files_equal_direct(
     (tmp_path / "direct").mkdir()
     (tmp_path / "gateway").mkdir()
     direct = run_psql(stack.app_dsn_direct, "copy.sql", tmp_path / "direct")
-    gateway = run_psql(
-        stack.gateway_dsn[mode], "copy.sql", tmp_path / "gateway", sslmode=sslmode
-    )
+    gateway = run_psql(stack.gateway_dsn[mode], "copy.sql", tmp_path / "gateway", sslmode=sslmode)
     assert "COPY 20000" in direct.stdout
     assert "quoted, with comma" in direct.stdout
     assert 'invalid input syntax for type integer: "not_a_number"' in direct.stderr
@@ -205,9 +199,7 @@ def _run_listen_script(
     return result["psql"]
 
 
-def test_listen_notify_output_equals_direct(
-    stack: Any, mode: str, sslmode: str, tmp_path: Path
-) -> None:
+def test_listen_notify_output_equals_direct(stack: Any, mode: str, sslmode: str, tmp_path: Path) -> None:
     direct = _run_listen_script(stack, stack.app_dsn_direct, tmp_path, None)
     gateway = _run_listen_script(stack, stack.gateway_dsn[mode], tmp_path, sslmode)
     expected = (

@@ -58,9 +58,7 @@ def direct(stack: Any) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
-def _both(
-    direct: psycopg.Connection[Any], gateway: psycopg.Connection[Any]
-) -> list[psycopg.Connection[Any]]:
+def _both(direct: psycopg.Connection[Any], gateway: psycopg.Connection[Any]) -> list[psycopg.Connection[Any]]:
     return [direct, gateway]
 
 
@@ -89,7 +87,7 @@ def test_parameters_text_and_binary_equal_direct(
 ) -> None:
     params = (
         42,
-        "it's \"quoted\" \\ and ünïcode",
+        'it\'s "quoted" \\ and ünïcode',
         decimal.Decimal("12345.678901"),
         dt.datetime(2024, 2, 29, 23, 59, 59, 123456, tzinfo=dt.UTC),
         b"\x00\x01\xfe\xff" * 100,
@@ -126,8 +124,7 @@ def test_pipeline_mode_equals_direct(
         seen: list[Any] = []
         with conn.pipeline() as pipeline:
             curs = [
-                conn.execute("INSERT INTO pipe VALUES (%s, %s) RETURNING id", (i, f"v{i}"))
-                for i in range(50)
+                conn.execute("INSERT INTO pipe VALUES (%s, %s) RETURNING id", (i, f"v{i}")) for i in range(50)
             ]
             count_cur = conn.execute("SELECT count(*), string_agg(v, ',' ORDER BY id) FROM pipe")
             pipeline.sync()
@@ -155,9 +152,7 @@ def test_server_side_cursor_with_itersize(
     for conn in _both(direct, gateway):
         with conn.transaction(), conn.cursor(name="pgw_named", binary=False) as cur:
             cur.itersize = 333
-            cur.execute(
-                "SELECT g, md5(g::text), now() = now() FROM generate_series(1, 10000) g ORDER BY g"
-            )
+            cur.execute("SELECT g, md5(g::text), now() = now() FROM generate_series(1, 10000) g ORDER BY g")
             first = cur.fetchmany(10)
             cur.scroll(0)
             rest = list(cur)
@@ -249,9 +244,7 @@ def test_executemany_and_prepared_statements(
                     "SELECT count(*), %s::int FROM many WHERE id < %s", (i, i * 10), prepare=True
                 ).fetchone()
             )
-        names = conn.execute(
-            "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql"
-        ).fetchone()
+        names = conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql").fetchone()
         results.append((returned, prepared, names))
     assert results[1] == results[0]
     returned, prepared, names = results[0]
@@ -314,3 +307,14 @@ def test_protocol_3_2_request_is_negotiated_down(stack: Any, mode: str, sslmode:
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT 'negotiated'").fetchone() == ("negotiated",)
         assert conn.pgconn.protocol_version == 3
+
+
+def test_direct_tls_negotiation(stack: Any, mode: str) -> None:
+    """PostgreSQL 17+ clients may start TLS at once (sslnegotiation=direct,
+    ALPN "postgresql") instead of sending SSLRequest; the tap accepts both."""
+    if psycopg.pq.version() < 170000:
+        pytest.skip("needs libpq 17 for sslnegotiation=direct")
+    dsn = make_conninfo(stack.gateway_dsn[mode], sslmode="require", sslnegotiation="direct")
+    with psycopg.connect(dsn) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("SELECT 'direct tls'").fetchone() == ("direct tls",)

@@ -93,12 +93,10 @@ async def test_thousand_idle_sessions(stack: Any, mode: str) -> None:
             conns.append(await _open(stack, mode, app_name))
 
     try:
-        results = await asyncio.gather(*(open_one() for _ in range(SESSIONS)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(open_one() for _ in range(SESSIONS)), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         assert not failures, (
-            f"{len(failures)} of {SESSIONS} sessions failed to open through {mode}; "
-            f"first: {failures[0]!r}"
+            f"{len(failures)} of {SESSIONS} sessions failed to open through {mode}; first: {failures[0]!r}"
         )
         peak = max(peak, _rss(pid))
         assert _backends(stack, app_name) == SESSIONS

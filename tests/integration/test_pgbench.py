@@ -61,9 +61,7 @@ def bench_databases(stack: Any) -> Iterator[dict[str, str]]:
     finally:
         with psycopg.connect(stack.upstream_dsn, autocommit=True) as admin:
             for name in created.values():
-                admin.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture
@@ -122,9 +120,7 @@ def test_pgbench_run_completes_every_transaction(
     with psycopg.connect(direct_dsn) as conn:
         history_before = conn.execute("SELECT count(*) FROM pgbench_history").fetchone()
 
-    run = _pgbench(
-        [*options, "-n", "-c", str(CLIENTS), "-j", "1", "-t", str(TRANSACTIONS_PER_CLIENT)], dsn
-    )
+    run = _pgbench([*options, "-n", "-c", str(CLIENTS), "-j", "1", "-t", str(TRANSACTIONS_PER_CLIENT)], dsn)
     output = run.stdout + run.stderr
     assert run.returncode == 0, f"pgbench failed through the {mode} gateway:\n{output}"
     expected = CLIENTS * TRANSACTIONS_PER_CLIENT

@@ -98,8 +98,10 @@ def data_row_size(g: int, text: str) -> int:
 
 
 def _assert_bounded(sampler: RssSampler, mode: str, received: int) -> None:
-    print(f"{mode}: {received / 2**20:.1f} MB through, tap RSS growth "
-          f"{sampler.growth / 2**20:.1f} MB over {sampler.baseline / 2**20:.1f} MB")
+    print(
+        f"{mode}: {received / 2**20:.1f} MB through, tap RSS growth "
+        f"{sampler.growth / 2**20:.1f} MB over {sampler.baseline / 2**20:.1f} MB"
+    )
     assert received > MIN_RESULT_BYTES, f"only {received} bytes came through"
     assert sampler.samples > 10, "too few RSS samples to judge"
     assert sampler.growth < MAX_GROWTH_BYTES, (
@@ -143,9 +145,7 @@ def test_streamed_result_does_not_grow_tap_memory(
     assert conn.execute("SELECT 'after the big result'").fetchone() == ("after the big result",)
 
 
-def test_slow_consumer_does_not_grow_tap_memory(
-    stack: Any, mode: str, conn: psycopg.Connection[Any]
-) -> None:
+def test_slow_consumer_does_not_grow_tap_memory(stack: Any, mode: str, conn: psycopg.Connection[Any]) -> None:
     """The client stops reading after 10,000 rows for two seconds. The tap must
     then stop reading from PostgreSQL (backpressure) instead of queueing the
     rest of the result in memory."""
@@ -159,9 +159,7 @@ def test_slow_consumer_does_not_grow_tap_memory(
     _assert_bounded(sampler, mode, received)
 
 
-def test_copy_out_does_not_grow_tap_memory(
-    stack: Any, mode: str, conn: psycopg.Connection[Any]
-) -> None:
+def test_copy_out_does_not_grow_tap_memory(stack: Any, mode: str, conn: psycopg.Connection[Any]) -> None:
     received = 0
     lines = 0
     with sampling(stack, mode) as sampler:
@@ -173,9 +171,7 @@ def test_copy_out_does_not_grow_tap_memory(
     _assert_bounded(sampler, mode, received)
 
 
-def test_named_cursor_fetch_through_the_tap(
-    stack: Any, mode: str, conn: psycopg.Connection[Any]
-) -> None:
+def test_named_cursor_fetch_through_the_tap(stack: Any, mode: str, conn: psycopg.Connection[Any]) -> None:
     """A server-side cursor over the same result (FETCH in batches of 5000)
     delivers every row; memory stays flat here too."""
     received = 0

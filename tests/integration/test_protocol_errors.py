@@ -1,0 +1,383 @@
+"""Broken protocol through the gateway, with raw sockets.
+
+A malformed message (length < 4, negative), an oversized one (beyond the
+tap's maximum message size), garbage instead of a StartupMessage, and a
+connection cut mid-message. Where the client can still hear an answer it gets
+a FATAL ErrorResponse with SQLSTATE 08P01 (protocol_violation) and the
+connection closes; in every case the tap process stays alive, a session
+opened in parallel keeps working, and PostgreSQL is left with no orphaned
+backend.
+
+The bytes are built here with struct, as the protocol documentation
+describes them; only the SCRAM arithmetic comes from scramp.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from scramp import ScramClient
+
+pytestmark = pytest.mark.integration
+
+PROTOCOL_3_0 = 196608
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+READ_TIMEOUT = 10.0
+
+try:  # the tap's default maximum message size (the stack does not change it)
+    from tap.protocol import DEFAULT_MAX_MESSAGE
+except ImportError:  # pragma: no cover - the tap package is part of this repo
+    DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- wire helpers
+
+
+def startup_message(params: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
+    body = struct.pack("!i", version)
+    for key, value in params.items():
+        body += key.encode() + b"\0" + value.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse body: (code byte, cstring)*, NUL."""
+    fields: dict[str, str] = {}
+    pos = 0
+    while pos < len(body) and body[pos] != 0:
+        code = chr(body[pos])
+        end = body.index(b"\0", pos + 1)
+        fields[code] = body[pos + 1 : end].decode("utf-8", "replace")
+        pos = end + 1
+    return fields
+
+
+class Wire:
+    """A raw PostgreSQL client connection (plain or TLS) to the gateway."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock: socket.socket = socket.create_connection((host, port), timeout=READ_TIMEOUT)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, n: int) -> bool:
+        while len(self.buffer) < n:
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionResetError, ssl.SSLEOFError):
+                chunk = b""
+            if not chunk:
+                return False
+            self.buffer += chunk
+        return True
+
+    def read_byte(self) -> bytes:
+        assert self._fill(1), "connection closed before the one-byte answer"
+        byte, self.buffer = self.buffer[:1], self.buffer[1:]
+        return byte
+
+    def read_message(self) -> tuple[bytes, bytes] | None:
+        """Next backend message, or None when the server closed the connection."""
+        if not self._fill(5):
+            return None
+        kind = self.buffer[:1]
+        (length,) = struct.unpack("!i", self.buffer[1:5])
+        assert 4 <= length < 1 << 30, f"implausible backend message length {length}"
+        if not self._fill(1 + length):
+            return None
+        body = self.buffer[5 : 1 + length]
+        self.buffer = self.buffer[1 + length :]
+        return kind, body
+
+    def start_tls(self) -> None:
+        self.send(struct.pack("!ii", 8, SSL_REQUEST))
+        assert self.read_byte() == b"S", "the gateway declined TLS"
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.sock = context.wrap_socket(self.sock)
+
+    def login(self, user: str, password: str, database: str, app_name: str) -> None:
+        """StartupMessage, password/SCRAM authentication, until ReadyForQuery."""
+        self.send(startup_message({"user": user, "database": database, "application_name": app_name}))
+        scram: ScramClient | None = None
+        while True:
+            msg = self.read_message()
+            assert msg is not None, "the gateway closed the connection during login"
+            kind, body = msg
+            if kind == b"E":
+                pytest.fail(f"login failed: {error_fields(body)}")
+            if kind == b"Z":
+                return
+            if kind != b"R":
+                continue  # ParameterStatus, BackendKeyData, NegotiateProtocolVersion
+            (code,) = struct.unpack("!i", body[:4])
+            if code == 0:
+                continue
+            if code == 3:  # cleartext
+                self.send(message(b"p", password.encode() + b"\0"))
+            elif code == 10:  # SASL: mechanisms listed
+                mechanisms = [m.decode() for m in body[4:].split(b"\0") if m]
+                assert "SCRAM-SHA-256" in mechanisms, mechanisms
+                scram = ScramClient(["SCRAM-SHA-256"], user, password)
+                first = scram.get_client_first().encode()
+                self.send(message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
+            elif code == 11:  # SASLContinue
+                assert scram is not None
+                scram.set_server_first(body[4:].decode())
+                self.send(message(b"p", scram.get_client_final().encode()))
+            elif code == 12:  # SASLFinal
+                assert scram is not None
+                scram.set_server_final(body[4:].decode())
+            else:
+                pytest.fail(f"unexpected authentication request {code}")
+
+    def query(self, sql: str) -> list[tuple[bytes, bytes]]:
+        self.send(message(b"Q", sql.encode() + b"\0"))
+        messages = []
+        while True:
+            msg = self.read_message()
+            assert msg is not None, "connection closed during a query"
+            messages.append(msg)
+            if msg[0] == b"Z":
+                return messages
+
+    def expect_fatal_protocol_violation(self) -> dict[str, str]:
+        """Read until an ErrorResponse; it must be FATAL 08P01, then EOF."""
+        while True:
+            msg = self.read_message()
+            assert msg is not None, "the connection closed without an ErrorResponse"
+            kind, body = msg
+            if kind == b"E":
+                fields = error_fields(body)
+                assert fields.get("S") == "FATAL", fields
+                assert fields.get("V", "FATAL") == "FATAL", fields
+                assert fields.get("C") == "08P01", fields
+                assert fields.get("M"), fields
+                assert self.read_message() is None, "the connection stayed open after FATAL"
+                return fields
+            assert kind in (b"N", b"S"), f"unexpected {kind!r} before the error"
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+class Target:
+    def __init__(self, stack: Any, mode: str) -> None:
+        self.stack = stack
+        self.mode = mode
+        params = conninfo_to_dict(stack.gateway_dsn[mode])
+        self.host = str(params["host"])
+        self.port = int(params["port"])
+        self.user = str(params["user"])
+        self.database = str(params["dbname"])
+        self.password = str(params.get("password") or stack.passwords[self.user])
+        self.pid = stack.tap_pids[mode]
+        self.app_name = f"pgw-raw-{uuid.uuid4().hex[:8]}"
+
+    def wire(self) -> Wire:
+        return Wire(self.host, self.port)
+
+    def logged_in(self, tls: bool = False) -> Wire:
+        w = self.wire()
+        if tls:
+            w.start_tls()
+        w.login(self.user, self.password, self.database, self.app_name)
+        return w
+
+    def backends(self) -> int:
+        with psycopg.connect(self.stack.upstream_dsn, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                (self.app_name,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def assert_no_backend_left(self) -> None:
+        deadline = time.monotonic() + 15
+        while (left := self.backends()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == 0, f"{left} PostgreSQL backend(s) left behind by the broken session"
+
+
+@pytest.fixture
+def target(stack: Any, mode: str) -> Target:
+    return Target(stack, mode)
+
+
+@pytest.fixture
+def bystander(stack: Any, mode: str) -> Iterator[psycopg.Connection[Any]]:
+    """A healthy session through the same tap, open while the broken one fails."""
+    dsn = make_conninfo(stack.gateway_dsn[mode], sslmode="disable")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE bystander_state (v int)")
+        conn.execute("INSERT INTO bystander_state VALUES (1)")
+        yield conn
+
+
+@pytest.fixture(autouse=True)
+def _tap_survives(target: Target, bystander: psycopg.Connection[Any]) -> Iterator[None]:
+    yield
+    proc = psutil.Process(target.pid)
+    assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE, "the tap died"
+    # The session opened before the failure still works (its temp table too).
+    assert bystander.execute("SELECT v FROM bystander_state").fetchone() == (1,)
+    # New sessions are accepted.
+    fresh = target.logged_in()
+    try:
+        rows = [m for m in fresh.query("SELECT 'fresh session'") if m[0] == b"D"]
+        assert rows and b"fresh session" in rows[0][1]
+    finally:
+        fresh.close()
+
+
+# --------------------------------------------------------------------------- malformed
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize(
+    "length",
+    [pytest.param(3, id="len3"), pytest.param(0, id="len0"), pytest.param(-1, id="negative")],
+)
+def test_message_length_below_four(target: Target, length: int, tls: bool) -> None:
+    w = target.logged_in(tls=tls)
+    try:
+        w.send(b"Q" + struct.pack("!i", length) + b"SELECT 1\0")
+        w.expect_fatal_protocol_violation()
+    finally:
+        w.close()
+    target.assert_no_backend_left()
+
+
+@pytest.mark.parametrize(
+    "length",
+    [
+        pytest.param(DEFAULT_MAX_MESSAGE + 1, id="max+1"),
+        pytest.param(0x7FFFFFFF, id="2GiB"),
+    ],
+)
+def test_oversized_message_is_refused_from_its_header(target: Target, length: int) -> None:
+    """Only the 5-byte header and a little payload are sent: the tap must not
+    wait for (or allocate) the announced size before refusing it."""
+    w = target.logged_in()
+    try:
+        w.send(b"Q" + struct.pack("!i", length) + b"SELECT ")
+        w.expect_fatal_protocol_violation()
+    finally:
+        w.close()
+    target.assert_no_backend_left()
+
+
+def test_large_legal_message_passes(target: Target) -> None:
+    """Positive control for the limit: a 4 MB Query is an ordinary message."""
+    w = target.logged_in()
+    try:
+        literal = "x" * (4 * 1024 * 1024)
+        replies = w.query(f"SELECT length('{literal}')")
+        rows = [body for kind, body in replies if kind == b"D"]
+        assert rows and str(len(literal)).encode() in rows[0]
+    finally:
+        w.close()
+
+
+def test_unknown_message_type_after_login(target: Target) -> None:
+    """A well-framed message of a type the protocol does not have."""
+    w = target.logged_in()
+    try:
+        w.send(message(b"\x01", b"junk"))
+        w.expect_fatal_protocol_violation()
+    finally:
+        w.close()
+    target.assert_no_backend_left()
+
+
+# --------------------------------------------------------------------------- startup garbage
+
+
+GARBAGE_STARTUPS = {
+    # (A TLS ClientHello without SSLRequest is not garbage: the tap accepts
+    # PostgreSQL 17's direct TLS, see test_clients_psycopg.py.)
+    "http-request": b"GET / HTTP/1.1\r\nHost: db\r\n\r\n",
+    "ssh-banner": b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n",
+    "length-4": struct.pack("!i", 4),
+    "length-too-big": struct.pack("!ii", 1_000_000, PROTOCOL_3_0) + b"user\0app\0\0",
+    "no-terminator": struct.pack("!ii", 8 + 8, PROTOCOL_3_0) + b"user\0app",
+    "negative-length": bytes.fromhex("ffffffff0003000075736572"),
+}
+
+
+@pytest.mark.parametrize("garbage", list(GARBAGE_STARTUPS), ids=list(GARBAGE_STARTUPS))
+def test_garbage_instead_of_startup_message(target: Target, garbage: str) -> None:
+    w = target.wire()
+    try:
+        w.send(GARBAGE_STARTUPS[garbage])
+        fields = w.expect_fatal_protocol_violation()
+        assert "\0" not in fields["M"]
+    finally:
+        w.close()
+
+
+def test_gssenc_request_is_declined_and_startup_continues(target: Target) -> None:
+    w = target.wire()
+    try:
+        w.send(struct.pack("!ii", 8, GSSENC_REQUEST))
+        assert w.read_byte() == b"N"
+        w.login(target.user, target.password, target.database, target.app_name)
+        assert any(kind == b"D" for kind, _ in w.query("SELECT 1"))
+    finally:
+        w.close()
+
+
+# --------------------------------------------------------------------------- cut connections
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_connection_cut_mid_message(target: Target, tls: bool) -> None:
+    """No answer is possible; the tap must drop the session and its upstream."""
+    w = target.logged_in(tls=tls)
+    assert target.backends() == 1
+    w.send(b"Q" + struct.pack("!i", 200) + b"SELECT 'only part of")
+    w.close()
+    target.assert_no_backend_left()
+
+
+def test_connection_cut_mid_startup(target: Target) -> None:
+    w = target.wire()
+    w.send(startup_message({"user": target.user, "database": target.database})[:11])
+    w.close()
+    target.assert_no_backend_left()
+
+
+def test_connection_cut_mid_copy(target: Target) -> None:
+    w = target.logged_in()
+    w.query("CREATE TEMP TABLE cut_copy (v text)")
+    w.send(message(b"Q", b"COPY cut_copy FROM STDIN\0"))
+    msg = w.read_message()
+    assert msg is not None and msg[0] == b"G", msg  # CopyInResponse
+    w.send(message(b"d", b"row 1\n") + b"d" + struct.pack("!i", 1000) + b"row 2")
+    w.close()
+    target.assert_no_backend_left()
