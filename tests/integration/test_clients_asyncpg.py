@@ -213,7 +213,7 @@ async def test_transactions_and_errors(conns: list[asyncpg.Connection]) -> None:
         with pytest.raises(asyncpg.InvalidTextRepresentationError):
             await conn.fetchval("SELECT $1::text::int", "not an int")
         messages: list[str] = []
-        conn.add_log_listener(lambda _c, m: messages.append(f"{m.severity}: {m.message}"))
+        conn.add_log_listener(lambda _c, m, out=messages: out.append(f"{m.severity}: {m.message}"))
         await conn.execute("DO $$ BEGIN RAISE NOTICE 'notice %', 1; END $$")
         seen.append(messages)
         seen.append(await conn.fetchval("SELECT 'usable after errors'"))

@@ -8,8 +8,8 @@ import datetime as dt
 import decimal
 import io
 import ssl
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pg8000.native

@@ -105,7 +105,7 @@ def test_parameters_text_and_binary_equal_direct(
     for conn in _both(direct, gateway):
         outputs.append(conn.execute(query, params).fetchone())
         outputs.append(conn.cursor(binary=True).execute(binary_query, params).fetchone())
-    assert outputs[0] == params[:6] + (None,) + params[7:]
+    assert outputs[0] == (*params[:6], None, *params[7:])
     assert outputs[1] == outputs[0]
     assert outputs[2] == outputs[0]
     assert outputs[3] == outputs[0]
@@ -278,7 +278,7 @@ def test_errors_keep_connection_usable(
         conn.rollback()
         seen.append(conn.execute("SELECT %s::int + 1", (41,)).fetchone())
         notices: list[str] = []
-        conn.add_notice_handler(lambda d: notices.append(f"{d.severity}: {d.message_primary}"))
+        conn.add_notice_handler(lambda d, out=notices: out.append(f"{d.severity}: {d.message_primary}"))
         conn.execute("DO $$ BEGIN RAISE NOTICE 'hello %', 7; END $$")
         seen.append(notices)
         outcomes.append(seen)
