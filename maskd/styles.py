@@ -29,7 +29,6 @@ docs/masking.md documents each style for each type.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import struct
 from collections.abc import Callable
 
@@ -138,8 +137,38 @@ def first6_last4_text(v: bytes) -> bytes:
     return bytes(buf)
 
 
+class _HmacSha256:
+    """HMAC-SHA-256 (RFC 2104) with the padded key states computed once:
+    two hash-state copies per value instead of re-keying, about twice as
+    fast as ``hmac.digest`` for short values. Equal to ``hmac.digest``."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def digest(self, msg: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(msg)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+_HMACS: dict[bytes, _HmacSha256] = {}
+
+
 def _hmac_bytes(key: bytes, v: bytes) -> bytes:
-    return hmac.digest(key, v, hashlib.sha256)
+    h = _HMACS.get(key)
+    if h is None:
+        if len(_HMACS) > 16:
+            _HMACS.clear()
+        h = _HMACS[key] = _HmacSha256(key)
+    return h.digest(v)
 
 
 def hmac_text(key: bytes, v: bytes) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import struct
 from decimal import Decimal
@@ -61,6 +62,16 @@ def test_text_styles(oid: int, fmt: int) -> None:
     assert h(PAN) == h(PAN) != h(b"5555555555554444")
     assert len(h(PAN) or b"") == 16 and not contains_pan(h(PAN) or b"")
     assert rule_fn("hmac", oid, fmt, b"other key" * 4)(PAN) != h(PAN)
+
+
+def test_hmac_is_hmac_sha256() -> None:
+    from maskd.styles import _hmac_bytes
+
+    for key in (b"k", KEY, b"x" * 100):
+        for msg in (b"", PAN, b"y" * 200):
+            assert _hmac_bytes(key, msg) == hmac.digest(key, msg, "sha256")
+    assert rule_fn("hmac", Oid.TEXT, 0, KEY)(PAN) == hmac.digest(KEY, PAN, "sha256").hex()[
+        :16].encode()
 
 
 def test_unknown_style_fails_closed() -> None:
