@@ -16,13 +16,18 @@ import structlog
 
 from tap import protocol as pg
 from tap.actions import NeedAuth
-from tap.hooks import ALLOW_ALL, AuthResult, Decision, StatementRequest
+from tap.hooks import ALLOW_ALL, AuthResult, Decision, StatementRequest, Verdict
 from tap.session import Hooks, Session
 from tap.tls import UpstreamTLS, server_context
 
 Decider = Callable[[StatementRequest], Awaitable[Decision]]
 Authenticator = Callable[[NeedAuth], Awaitable[AuthResult]]
 EventSink = Callable[[dict[str, Any]], None]
+
+
+# While the audit trail cannot take events, no statement runs (PCI DSS 10.7.2).
+AUDIT_DENY = Decision(verdict=Verdict.DENY, sqlstate="58000",
+                      reasons=("the audit trail cannot record statements right now",))
 
 
 async def _allow(_: StatementRequest) -> Decision:
@@ -57,6 +62,8 @@ class Runtime:
     log: Any = field(default_factory=lambda: structlog.get_logger("pgwarden.tap"))
     sessions_open: int = 0
     policy_client: Any = None
+    audit: Any = None  # tap.audit_sink.AuditSink, or None: events go to the log only
+    audit_ok: bool = True
     _tls: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
@@ -81,6 +88,8 @@ class Runtime:
         return self.hook_factory()
 
     async def decide(self, request: StatementRequest) -> Decision:
+        if not self.audit_ok:
+            return AUDIT_DENY
         return await self.decider(request)
 
     async def authenticate(self, need: NeedAuth) -> AuthResult:
@@ -91,7 +100,22 @@ class Runtime:
             return AuthResult(ok=False, reason=f"identity service failed: {exc.__class__.__name__}",
                               sqlstate="28000")
 
+    def record(self, records: list[dict[str, Any]]) -> bool:
+        """Make events durable; False means they are not (fail closed)."""
+        if self.audit is None:
+            for r in records:
+                self.emit(r)
+            return True
+        ok = bool(self.audit.submit(records))
+        if ok != self.audit_ok:
+            self.audit_ok = ok
+            self.log.error("audit_unavailable") if not ok else self.log.info("audit_recovered")
+        return ok
+
     def emit(self, record: dict[str, Any]) -> None:
+        if self.audit is not None:
+            self.record([record])
+            return
         if self.sink is not None:
             self.sink(record)
             return

@@ -15,7 +15,7 @@ import structlog
 
 from pgwarden.config import PgwardenConfig
 from tap.hooks import Decision, Identity, StatementRequest
-from tap.runtime import Runtime, TapSettings
+from tap.runtime import AUDIT_DENY, Runtime, TapSettings
 from tap.session import Hooks
 
 log = structlog.get_logger("pgwarden.tap")
@@ -62,11 +62,16 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
 
     masking = _masking(config)
 
+    cached = decide_cached if decide_cached is not None else (lambda _r: None)
+
+    def guarded(request: StatementRequest) -> Decision | None:
+        return cached(request) if runtime.audit_ok else AUDIT_DENY
+
     def hooks() -> Hooks:
-        h = Hooks()
-        h.decide_cached = decide_cached if decide_cached is not None else (lambda _r: None)
-        h.masker_factory = masking
-        return h
+        return Hooks(decide_cached=guarded, masker_factory=masking)
+
+    if tap.audit is not None:
+        runtime.audit = _audit_sink(config, stack)
 
     runtime.hook_factory = hooks
 
@@ -142,3 +147,21 @@ def _masking(config: PgwardenConfig) -> Any:
     if lookup is not None:
         factory.catalog = lookup
     return factory
+
+
+def _audit_sink(config: PgwardenConfig, stack: AsyncExitStack) -> Any:
+    import socket
+
+    from policyd.audit.writer import AuditWriter
+    from tap.audit_sink import AuditSink
+
+    audit = config.tap.audit
+    assert audit is not None
+    audit.spool_dir.mkdir(parents=True, exist_ok=True)
+    writer = AuditWriter(
+        audit.url, audit.spool_dir / f"tap-{config.tap.listen.replace(':', '_')}.spool",
+        fail_closed=audit.on_spool_failure == "refuse", component="tap",
+        signing_key=audit.signing_key_file, checkpoint_file=audit.checkpoint_file)
+    writer.start()
+    stack.callback(writer.close)
+    return AuditSink(writer, instance=f"{socket.gethostname()}:{config.tap.listen}")

@@ -28,6 +28,7 @@ from pgwarden._proto import network_ext_proc_pb2 as pb
 from pgwarden._proto import network_ext_proc_pb2_grpc as pb_grpc
 from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
+from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
 from tap.runtime import Runtime
 from tap.session import Session, SessionConfig
 
@@ -119,8 +120,16 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                                                   data_processing_status=_MODIFIED), False, False))
                 down.clear()
 
+        events: list[dict[str, object]] = []
         for a in actions:
             if isinstance(a, SendUpstream):
+                if events:
+                    if not self.runtime.record(events):
+                        return self._responses(session.terminate(
+                            AUDIT_UNAVAILABLE, "pgwarden: the audit trail cannot record "
+                            "statements right now; nothing was sent", reason="audit_unavailable"),
+                            session)
+                    events = []
                 if down:
                     flush()
                 up.append(a.data)
@@ -129,13 +138,15 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                     flush()
                 down.append(a.data)
             elif isinstance(a, Event):
-                self.runtime.emit(a.record)
+                events.append(a.record)
             elif isinstance(a, NeedDecision | NeedAuth):
                 flush()
                 out.append((a, False, False))
             elif isinstance(a, Close):
                 flush()
                 out.append((pb.ProcessingResponse(connection_status=_CLOSE), False, True))
+        if events:
+            self.runtime.record(events)
         flush()
         return out
 

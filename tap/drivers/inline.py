@@ -19,6 +19,7 @@ from typing import cast
 
 from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
+from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
 from tap.runtime import Runtime
 from tap.session import Session, SessionConfig
 
@@ -145,15 +146,24 @@ class ClientSide(asyncio.Protocol):
     # -- actions --------------------------------------------------------------
 
     def run(self, actions: list[Action]) -> None:
+        events: list[dict[str, object]] = []
         for action in actions:
-            if isinstance(action, SendUpstream):
+            if isinstance(action, Event):
+                events.append(action.record)
+            elif isinstance(action, SendUpstream):
+                if events:
+                    if not self.runtime.record(events):
+                        # The statement cannot be recorded: it is not sent.
+                        self.run(self.session.terminate(
+                            AUDIT_UNAVAILABLE, "pgwarden: the audit trail cannot record "
+                            "statements right now; nothing was sent", reason="audit_unavailable"))
+                        return
+                    events = []
                 if self.upstream is not None and self.upstream.transport is not None:
                     self.upstream.transport.write(action.data)
             elif isinstance(action, SendDownstream):
                 if self.transport is not None:
                     self.transport.write(action.data)
-            elif isinstance(action, Event):
-                self.runtime.emit(action.record)
             elif isinstance(action, NeedAuth):
                 asyncio.get_running_loop().create_task(self._authenticate(action))
             elif isinstance(action, NeedDecision):
@@ -162,7 +172,12 @@ class ClientSide(asyncio.Protocol):
                     self.transport.pause_reading()
                 asyncio.get_running_loop().create_task(self._decide(action))
             elif isinstance(action, Close):
+                if events:
+                    self.runtime.record(events)
+                    events = []
                 self._close_all()
+        if events:
+            self.runtime.record(events)
 
     async def _decide(self, need: NeedDecision) -> None:
         decision = await self.runtime.decide(need.request)
