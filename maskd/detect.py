@@ -100,6 +100,7 @@ _DIGITS = b"0123456789"
 _TO_INT = bytes.maketrans(_DIGITS, bytes(range(10)))
 _DOUBLED = bytes.maketrans(_DIGITS, bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
 _SEPARATORS = b" -"
+_SEP_CODES = frozenset(_SEPARATORS)
 # A separated run: groups joined by exactly one space or dash.
 # A separated run of at least 13 digits: the leftmost match starts at the
 # run's first digit and, being greedy, ends at its last, so matches are
@@ -380,8 +381,13 @@ def mask_pans(data: bytes, style: str = "last4", *, mask: bytes = MASK_CHAR,
     if b"\\" not in data and not json:
         # Plain text (the common case): one pass, and a second only when
         # the output still has 13 digits.
-        if _PREFILTER.search(data) is None:
+        m = _PREFILTER.search(data)
+        if m is None:
             return data, 0
+        if style == "last4":
+            quick = _one_run(data, m, _mask_table(mask))
+            if quick is not None:
+                return quick, 1
         spans = _plain_spans(data)
         if not spans:
             return data, 0
@@ -399,6 +405,24 @@ def mask_pans(data: bytes, style: str = "last4", *, mask: bytes = MASK_CHAR,
     if total and json:
         data = _quote_bare_numbers(original, data)
     return (data, total) if total else (original, 0)
+
+
+def _one_run(data: bytes, m: re.Match[bytes], table: bytes) -> bytes | None:
+    """The common case in one go: the first prefilter match is a whole
+    separated run that is one PAN ending in four digits, and nothing after
+    it could be another. Returns the masked value, or None for the general
+    path. (The match is greedy, so it ends where the run ends; it is the
+    whole run unless a separator and a digit come right before it.)"""
+    s, e = m.span()
+    if s >= 2 and data[s - 1] in _SEP_CODES and 48 <= data[s - 2] <= 57:
+        return None
+    digits = m.group().translate(None, _SEPARATORS)
+    if (len(digits) > MAX_DIGITS or digits[:4] not in _PREFIX4
+            or (sum(digits[-1::-2].translate(_TO_INT))
+                + sum(digits[-2::-2].translate(_DOUBLED))) % 10
+            or not data[e - 4:e].isdigit() or _PREFILTER.search(data, e) is not None):
+        return None
+    return data[:s] + data[s:e - 4].translate(table) + data[e - 4:]
 
 
 def candidate_indexes(values: Sequence[bytes | None], *, framed: bool = False) -> list[int]:
