@@ -17,7 +17,7 @@ INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if INTEGRATION_DIR in Path(str(item.fspath)).resolve().parents:
+        if INTEGRATION_DIR in item.path.resolve().parents:
             item.add_marker(pytest.mark.integration)
 
 
