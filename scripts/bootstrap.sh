@@ -11,6 +11,12 @@ cd "$(dirname "$0")/.."
 source scripts/versions.env
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+# Several `make` runs may start at once (agents, a developer's two shells):
+# one bootstrap at a time, the others wait and then find everything cached.
+mkdir -p .cache
+exec 9>.cache/bootstrap.lock
+flock 9
 export DEBIAN_FRONTEND=noninteractive
 
 # --- system packages: PostgreSQL server + contrib (pg_stat_statements), pgbouncer
