@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -28,12 +29,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from pglast import parser as pg  # noqa: E402
 
 from policyd.analysis import analyse  # noqa: E402
 from policyd.client import PolicyClient  # noqa: E402
-from policyd.opa_process import OpaProcess  # noqa: E402
-from policyd.server import PolicyServer  # noqa: E402
+from policyd.opa import OpaEngine  # noqa: E402
+from policyd.opa_process import OpaProcess, free_port  # noqa: E402
 from tap.hooks import Identity, SessionInfo, StatementRequest  # noqa: E402
 
 SQL = ("SELECT p.id, encode(p.card_number::bytea, 'hex') AS h FROM payments p "
@@ -75,12 +78,34 @@ def bench_pglast(n: int) -> dict[str, float]:
     }
 
 
+async def _wait_serving(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(400):
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError("policyd did not become healthy")
+
+
 async def bench_decisions(n_cold: int, n_warm: int) -> dict[str, Any]:
+    """policyd runs in its own process, as in production (tap and policyd
+    are separate processes), so the two do not share one event loop."""
     with OpaProcess(paths=[ROOT / "rego"]) as opa:
-        server = PolicyServer("127.0.0.1:0", opa.url, opa_deadline=2.0)
-        await server.start()
+        target = f"127.0.0.1:{free_port()}"
+        proc = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "pgwarden"), "policyd", "serve", "--listen", target,
+             "--opa-url", opa.url, "--opa-deadline", "2", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        engine = OpaEngine(opa.url, deadline=2.0)
         try:
-            async with PolicyClient(server.target, deadline=5.0) as client:
+            await _wait_serving(target)
+            await engine.start()
+            async with PolicyClient(target, deadline=5.0) as client:
                 for _ in range(200):
                     if client.cache.enabled:
                         break
@@ -106,7 +131,7 @@ async def bench_decisions(n_cold: int, n_warm: int) -> dict[str, Any]:
                 opa_only = []
                 for _ in range(min(n_cold, 1000)):
                     t = time.perf_counter()
-                    await server.engine.query(STATEMENT_PACKAGE, doc)
+                    await engine.query(STATEMENT_PACKAGE, doc)
                     opa_only.append(time.perf_counter() - t)
                 # warm: the same request again is a cache hit in-process
                 hot = StatementRequest(READER, SESSION, SQL, params=("1",))
@@ -118,7 +143,9 @@ async def bench_decisions(n_cold: int, n_warm: int) -> dict[str, Any]:
                     warm.append(time.perf_counter() - t)
                 hits = client.cache.hits
         finally:
-            await server.stop(grace=0)
+            await engine.close()
+            proc.terminate()
+            proc.wait(timeout=10)
     result = {"cold_grpc_pglast_opa": pct(cold), "opa_rest_only": pct(opa_only),
               "warm_cache_hit": pct(warm), "cache_hits": hits}
     result["cold_over_warm_p50"] = round(
@@ -140,7 +167,7 @@ def write_results(data: dict[str, Any], command: str) -> None:
 ## Policy decisions
 
 Measured {data["when"]} with `{command}` (one run on the shared 2-core
-machine; a real OPA {data["opa"]} on rego/, a real policyd on loopback gRPC).
+machine; a real OPA {data["opa"]} on rego/, a real policyd process on loopback gRPC).
 
 pglast entry points, one SELECT with a join (µs per call, best of 3):
 
@@ -185,8 +212,6 @@ def main() -> None:
         pglast_figures["parse_sql_objects_us"] / pglast_figures["parse_sql_json_loads_us"], 1)
     decisions = asyncio.run(bench_decisions(300 if args.quick else 2000,
                                             2000 if args.quick else 20000))
-    import subprocess
-
     from policyd.opa_process import find_opa
 
     opa_version = subprocess.run([find_opa(), "version"], capture_output=True, text=True,

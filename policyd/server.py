@@ -143,9 +143,11 @@ class PolicyService(pb_grpc.PolicyServiceServicer):
     @staticmethod
     def _log(session_id: str, decision_id: str, verdict: Verdict, revision: str,
              analysis: Analysis, **extra: str) -> None:
-        log.info("decision", session_id=session_id, decision_id=decision_id,
-                 verdict=verdict.value, policy_revision=revision,
-                 fingerprint=analysis.fingerprint, parseable=analysis.parseable, **extra)
+        # Allows are the bulk and are in the audit trail anyway: debug only.
+        emit = log.debug if verdict is Verdict.ALLOW and not extra else log.info
+        emit("decision", session_id=session_id, decision_id=decision_id,
+             verdict=verdict.value, policy_revision=revision,
+             fingerprint=analysis.fingerprint, parseable=analysis.parseable, **extra)
 
 
 async def _track_health(engine: OpaEngine, servicer: health.aio.HealthServicer) -> None:
