@@ -138,6 +138,36 @@ class Analysis:
     fingerprint: str = ""
     params_used: tuple[int, ...] = ()  # $n referenced anywhere in the message
 
+    def bind(self, params: tuple[str | None, ...]) -> Analysis:
+        """This analysis with the Bind values placed in its comparisons.
+
+        The SQL of an extended-protocol Parse is analysed once; each Execute
+        only binds. ``params_read`` of a statement lists the parameters whose
+        value the policy can now see (the decision cache keys on them).
+        """
+        if not any(c["param"] for s in self.statements for c in s["comparisons"]):
+            return self
+        statements = []
+        for stmt in self.statements:
+            if not any(c["param"] for c in stmt["comparisons"]):
+                statements.append(stmt)
+                continue
+            comparisons = []
+            read: set[int] = set()
+            for c in stmt["comparisons"]:
+                n = c["param"]
+                if n and 0 < n <= len(params):
+                    c = {**c, "value": _param_value(params[n - 1]), "known": True}
+                    read.add(n)
+                    if _looks_like_pan(str(c["value"])):
+                        c["value"] = "[redacted]"
+                        c["redacted"] = True
+                comparisons.append(c)
+            statements.append({**stmt, "comparisons": comparisons, "params_read": sorted(read)})
+        return Analysis(sql=self.sql, parseable=self.parseable, statements=statements,
+                        error=self.error, fingerprint=self.fingerprint,
+                        params_used=self.params_used)
+
     def to_input(self) -> dict[str, Any]:
         """The ``input.analysis`` document given to the policy."""
         return {
@@ -192,10 +222,11 @@ def analyse(
         fingerprint = pg.fingerprint(sql)
     except Exception:
         fingerprint = ""
-    ctx = _Message(sql, parse_search_path(search_path), user, params)
+    ctx = _Message(sql, parse_search_path(search_path), user)
     statements = [ctx.statement(raw) for raw in tree.get("stmts", [])]
-    return Analysis(sql=sql, parseable=True, statements=statements, fingerprint=fingerprint,
-                    params_used=tuple(sorted(ctx.params_used)))
+    result = Analysis(sql=sql, parseable=True, statements=statements, fingerprint=fingerprint,
+                      params_used=tuple(sorted(ctx.params_used)))
+    return result if params is None else result.bind(params)
 
 
 def _strings(items: list[Node] | None) -> list[str]:
@@ -284,12 +315,10 @@ class _Scope:
 class _Message:
     """State shared by the statements of one message (search_path, PREPAREs)."""
 
-    def __init__(self, sql: str, search_path: list[str], user: str,
-                 params: tuple[str | None, ...] | None) -> None:
+    def __init__(self, sql: str, search_path: list[str], user: str) -> None:
         self.raw = sql.encode()
         self.search_path = search_path
         self.user = user
-        self.params = params
         self.params_used: set[int] = set()
         self.prepared: dict[str, dict[str, Any]] = {}
 
@@ -314,7 +343,6 @@ class _Statement:
         self.functions: dict[tuple[str, str], dict[str, Any]] = {}
         self.comparisons: list[dict[str, Any]] = []
         self.outputs: list[dict[str, Any]] = []
-        self.params_read: set[int] = set()
         self.flags: dict[str, Any] = {
             "data_modifying_cte": False,
             "select_into": False,
@@ -357,7 +385,7 @@ class _Statement:
             "bounded": not any(
                 k[2] == "read" for k in self.unbounded_reads if k in self.relations),
             "limited": self.limited,
-            "params_read": sorted(self.params_read),
+            "params_read": [],
             **self.flags,
             **self.details,
         }
@@ -1178,16 +1206,12 @@ class _Statement:
             inner = inner["TypeCast"].get("arg", {})
         if "ParamRef" in inner:
             number = inner["ParamRef"].get("number", 0)
-            entry["param"] = number
             self._param(number)
-            params = self.msg.params
-            if params is not None and 0 < number <= len(params):
-                entry["value"] = _param_value(params[number - 1])
-                entry["known"] = True
-                self.params_read.add(number)
-            else:
-                entry["value"] = None
-                entry["known"] = False
+            # Filled in by Analysis.bind() when the Bind values are known
+            # (not for BETWEEN SYMMETRIC, whose bounds may swap).
+            entry["param"] = number if known else None
+            entry["value"] = None
+            entry["known"] = False
         else:
             is_known, value = _const_value(other)
             entry["value"] = value

@@ -35,10 +35,12 @@ SERVICE_NAME = "pgwarden.policy.v1.PolicyService"
 
 
 class AnalysisCache:
-    """Analyses by (sql, search_path, role, params): pure, so always reusable.
+    """Analyses by (sql, search_path, role): pure, so always reusable.
 
-    Saves pglast work when many identities send the same statements; the
-    tap's DecisionCache cannot, being keyed on groups and revision too.
+    A prepared statement's text is analysed once, each Execute only binds
+    its parameter values; many identities sending the same statements share
+    the pglast work, which the tap's DecisionCache cannot (it is keyed on
+    groups and revision too).
     """
 
     def __init__(self, maxsize: int = 4096) -> None:
@@ -47,16 +49,16 @@ class AnalysisCache:
 
     def get(self, sql: str, search_path: str, user: str,
             params: tuple[str | None, ...] | None) -> Analysis:
-        key = (sql, search_path, user, params)
+        key = (sql, search_path, user)
         found = self._items.get(key)
         if found is not None:
             self._items.move_to_end(key)
-            return found
-        result = analyse(sql, search_path=search_path, user=user, params=params)
-        self._items[key] = result
-        if len(self._items) > self.maxsize:
-            self._items.popitem(last=False)
-        return result
+        else:
+            found = analyse(sql, search_path=search_path, user=user)
+            self._items[key] = found
+            if len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+        return found if params is None else found.bind(params)
 
 
 class PolicyService(pb_grpc.PolicyServiceServicer):

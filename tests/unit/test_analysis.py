@@ -211,3 +211,17 @@ def test_never_raises_on_any_text(sql: str) -> None:
 def test_never_raises_on_sql_like_tokens(tokens: list[str]) -> None:
     a = analyse(" ".join(tokens), params=("5",))
     assert a.parseable or a.error
+
+
+def test_bind_places_values_without_reanalysing() -> None:
+    parsed = analyse("select * from payments where amount > $1 and id = $2")
+    assert [c["known"] for c in parsed.statements[0]["comparisons"]] == [False, False]
+    bound = parsed.bind(("20000", None))
+    comps = bound.statements[0]["comparisons"]
+    assert (comps[0]["value"], comps[0]["known"]) == (20000, True)
+    assert (comps[1]["value"], comps[1]["known"]) == (None, True)  # NULL is a known value
+    assert bound.statements[0]["params_read"] == [1, 2]
+    assert parsed.statements[0]["params_read"] == []  # the parsed analysis is untouched
+    assert analyse("select 1").bind(("x",)).statements[0]["params_read"] == []
+    redacted = parsed.bind(("4111111111111111", "1")).statements[0]["comparisons"][0]
+    assert redacted["value"] == "[redacted]" and redacted["redacted"]
