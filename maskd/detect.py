@@ -39,6 +39,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate
+from typing import overload
 
 import re2
 
@@ -52,6 +53,7 @@ __all__ = [
     "find_pans",
     "is_pan_digits",
     "luhn_ok",
+    "mask_bytes",
     "mask_pans",
     "may_contain_pan",
     "scrub",
@@ -356,26 +358,63 @@ def _quote_bare_numbers(original: bytes, masked: bytes) -> bytes:
 # public API
 
 
-def find_pans(data: bytes) -> list[tuple[int, int]]:
-    """Spans ``(start, end)`` of plain-text PANs in ``data``, sorted by start.
+@overload
+def find_pans(data: bytes) -> list[tuple[int, int]]: ...
+@overload
+def find_pans(data: str) -> list[tuple[int, int]]: ...
 
-    Spans cover digits and inner separators. Two spans may overlap when two
-    windows of one separated run both qualify. Hidden forms (JSON escapes,
-    bytea hex) are reported by :func:`contains_pan`/:func:`mask_pans`, not
-    here, because their offsets do not map one to one.
+
+def find_pans(data: bytes | str) -> list[tuple[int, int]]:
+    """Spans ``(start, end)`` of plain-text PANs in ``data``, sorted by start
+    (byte offsets for bytes, character offsets for str).
+
+    Spans cover digits and inner separators. When a whole separated run is
+    one PAN, windows inside it are not reported; otherwise two spans may
+    overlap when two windows of one run both qualify. Hidden forms (JSON
+    escapes, bytea hex) are reported by :func:`contains_pan` and masked by
+    :func:`mask_pans`, not listed here: their offsets do not map one to one.
     """
+    if isinstance(data, str):
+        raw = data.encode("utf-8", "surrogatepass")
+        spans = find_pans(raw)
+        if raw.isascii():
+            return spans
+        def char_offset(b: int) -> int:
+            return len(raw[:b].decode("utf-8", "surrogatepass"))
+        return [(char_offset(s), char_offset(e)) for s, e in spans]
     if not may_contain_pan(data):
         return []
     return sorted(_plain_spans(data))
 
 
-def mask_pans(data: bytes, style: str = "last4", *, mask: bytes = MASK_CHAR,
-              json: bool = False, bytea: bool = False) -> tuple[bytes, int]:
+@overload
+def mask_pans(data: bytes, style: str = ..., *, mask: bytes = ..., json: bool = ...,
+              bytea: bool = ...) -> tuple[bytes, int]: ...
+@overload
+def mask_pans(data: str, style: str = ..., *, mask: bytes = ..., json: bool = ...,
+              bytea: bool = ...) -> tuple[str, int]: ...
+
+
+def mask_pans(data: bytes | str, style: str = "last4", *, mask: bytes = MASK_CHAR,
+              json: bool = False, bytea: bool = False) -> tuple[bytes, int] | tuple[str, int]:
     """Masked copy of ``data`` and the number of PANs found (0: the very
     same object is returned). ``style`` is ``last4`` or ``first6_last4``;
     ``mask`` is one byte (``0`` keeps numbers parseable). ``json=True``
     quotes masked bare JSON numbers so json/jsonb values stay valid;
-    ``bytea=True`` (a bytea value in hex output) reads hex only as hex."""
+    ``bytea=True`` (a bytea value in hex output) reads hex only as hex.
+    A str is masked as its UTF-8 encoding and returned as str."""
+    if isinstance(data, str):
+        if len(data) < MIN_DIGITS:
+            return data, 0
+        out, n = mask_bytes(data.encode("utf-8", "surrogatepass"), style, mask, json, bytea)
+        return (out.decode("utf-8", "surrogatepass"), n) if n else (data, 0)
+    return mask_bytes(data, style, mask, json, bytea)
+
+
+def mask_bytes(data: bytes, style: str = "last4", mask: bytes = MASK_CHAR, json: bool = False,
+               bytea: bool = False) -> tuple[bytes, int]:
+    """:func:`mask_pans` for bytes only, without the type dispatch: the
+    per-value hot path of the engine."""
     if len(data) < MIN_DIGITS or len(data) - len(data.translate(None, _DIGITS)) < MIN_DIGITS:
         return data, 0
     if b"\\" not in data and not json:
@@ -453,18 +492,13 @@ def candidate_indexes(values: Sequence[bytes | None], *, framed: bool = False) -
 
 def contains_pan(data: bytes | str) -> bool:
     """True when ``data`` holds a PAN in any supported form."""
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    return mask_pans(raw)[1] > 0
+    return mask_pans(data)[1] > 0
 
 
 def scrub(text: str) -> str:
     """``text`` with every PAN masked (last four kept): for log lines, audit
     records, SQL text and error messages before they are stored."""
-    if len(text) < MIN_DIGITS:
-        return text
-    raw = text.encode("utf-8", "surrogatepass")
-    masked, n = mask_pans(raw)
-    return masked.decode("utf-8", "surrogatepass") if n else text
+    return mask_pans(text)[0]
 
 
 def scrubber() -> Callable[[str], str]:

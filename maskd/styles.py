@@ -32,7 +32,7 @@ import hashlib
 import struct
 from collections.abc import Callable
 
-from maskd.detect import MASK_CHAR, is_pan_digits, mask_pans
+from maskd.detect import MASK_CHAR, is_pan_digits, mask_bytes
 
 __all__ = [
     "REDACTED",
@@ -177,7 +177,7 @@ def hmac_text(key: bytes, v: bytes) -> bytes:
     ~1e-5 case that the hex spells a PAN-like run, that run is masked
     (deterministically, so joins still work)."""
     out = _hmac_bytes(key, v).hex()[:HMAC_HEX_CHARS].encode("ascii")
-    return mask_pans(out)[0]
+    return mask_bytes(out)[0]
 
 
 def _hmac_int(key: bytes, v: bytes, bits: int) -> int:
@@ -345,11 +345,11 @@ def _bytea_decode(v: bytes) -> bytes | None:
 
 
 def _scan_text(v: bytes) -> bytes:
-    return mask_pans(v)[0]
+    return mask_bytes(v)[0]
 
 
 def _scan_text_first6(v: bytes) -> bytes:
-    return mask_pans(v, "first6_last4")[0]
+    return mask_bytes(v, "first6_last4")[0]
 
 
 def _scan_number_text(v: bytes) -> bytes:
@@ -393,17 +393,17 @@ def content_fn(oid: int, fmt: int, style: str = "last4") -> ValueFn | None:
     if oid in JSON_TYPES:
         if fmt == 1 and oid == Oid.JSONB:
             def jsonb_bin(v: bytes) -> bytes:
-                out, n = mask_pans(v[1:], style, json=True)
+                out, n = mask_bytes(v[1:], style, json=True)
                 return b"\x01" + out if n else v
             return jsonb_bin
-        return lambda v: mask_pans(v, style, json=True)[0]
+        return lambda v: mask_bytes(v, style, json=True)[0]
     if oid == Oid.BYTEA and fmt == 0:
-        return lambda v: mask_pans(v, style, bytea=True)[0]
+        return lambda v: mask_bytes(v, style, bytea=True)[0]
     if fmt == 0:
         if oid in NUMBER_ARRAY_TYPES:
             # {4111111111111111,...}: a 0 keeps the array parseable; a number
             # starting with 0 has no issuer prefix.
-            return lambda v: mask_pans(v, style, mask=b"0")[0]
+            return lambda v: mask_bytes(v, style, mask=b"0")[0]
         return scan  # text, varchar, bytea hex, arrays, records, xml, ...
     if oid in TEXT_TYPES or oid == Oid.BYTEA:
         return scan

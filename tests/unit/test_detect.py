@@ -297,6 +297,14 @@ def test_scrub_and_contains_on_str() -> None:
     assert scrub("é 4111 1111 1111 1111 ü") == "é XXXX XXXX XXXX 1111 ü"
 
 
+def test_str_api() -> None:
+    text = "é: 4111 1111 1111 1111, ü 5555555555554444"
+    spans = find_pans(text)
+    assert [text[s:e] for s, e in spans] == ["4111 1111 1111 1111", "5555555555554444"]
+    assert mask_pans(text) == ("é: XXXX XXXX XXXX 1111, ü XXXXXXXXXXXX4444", 2)
+    assert mask_pans("short") == ("short", 0)
+
+
 def test_luhn_and_digit_count() -> None:
     assert luhn_ok(b"79927398713")
     assert not luhn_ok(b"79927398710")
