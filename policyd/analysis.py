@@ -996,6 +996,8 @@ class _Statement:
         if not isinstance(node, dict):
             return
         for key, value in node.items():
+            if not isinstance(value, (dict, list)):
+                continue  # locations, flags, names: most keys of a node
             if key == "ColumnRef":
                 out |= self._column(value["fields"], scope, record_refs)
             elif key == "FuncCall":
@@ -1021,7 +1023,7 @@ class _Statement:
                     out |= src
             elif key == "RangeVar":
                 self._relation(value, "read", scope)
-            elif isinstance(value, (dict, list)):
+            else:
                 self._expr_into(value, scope, out, record_refs)
 
     def _param(self, number: int) -> None:
