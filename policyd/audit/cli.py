@@ -86,7 +86,7 @@ def accessor() -> str:
 def record_access(store: AuditStore, action: str, target: str, **detail: Any) -> None:
     """Append the evidence-access record, or stop the command (exit 2)."""
     event = EvidenceAccessEvent(
-        action=action,  # type: ignore[arg-type]
+        action=action,
         accessor=accessor(),
         host=socket.gethostname(),
         target=target,

@@ -154,49 +154,87 @@ class AuditStore:
         spool_n: int | None = None,
     ) -> list[int]:
         """``append`` for rows already made (and scrubbed) by the caller:
-        ``(table, non-chain columns)`` pairs, as the writer reads them from
-        its spool."""
-        head_t = table_of(ChainHead)
-        shead_t = table_of(SessionHead)
+        ``(table, non-chain columns)`` pairs."""
         with self.engine.begin() as conn:
-            head = conn.execute(
-                select(head_t.c.seq, head_t.c.hash).where(head_t.c.id == 1).with_for_update()
-            ).one_or_none()
-            seq, prev = (int(head[0]), str(head[1])) if head else (0, GENESIS)
-            sids = sorted({str(row["session_id"]) for _, row in contents})
-            heads: dict[str, tuple[int, str]] = {}
-            for chunk_start in range(0, len(sids), 500):
-                chunk = sids[chunk_start : chunk_start + 500]
-                for sid, sseq, shash in conn.execute(
-                    select(shead_t.c.session_id, shead_t.c.session_seq, shead_t.c.hash).where(
-                        shead_t.c.session_id.in_(chunk)
-                    )
-                ):
-                    heads[sid] = (int(sseq), str(shash))
-            known = set(heads)
-            by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            seqs: list[int] = []
-            for table, content in contents:
-                row = dict(content)
-                sid = str(row["session_id"])
-                seq += 1
-                sseq, sprev = heads.get(sid, (0, GENESIS))
-                row.update(seq=seq, session_seq=sseq + 1, session_prev_hash=sprev, prev_hash=prev)
-                body = canonical(table, row)  # one serialisation serves both chains
-                row["hash"] = prev = hash_canonical(prev, body)
-                row["session_hash"] = hash_canonical(sprev, body)
-                heads[sid] = (sseq + 1, row["session_hash"])
-                by_table[table].append(row)
-                seqs.append(seq)
-            for table, rows in by_table.items():
-                self._insert(conn, table, rows)
-            if head is None:
-                conn.execute(head_t.insert(), [{"id": 1, "seq": seq, "hash": prev}])
-            else:
-                conn.execute(update(head_t).where(head_t.c.id == 1).values(seq=seq, hash=prev))
-            self._move_session_heads(conn, heads, known, set(sids))
+            seqs = self._chain_and_insert(conn, contents)
             if writer_id is not None and spool_n is not None:
                 self._set_writer_position(conn, writer_id, spool_n)
+        return seqs
+
+    def append_spooled(
+        self, writer_id: str, items: Sequence[tuple[int, tuple[str, dict[str, Any]]]]
+    ) -> tuple[int, int]:
+        """Store spooled ``(n, content)`` items of one producer exactly once.
+
+        Inside the transaction, after the chain head is locked (which
+        serialises every appender), items numbered at or below the
+        producer's stored position are dropped as duplicates (a retry after a
+        timeout or a crash). ``n == 0`` items are always stored. Returns the
+        producer's new position and the number of duplicates dropped.
+        """
+        t = table_of(WriterState)
+        with self.engine.begin() as conn:
+            self._lock_head(conn)
+            pos = int(
+                conn.execute(select(t.c.spool_n).where(t.c.writer_id == writer_id)).scalar() or 0
+            )
+            fresh = [(n, c) for n, c in items if n == 0 or n > pos]
+            self._chain_and_insert(conn, [c for _, c in fresh])
+            new_pos = max([pos, *(n for n, _ in fresh)])
+            if new_pos != pos:
+                self._set_writer_position(conn, writer_id, new_pos)
+        return new_pos, len(items) - len(fresh)
+
+    def _lock_head(self, conn: Connection) -> tuple[int, str] | None:
+        head_t = table_of(ChainHead)
+        head = conn.execute(
+            select(head_t.c.seq, head_t.c.hash).where(head_t.c.id == 1).with_for_update()
+        ).one_or_none()
+        return (int(head[0]), str(head[1])) if head else None
+
+    def _chain_and_insert(
+        self, conn: Connection, contents: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[int]:
+        """Number, hash and insert ``contents``; move the heads. Takes the
+        chain head lock (again, harmlessly, if the caller already holds it)."""
+        if not contents:
+            return []
+        head_t = table_of(ChainHead)
+        shead_t = table_of(SessionHead)
+        head = self._lock_head(conn)
+        seq, prev = head if head else (0, GENESIS)
+        sids = sorted({str(row["session_id"]) for _, row in contents})
+        heads: dict[str, tuple[int, str]] = {}
+        for chunk_start in range(0, len(sids), 500):
+            chunk = sids[chunk_start : chunk_start + 500]
+            for sid, sseq, shash in conn.execute(
+                select(shead_t.c.session_id, shead_t.c.session_seq, shead_t.c.hash).where(
+                    shead_t.c.session_id.in_(chunk)
+                )
+            ):
+                heads[sid] = (int(sseq), str(shash))
+        known = set(heads)
+        by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        seqs: list[int] = []
+        for table, content in contents:
+            row = dict(content)
+            sid = str(row["session_id"])
+            seq += 1
+            sseq, sprev = heads.get(sid, (0, GENESIS))
+            row.update(seq=seq, session_seq=sseq + 1, session_prev_hash=sprev, prev_hash=prev)
+            body = canonical(table, row)  # one serialisation serves both chains
+            row["hash"] = prev = hash_canonical(prev, body)
+            row["session_hash"] = hash_canonical(sprev, body)
+            heads[sid] = (sseq + 1, row["session_hash"])
+            by_table[table].append(row)
+            seqs.append(seq)
+        for table, rows in by_table.items():
+            self._insert(conn, table, rows)
+        if head is None:
+            conn.execute(head_t.insert(), [{"id": 1, "seq": seq, "hash": prev}])
+        else:
+            conn.execute(update(head_t).where(head_t.c.id == 1).values(seq=seq, hash=prev))
+        self._move_session_heads(conn, heads, known, set(sids))
         return seqs
 
     def _insert(self, conn: Connection, table: str, rows: list[dict[str, Any]]) -> None:

@@ -28,16 +28,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
 from policyd.audit.chain import CheckpointLog, checkpoints_path, key_path, load_or_create_key
 from policyd.audit.events import Event, GatewayEvent, event_to_json
-from policyd.audit.models import event_to_content, spooled_to_content
 from policyd.audit.scrub import scrub_event
+from policyd.audit.sinks import Checkpointer, Sink, StoreSink
 from policyd.audit.spool import Spool, SpoolEntry, SpoolError
-from policyd.audit.store import AuditStore, store_url
+from policyd.audit.store import store_url
 
 log = structlog.get_logger("pgwarden.audit.writer")
 
@@ -51,7 +50,6 @@ class WriterStats:
     refused: int = 0
     batches: int = 0
     outages: int = 0
-    checkpoints: int = 0
     memory_dropped: int = 0
 
 
@@ -81,6 +79,7 @@ class AuditWriter:
         create_key: bool = True,
         component: str = "policyd",
         retry_max_seconds: float = 5.0,
+        sink: Sink | None = None,
     ) -> None:
         self.url = store_url(store)
         self.spool = Spool(Path(spool_path), max_bytes=max_spool_bytes)
@@ -100,8 +99,7 @@ class AuditWriter:
         self._signing_key = key_path(signing_key)
         self._checkpoint_file = checkpoints_path(checkpoint_file)
         self._create_key = create_key
-        self._checkpoints: CheckpointLog | None = None
-        self._store: AuditStore | None = None
+        self._sink = sink
         self._stored_n: int | None = None  # spool number stored, once known
         self._memory: collections.deque[Event] = collections.deque()
         self._max_memory = max_memory_events
@@ -110,8 +108,6 @@ class AuditWriter:
         self._stopping = threading.Event()
         self._outage_since: float | None = None
         self._outage_error = ""
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
         self._threads: list[threading.Thread] = []
         self._idle = threading.Event()
 
@@ -155,18 +151,38 @@ class AuditWriter:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> AuditWriter:
-        """Start the writer and flusher threads; records a gateway ``start``."""
-        try:
-            key = load_or_create_key(self._signing_key, create=self._create_key)
-            self._checkpoints = CheckpointLog(self._checkpoint_file, key)
-        except Exception as exc:
-            log.error("audit_signing_key_unavailable", error=str(exc))
+        """Start the writer and flusher threads; records a gateway ``start``.
+
+        Without an explicit ``sink`` the writer stores directly and signs
+        checkpoints itself with the key at ``signing_key`` (created if absent
+        and ``create_key``; without a key it runs unsigned and says so).
+        """
+        if self._sink is None:
+            checkpointer = None
+            try:
+                key = load_or_create_key(self._signing_key, create=self._create_key)
+                checkpointer = Checkpointer(
+                    CheckpointLog(self._checkpoint_file, key),
+                    every=self.checkpoint_every,
+                    seconds=self.checkpoint_seconds,
+                    writer_id=self.writer_id,
+                )
+            except Exception as exc:
+                log.error("audit_signing_key_unavailable", error=str(exc))
+            self._sink = StoreSink(self.url, checkpointer)
         self.submit([self._gateway("start", writer_id=self.writer_id)])
         for target, name in ((self._run, "audit-writer"), (self._flush_loop, "audit-fsync")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         return self
+
+    @property
+    def checkpoints(self) -> int:
+        sink = self._sink
+        if isinstance(sink, StoreSink) and sink.checkpointer is not None:
+            return sink.checkpointer.count
+        return 0
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything submitted so far is stored; False on timeout."""
@@ -190,11 +206,12 @@ class AuditWriter:
         self._notify()
         for t in self._threads:
             t.join(timeout=5)
-        if drained:
-            self._checkpoint(force=True)
         self.spool.close()
-        if self._store is not None:
-            self._store.close()
+        if self._sink is not None:
+            try:
+                self._sink.close()  # signs a final checkpoint when it stores directly
+            except Exception as exc:
+                log.error("audit_sink_close_failed", error=type(exc).__name__)
         return drained
 
     def __enter__(self) -> AuditWriter:
@@ -207,7 +224,7 @@ class AuditWriter:
 
     def _gateway(self, action: str, **detail: object) -> GatewayEvent:
         return GatewayEvent(
-            action=action,  # type: ignore[arg-type]
+            action=action,
             component=self.component,
             instance=socket.gethostname(),
             detail=dict(detail),
@@ -224,30 +241,26 @@ class AuditWriter:
             except OSError as exc:
                 log.error("audit_spool_fsync_failed", error=exc.strerror)
 
-    def _connect(self) -> AuditStore:
-        if self._store is None:
-            self._store = AuditStore(self.url, migrate=True)
-        if self._stored_n is None:
-            self._stored_n = self._store.writer_position(self.writer_id)
-        return self._store
-
-    def _next_batch(self) -> tuple[list[SpoolEntry], list[tuple[str, dict[str, Any]]]]:
-        if self._stored_n is None:
-            return [], []
+    def _next_batch(self) -> list[SpoolEntry]:
+        assert self._stored_n is not None
         entries = self.spool.read(self._stored_n, self.batch_size)
         if entries:
-            return entries, [spooled_to_content(e.event) for e in entries]
+            return entries
         with self._submit_lock:
             mem = [self._memory[i] for i in range(min(self.batch_size, len(self._memory)))]
-        return [], [event_to_content(e) for e in mem]
+        # n = 0: not spooled, stored without deduplication (fail-open path)
+        return [SpoolEntry(0, e.model_dump(mode="json"), 0) for e in mem]
 
     def _run(self) -> None:
         backoff = 0.1
+        assert self._sink is not None
+        sink = self._sink
         while True:
             try:
-                store = self._connect()
-                entries, events = self._next_batch()
-                if not events:
+                if self._stored_n is None:
+                    self._stored_n = sink.position(self.writer_id)
+                entries = self._next_batch()
+                if not entries:
                     self._recovered()
                     self._idle.set()
                     if self._stopping.is_set():
@@ -255,24 +268,19 @@ class AuditWriter:
                     with self._wake:
                         self._wake.wait(0.5)
                     continue
-                if entries:
-                    store.append_content(
-                        events, writer_id=self.writer_id, spool_n=entries[-1].n
-                    )
-                    self._stored_n = entries[-1].n
+                stored_n = sink.append(self.writer_id, entries)
+                if entries[0].n:
+                    self._stored_n = max(stored_n, entries[-1].n)
                     self.spool.advance(entries[-1])
                 else:
-                    store.append_content(events)
                     with self._submit_lock:
-                        for _ in events:
+                        for _ in entries:
                             self._memory.popleft()
-                self.stats.stored += len(events)
+                self.stats.stored += len(entries)
                 self.stats.batches += 1
-                self._since_checkpoint += len(events)
                 backoff = 0.1
                 self._recovered()
-                self._checkpoint()
-                if entries:
+                if entries[0].n:
                     self.spool.compact(entries[-1].n, self.compact_bytes)
             except Exception as exc:
                 self._outage(exc)
@@ -290,8 +298,6 @@ class AuditWriter:
         self.stats.outages += 1
         # The message can echo connection parameters; log the class only.
         log.error("audit_store_unreachable", error=self._outage_error, writer=self.writer_id)
-        if self._store is not None:
-            self._store.engine.dispose()
         self.submit([self._gateway("sink_outage", error=self._outage_error)])
 
     def _recovered(self) -> None:
@@ -303,22 +309,3 @@ class AuditWriter:
         self.submit(
             [self._gateway("sink_recovered", outage_seconds=seconds, error=self._outage_error)]
         )
-
-    def _checkpoint(self, *, force: bool = False) -> None:
-        if self._checkpoints is None or self._store is None:
-            return
-        due = (
-            self._since_checkpoint >= self.checkpoint_every
-            or time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds
-        )
-        if not (due or (force and self._since_checkpoint)):
-            return
-        try:
-            seq, head = self._store.head()
-            if seq:
-                self._checkpoints.append("periodic", seq, head, writer_id=self.writer_id)
-                self.stats.checkpoints += 1
-            self._since_checkpoint = 0
-            self._last_checkpoint = time.monotonic()
-        except Exception as exc:
-            log.error("audit_checkpoint_failed", error=type(exc).__name__)

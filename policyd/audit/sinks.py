@@ -1,0 +1,148 @@
+"""Where an :class:`~policyd.audit.writer.AuditWriter` ships its spool.
+
+- :class:`StoreSink`: straight into the audit store (policyd, the CLI, tests).
+- :class:`GrpcSink`: to policyd's ``AuditSink`` service (the tap), which
+  stores with the same exactly-once rule.
+
+Both raise on failure; the writer keeps the events spooled and retries.
+:class:`Checkpointer` signs the chain head every N records or T seconds on
+whichever side writes the store.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from policyd.audit.chain import CheckpointLog
+from policyd.audit.models import spooled_to_content
+from policyd.audit.spool import SpoolEntry
+from policyd.audit.store import AuditStore
+
+log = structlog.get_logger("pgwarden.audit.sink")
+
+
+class Sink(Protocol):
+    def position(self, writer_id: str) -> int:
+        """Last spool number of ``writer_id`` already stored."""
+        ...
+
+    def append(self, writer_id: str, entries: Sequence[SpoolEntry]) -> int:
+        """Store ``entries`` (in order, exactly once); return the new position."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Checkpointer:
+    """Signs the chain head every ``every`` records or ``seconds`` seconds."""
+
+    def __init__(self, log_: CheckpointLog, *, every: int = 10_000, seconds: float = 300.0,
+                 writer_id: str = "") -> None:
+        self.log = log_
+        self.every = every
+        self.seconds = seconds
+        self.writer_id = writer_id
+        self.pending = 0
+        self.count = 0
+        self._last = time.monotonic()
+
+    def note(self, stored: int, head: Callable[[], tuple[int, str]], *, force: bool = False) -> None:
+        self.pending += stored
+        due = self.pending >= self.every or time.monotonic() - self._last >= self.seconds
+        if not (due or (force and self.pending)):
+            return
+        try:
+            seq, head_hash = head()
+            if seq:
+                self.log.append("periodic", seq, head_hash, writer_id=self.writer_id)
+                self.count += 1
+            self.pending = 0
+            self._last = time.monotonic()
+        except Exception as exc:
+            # A missed checkpoint widens the unsigned window; it never loses records.
+            log.error("audit_checkpoint_failed", error=type(exc).__name__)
+
+
+class StoreSink:
+    """Writes into an :class:`AuditStore`, opened (and migrated) lazily so a
+    store that is down at start-up is just an outage."""
+
+    def __init__(self, url: str, checkpointer: Checkpointer | None = None) -> None:
+        self.url = url
+        self.checkpointer = checkpointer
+        self._store: AuditStore | None = None
+
+    def _open(self) -> AuditStore:
+        if self._store is None:
+            self._store = AuditStore(self.url, migrate=True)
+        return self._store
+
+    def position(self, writer_id: str) -> int:
+        try:
+            return self._open().writer_position(writer_id)
+        except Exception:
+            self._reset()
+            raise
+
+    def append(self, writer_id: str, entries: Sequence[SpoolEntry]) -> int:
+        store = self._open()
+        items = [(e.n, spooled_to_content(e.event)) for e in entries]
+        try:
+            stored_n, _dups = store.append_spooled(writer_id, items)
+        except Exception:
+            self._reset()
+            raise
+        if self.checkpointer is not None:
+            self.checkpointer.note(len(items), store.head)
+        return stored_n
+
+    def _reset(self) -> None:
+        if self._store is not None:
+            self._store.engine.dispose()
+
+    def close(self) -> None:
+        if self._store is not None:
+            if self.checkpointer is not None:
+                self.checkpointer.note(0, self._store.head, force=True)
+            self._store.close()
+
+
+class GrpcSink:
+    """Ships spooled events to policyd's ``pgwarden.audit.v1.AuditSink``."""
+
+    def __init__(self, target: str, *, timeout: float = 10.0, channel: Any = None) -> None:
+        import grpc
+
+        from pgwarden._proto import audit_pb2, audit_pb2_grpc
+
+        self._pb = audit_pb2
+        self._channel = channel or grpc.insecure_channel(target)
+        self._stub = audit_pb2_grpc.AuditSinkStub(self._channel)  # type: ignore[no-untyped-call]
+        self.timeout = timeout
+
+    def position(self, writer_id: str) -> int:
+        reply = self._stub.Position(
+            self._pb.PositionRequest(writer_id=writer_id), timeout=self.timeout
+        )
+        return int(reply.stored_n)
+
+    def append(self, writer_id: str, entries: Sequence[SpoolEntry]) -> int:
+        req = self._pb.AppendRequest(
+            writer_id=writer_id,
+            events=[
+                self._pb.SpooledEvent(
+                    n=e.n, event_json=json.dumps(e.event, ensure_ascii=False).encode()
+                )
+                for e in entries
+            ],
+        )
+        reply = self._stub.Append(req, timeout=self.timeout)
+        return int(reply.stored_n)
+
+    def close(self) -> None:
+        self._channel.close()
