@@ -849,6 +849,7 @@ class _Statement:
                     values.append(value)
             if values:
                 self.msg.search_path = values
+                self.details["search_path"] = values
         elif name == "search_path" and kind in ("VAR_SET_DEFAULT", "VAR_RESET"):
             self.msg.search_path = ["$user", "public"]
 

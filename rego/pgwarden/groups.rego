@@ -27,6 +27,16 @@ housekeeping(s) if {
 	s.command == "set"
 	not s.set_role
 	not s.session_authorization
+	not shadows_catalog(s)
+}
+
+# `SET search_path = evil, pg_catalog` makes an unqualified lower() run
+# evil.lower(): built-ins must stay first for non-administrators.
+shadows_catalog(s) if {
+	s.setting == "search_path"
+	some i, schema in s.search_path
+	schema == "pg_catalog"
+	i > 0
 }
 
 read_only(s) if {

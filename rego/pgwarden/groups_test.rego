@@ -25,6 +25,10 @@ test_reader_housekeeping if permits("fraud-readers", f.statement({"command": "tr
 
 test_reader_plain_set if permits("fraud-readers", f.statement({"command": "set"}))
 
+test_reader_search_path if permits("fraud-readers", f.statement({"command": "set", "setting": "search_path", "search_path": ["pg_catalog", "public"]}))
+
+test_reader_search_path_shadowing_catalog if not permits("fraud-readers", f.statement({"command": "set", "setting": "search_path", "search_path": ["evil", "pg_catalog"]}))
+
 test_reader_no_write if not permits("fraud-readers", f.statement({"command": "update", "relations": [f.rel("public.payments", "write", ["amount"], true)]}))
 
 test_reader_no_ddl if not permits("fraud-readers", f.statement({"command": "ddl"}))

@@ -24,7 +24,11 @@ member_groups := {g | some g in input.identity.groups; group_table[g]}
 
 querying_groups := {g | some g in member_groups; group_table[g].may_query}
 
-permitting(i) := {g | some g in querying_groups; [g, i] in groups.permitted}
+# statement index -> the member groups that permit it
+permitting := {i: gs |
+	some i, _ in statements
+	gs := {g | some g in querying_groups; [g, i] in groups.permitted}
+}
 
 approval_keys := {[g, i] | some entry in groups.approval; g := entry[0]; i := entry[1]}
 
@@ -39,7 +43,7 @@ deny_reasons contains msg if {
 deny_reasons contains msg if {
 	count(querying_groups) > 0
 	some i, s in statements
-	count(permitting(i)) == 0
+	count(permitting[i]) == 0
 	msg := sprintf("statement %d (%s) is not permitted for groups %v", [i + 1, s.command, sort_set(querying_groups)])
 }
 
@@ -55,7 +59,7 @@ sort_set(s) := sort([x | some x in s])
 # Statement i needs an approval when no permitting group runs it without one.
 approval_reasons contains reason if {
 	some i, _ in statements
-	p := permitting(i)
+	p := permitting[i]
 	count(p) > 0
 	every g in p {
 		[g, i] in approval_keys
@@ -142,7 +146,7 @@ record_rows := "masked_rows" if {
 allow_reasons contains msg if {
 	allow
 	some i, _ in statements
-	msg := sprintf("statement %d permitted for %v", [i + 1, sort_set(permitting(i))])
+	msg := sprintf("statement %d permitted for %v", [i + 1, sort_set(permitting[i])])
 }
 
 decision := {

@@ -181,6 +181,9 @@ CORPUS: list[Case] = [
     case("BEGIN", "flag:transaction_control", fraud="allow", writer="allow"),
     case("SHOW search_path", "cmd:show", fraud="allow", writer="allow"),
     case("SET statement_timeout = 1000", "cmd:set", fraud="allow", writer="allow"),
+    case("SET search_path = public", "cmd:set", fraud="allow", writer="allow"),
+    case("SET search_path = evil, pg_catalog", "cmd:set"),  # evil.lower() for lower()
+    case("SET search_path = evil, pg_catalog; SELECT lower('a')", "cmd:set"),
     case("INSERT INTO payments (customer_id, amount) VALUES (1, 5)",
          "rel:public.payments:write", writer="allow"),
     case("UPDATE payments SET amount = 6 WHERE id = 1", "cmd:update", writer="allow"),

@@ -18,12 +18,23 @@ pan_columns := {c | some c, kind in columns; kind == "pan"}
 
 sad_columns := {c | some c, kind in columns; kind == "sad"}
 
-# The classified columns of one schema.table.
-table_columns(table, kind) := {c |
-	some c, k in columns
-	k == kind
-	startswith(c, concat("", [table, "."]))
+# schema.table -> kind -> its classified columns, computed once per query.
+classified := {table: kinds |
+	some c, _ in columns
+	parts := split(c, ".")
+	table := concat(".", [parts[0], parts[1]])
+	kinds := {kind: cols |
+		some _, kind in columns
+		cols := {col |
+			some col, k in columns
+			k == kind
+			startswith(col, concat("", [table, "."]))
+		}
+	}
 }
+
+# The classified columns of one schema.table.
+table_columns(table, kind) := object.get(classified, [table, kind], set())
 
 is_cardholder(rel) if {
 	some cand in rel.candidates
@@ -42,8 +53,8 @@ touches(rel, kind) if {
 }
 
 touches(rel, kind) if {
-	some cand in rel.candidates
 	"*" in rel.columns
+	some cand in rel.candidates
 	count(table_columns(cand, kind)) > 0
 }
 
