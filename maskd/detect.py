@@ -417,22 +417,24 @@ def mask_bytes(data: bytes, style: str = "last4", mask: bytes = MASK_CHAR, json:
     per-value hot path of the engine."""
     if len(data) < MIN_DIGITS or len(data) - len(data.translate(None, _DIGITS)) < MIN_DIGITS:
         return data, 0
-    if b"\\" not in data and not json:
-        # Plain text (the common case): one pass, and a second only when
-        # the output still has 13 digits.
+    if b"\\" not in data:
+        # No escapes, no hex: the prefilter is definitive.
         m = _PREFILTER.search(data)
         if m is None:
             return data, 0
-        if style == "last4":
+        # Plain text (the common case): one pass, and a second only when
+        # the output still has 13 digits.
+        if not json and style == "last4":
             quick = _one_run(data, m, _mask_table(mask))
             if quick is not None:
                 return quick, 1
-        spans = _plain_spans(data)
-        if not spans:
-            return data, 0
-        out = _apply(data, spans, style, mask)
-        if len(out) - len(out.translate(None, _DIGITS)) < MIN_DIGITS:
-            return out, len(spans)
+        if not json:
+            spans = _plain_spans(data)
+            if not spans:
+                return data, 0
+            out = _apply(data, spans, style, mask)
+            if len(out) - len(out.translate(None, _DIGITS)) < MIN_DIGITS:
+                return out, len(spans)
     original = data
     total = 0
     while True:  # fixed point: masking can split runs into new candidates
