@@ -82,6 +82,7 @@ _COMPARISON_OPS = frozenset({"=", "<>", "!=", "<", "<=", ">", ">=", "~~", "!~~",
 _FLIPPED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "=": "=", "<>": "<>", "!=": "!="}
 # Sublinks whose value is the subquery's output (EXISTS/ANY/ALL yield booleans).
 _VALUE_SUBLINKS = frozenset({"EXPR_SUBLINK", "ARRAY_SUBLINK", "MULTIEXPR_SUBLINK"})
+_CONTAINERS: tuple[type, ...] = (dict, list)
 _PAN_LIKE = re.compile(r"(?:\d[ -]?){12,18}\d")
 
 
@@ -997,7 +998,7 @@ class _Statement:
         if not isinstance(node, dict):
             return
         for key, value in node.items():
-            if not isinstance(value, (dict, list)):
+            if not isinstance(value, _CONTAINERS):
                 continue  # locations, flags, names: most keys of a node
             if key == "ColumnRef":
                 out |= self._column(value["fields"], scope, record_refs)

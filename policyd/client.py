@@ -69,8 +69,9 @@ def _param_values(request: StatementRequest, read: tuple[int, ...]) -> tuple[Any
 class DecisionCache:
     """Bounded LRU of decisions, valid for one policy revision at a time."""
 
-    def __init__(self, maxsize: int = 10_000) -> None:
+    def __init__(self, maxsize: int = 10_000, max_sql_length: int = 16_384) -> None:
         self.maxsize = maxsize
+        self.max_sql_length = max_sql_length  # bulk statements are not worth the memory
         self.revision = ""
         self.enabled = True
         self.hits = 0
@@ -105,7 +106,8 @@ class DecisionCache:
         if decision.policy_revision:
             self.observe_revision(decision.policy_revision)
         if (not cacheable or not self.enabled or decision.verdict is Verdict.HOLD
-                or not decision.policy_revision or decision.approval.required):
+                or not decision.policy_revision or decision.approval.required
+                or len(request.sql) > self.max_sql_length):
             return
         base = _base_key(request)
         self._shape[base] = params_read
@@ -187,7 +189,11 @@ class PolicyClient:
     async def decide_uncached(self, request: StatementRequest) -> Decision:
         assert self._stub is not None, "start() the PolicyClient first"
         try:
-            reply = await self._stub.Decide(request_to_pb(request), timeout=self.deadline)
+            message = request_to_pb(request)
+        except (ValueError, TypeError):  # e.g. text protobuf cannot encode (lone surrogates)
+            return dec.deny("statement text could not be sent to the policy service; refused")
+        try:
+            reply = await self._stub.Decide(message, timeout=self.deadline)
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "DEADLINE"
             log.warning("policy_rpc_failed", session_id=request.session.session_id, code=code)

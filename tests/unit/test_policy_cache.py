@@ -105,3 +105,10 @@ def test_bounded_lru() -> None:
     assert len(c) == 3
     assert c.get(req("select 1")) is None  # least recently used went
     assert c.get(req("select 0")) is not None
+
+
+def test_huge_statements_are_not_cached() -> None:
+    c = DecisionCache(max_sql_length=100)
+    big = req("select " + "1," * 100 + "1")
+    c.put(big, allow(), params_read=())
+    assert c.get(big) is None

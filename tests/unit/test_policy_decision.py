@@ -111,3 +111,22 @@ def test_decision_round_trip() -> None:
 def test_unknown_verdict_on_the_wire_is_a_deny() -> None:
     d = decision_from_pb(pb.DecideResponse(reasons=["?"]))
     assert d.verdict is Verdict.DENY
+
+
+async def test_client_refuses_text_it_cannot_send() -> None:
+    from policyd.client import PolicyClient
+
+    async with PolicyClient("127.0.0.1:1", watch_revision=False) as client:
+        d = await client.decide(StatementRequest(identity=Identity(), session=SessionInfo("s"),
+                                                 sql="select '\udcff'"))
+    assert d.verdict is Verdict.DENY
+
+
+async def test_client_without_policyd_denies_with_58000() -> None:
+    from policyd.client import UNAVAILABLE_REASON, PolicyClient
+
+    async with PolicyClient("127.0.0.1:1", deadline=0.5, watch_revision=False) as client:
+        d = await client.decide(StatementRequest(identity=Identity(), session=SessionInfo("s"),
+                                                 sql="select 1"))
+    assert d.verdict is Verdict.DENY and d.sqlstate == "58000"
+    assert d.reasons[0].startswith(UNAVAILABLE_REASON)
