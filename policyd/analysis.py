@@ -998,7 +998,7 @@ class _Statement:
         if not isinstance(node, dict):
             return
         for key, value in node.items():
-            if not isinstance(value, _CONTAINERS):
+            if type(value) not in _CONTAINERS:
                 continue  # locations, flags, names: most keys of a node
             if key == "ColumnRef":
                 out |= self._column(value["fields"], scope, record_refs)
