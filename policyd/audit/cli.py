@@ -186,12 +186,35 @@ def _fmt_counts(line: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+_RESULT_FIELDS = frozenset({
+    "finished_at", "command_tag", "rows_returned", "rows_affected", "masked_counts",
+    "digest_before", "digest_after", "recorded_rows", "rows_truncated", "error_sqlstate",
+    "error_message",
+})
+
+
+def _given(value: Any) -> bool:
+    """A result field that says something (0 rows does; "" and None do not)."""
+    return value is not None and value is not False and value not in ("", {}, [])
+
+
 def render_transcript(lines: list[dict[str, Any]]) -> str:
     """A human-readable transcript of one session's records."""
     out: list[str] = []
+    stated = {ln["statement_seq"] for ln in lines if ln["type"] == "statement"}
+    results = {
+        ln["statement_seq"]: ln
+        for ln in lines
+        if ln["type"] == "statement_result" and ln["statement_seq"] in stated
+    }
     for ln in lines:
         t = ln["type"]
         ts = ln["ts"]
+        if t == "statement_result" and ln["statement_seq"] in results:
+            continue  # shown with its statement
+        if t == "statement" and ln["statement_seq"] in results:
+            res = results[ln["statement_seq"]]
+            ln = {**ln, **{k: v for k, v in res.items() if k in _RESULT_FIELDS and _given(v)}}
         if t == "session_start":
             out += [
                 f"Session {ln['session_id']}",
@@ -233,6 +256,10 @@ def render_transcript(lines: list[dict[str, Any]]) -> str:
                     out.append("    | " + " | ".join("NULL" if v is None else v for v in row))
                 if ln.get("rows_truncated"):
                     out.append("    ... (truncated)")
+            if ln.get("error_sqlstate"):
+                out.append(f"  error:    {ln['error_sqlstate']} {ln['error_message']}")
+        elif t == "statement_result":
+            out.append(f"[{ts}] #{ln['statement_seq']} result: {_fmt_counts(ln) or '-'}")
             if ln.get("error_sqlstate"):
                 out.append(f"  error:    {ln['error_sqlstate']} {ln['error_message']}")
         elif t == "approval":

@@ -14,7 +14,12 @@ from datetime import datetime
 
 from pglast import parser as _pg
 
-from policyd.audit.events import ProtocolPath, SessionStartEvent, StatementEvent
+from policyd.audit.events import (
+    ProtocolPath,
+    SessionStartEvent,
+    StatementEvent,
+    StatementResultEvent,
+)
 from policyd.audit.scrub import scrub_sql
 from tap.hooks import Decision, Identity, RecordRows, SessionInfo, StatementRequest
 
@@ -117,3 +122,47 @@ def statement(
         error_message=error_message,
     )
     return event if started_at is None else event.model_copy(update={"ts": event.started_at})
+
+
+def statement_result(
+    session_id: str,
+    statement_seq: int,
+    decision: Decision,
+    *,
+    finished_at: datetime | None = None,
+    command_tag: str = "",
+    rows_returned: int | None = None,
+    rows_affected: int | None = None,
+    masked_counts: Mapping[str, int] | None = None,
+    digest_before: str = "",
+    digest_after: str = "",
+    recorded_rows: Sequence[Sequence[str | None]] | None = None,
+    error_sqlstate: str = "",
+    error_message: str = "",
+) -> StatementResultEvent:
+    """The outcome of a statement recorded earlier with :func:`statement`
+    (record first, forward, then this), with the same ``record_rows`` rules."""
+    rows: list[list[str | None]] | None = None
+    truncated = False
+    if decision.record_rows is RecordRows.MASKED_ROWS and recorded_rows is not None:
+        cap = max(decision.record_rows_cap, 0)
+        rows = [list(r) for r in recorded_rows[:cap]]
+        truncated = len(recorded_rows) > cap
+    if decision.record_rows is RecordRows.NONE:
+        rows_returned = rows_affected = None
+    event = StatementResultEvent(
+        session_id=session_id,
+        statement_seq=statement_seq,
+        finished_at=finished_at,
+        command_tag=command_tag,
+        rows_returned=rows_returned,
+        rows_affected=rows_affected,
+        masked_counts=dict(masked_counts or {}),
+        digest_before=digest_before,
+        digest_after=digest_after,
+        recorded_rows=rows,
+        rows_truncated=truncated,
+        error_sqlstate=error_sqlstate,
+        error_message=error_message,
+    )
+    return event if finished_at is None else event.model_copy(update={"ts": event.finished_at})

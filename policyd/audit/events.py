@@ -175,6 +175,37 @@ class StatementEvent(_EventBase):
         return self.verdict == "allow" and not self.error_sqlstate
 
 
+class StatementResultEvent(_EventBase):
+    """How a statement ended, when the producer records the statement before
+    forwarding it (so a ``kill -9`` after forwarding still leaves the
+    statement on record) and its outcome afterwards. Joined to its
+    :class:`StatementEvent` by ``session_id`` and ``statement_seq``.
+    """
+
+    type: Literal["statement_result"] = "statement_result"
+    statement_seq: int
+    finished_at: datetime | None = None
+    command_tag: str = ""
+    rows_returned: int | None = None
+    rows_affected: int | None = None
+    masked_counts: dict[str, int] = Field(default_factory=dict)
+    digest_before: str = ""
+    digest_after: str = ""
+    recorded_rows: list[list[str | None]] | None = None
+    rows_truncated: bool = False
+    error_sqlstate: str = ""
+    error_message: str = ""
+
+    @field_validator("finished_at")
+    @classmethod
+    def _utc_opt(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
 class ApprovalEvent(_EventBase):
     """A just-in-time approval request and what the approver did with it."""
 
@@ -209,6 +240,7 @@ Event = Annotated[
     | SessionStartEvent
     | AuthEvent
     | StatementEvent
+    | StatementResultEvent
     | ApprovalEvent
     | SessionEndEvent
     | EvidenceAccessEvent,
@@ -222,6 +254,7 @@ EVENT_TYPES: dict[str, type[_EventBase]] = {
     "session_start": SessionStartEvent,
     "auth": AuthEvent,
     "statement": StatementEvent,
+    "statement_result": StatementResultEvent,
     "approval": ApprovalEvent,
     "session_end": SessionEndEvent,
     "evidence_access": EvidenceAccessEvent,

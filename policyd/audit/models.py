@@ -33,6 +33,7 @@ from policyd.audit.events import (
     SessionEndEvent,
     SessionStartEvent,
     StatementEvent,
+    StatementResultEvent,
     format_ts,
     parse_event,
 )
@@ -118,6 +119,22 @@ class StatementRecord(_Record, table=True):
     error_message: str = ""
 
 
+class StatementResultRecord(_Record, table=True):
+    __tablename__ = "audit_statement_results"
+    statement_seq: int = Field(sa_type=BigInteger)
+    finished_at: str | None = None
+    command_tag: str = ""
+    rows_returned: int | None = Field(default=None, sa_type=BigInteger)
+    rows_affected: int | None = Field(default=None, sa_type=BigInteger)
+    masked_counts: dict[str, int] = Field(default_factory=dict, sa_type=JSON)
+    digest_before: str = ""
+    digest_after: str = ""
+    recorded_rows: list[list[str | None]] | None = Field(default=None, sa_type=JSON)
+    rows_truncated: bool = False
+    error_sqlstate: str = ""
+    error_message: str = ""
+
+
 class ApprovalRecord(_Record, table=True):
     __tablename__ = "audit_approvals"
     approval_id: str = Field(index=True)
@@ -175,6 +192,7 @@ RECORD_MODELS: dict[str, type[_Record]] = {
     "session_start": SessionRecord,
     "auth": AuthRecord,
     "statement": StatementRecord,
+    "statement_result": StatementResultRecord,
     "approval": ApprovalRecord,
     "session_end": SessionEndRecord,
     "evidence_access": EvidenceAccessRecord,
@@ -271,5 +289,7 @@ __all__ = [
     "SessionStartEvent",
     "StatementEvent",
     "StatementRecord",
+    "StatementResultEvent",
+    "StatementResultRecord",
     "WriterState",
 ]

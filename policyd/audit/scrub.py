@@ -34,6 +34,7 @@ from policyd.audit.events import (
     GatewayEvent,
     SessionEndEvent,
     StatementEvent,
+    StatementResultEvent,
 )
 
 SECRET_MASK = "'<redacted>'"  # noqa: S105 - the replacement, not a secret
@@ -195,6 +196,13 @@ def scrub_event(event: Event) -> Event:
             changes["recorded_rows"] = rows
             changes["rows_truncated"] = event.rows_truncated or truncated
         return event.model_copy(update=changes)
+    if isinstance(event, StatementResultEvent):
+        result_changes: dict[str, object] = {"error_message": scrub_text(event.error_message)}
+        if event.recorded_rows is not None:
+            rows, truncated = scrub_rows(event.recorded_rows, MAX_RECORDED_ROWS)
+            result_changes["recorded_rows"] = rows
+            result_changes["rows_truncated"] = event.rows_truncated or truncated
+        return event.model_copy(update=result_changes)
     if isinstance(event, SessionEndEvent):
         return event.model_copy(update={"detail": scrub_text(event.detail)})
     if isinstance(event, AuthEvent | ApprovalEvent):

@@ -26,6 +26,7 @@ from policyd.audit.events import (
     SessionEndEvent,
     SessionStartEvent,
     StatementEvent,
+    StatementResultEvent,
 )
 from policyd.audit.models import GENESIS, ChainHead, chain_hash, record_tables, table_of
 from policyd.audit.store import AuditStore
@@ -48,9 +49,11 @@ def session_events(sid: str, subject: str = "agent-7", t0: datetime | None = Non
                       ts=t0),
         ApprovalEvent(session_id=sid, approval_id="ap-1", action="approved", approver="alice",
                       statement_seq=3, ts=t0),
+        # recorded before forwarding, its outcome afterwards
         StatementEvent(session_id=sid, statement_seq=3, sql="SELECT * FROM payments", ts=t0,
-                       verdict="allow", approval_id="ap-1", command_tag="SELECT 0",
-                       rows_returned=0),
+                       verdict="allow", approval_id="ap-1"),
+        StatementResultEvent(session_id=sid, statement_seq=3, ts=t0, command_tag="SELECT 0",
+                             rows_returned=0),
         SessionEndEvent(session_id=sid, reason="client_terminate", ts=t0),
     ]
 
@@ -86,7 +89,7 @@ def seq_of(st: AuditStore, table: str, where: str) -> int:
 def test_untouched_store_verifies(tmp_path: Path, store: AuditStore) -> None:
     report = run_verify(tmp_path, store)
     assert report.ok, report.problems
-    assert report.records == 18  # 2 x 8 session events + gateway start and stop
+    assert report.records == 20  # 2 x 9 session events + gateway start and stop
     assert report.checkpoints_covered >= 2
 
 
@@ -184,7 +187,7 @@ def test_prune_keeps_remaining_chain_verifiable(tmp_path: Path) -> None:
         key = load_or_create_key(tmp_path / "key", create=False)
         log = CheckpointLog(tmp_path / "cp.jsonl", key)
         result = prune(st, log, key.public_key(), "365d")
-        assert result.deleted == 8
+        assert result.deleted == 9
         assert st.session_records("old") == []
         report = verify(st, log, key.public_key())
         assert report.ok, report.problems

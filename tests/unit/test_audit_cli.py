@@ -70,6 +70,7 @@ def test_replay_text_shows_identity_decisions_counts_rows_errors(env: str) -> No
     assert "#2 (simple) DENY" in t and "because prohibited statement" in t
     assert "error:    42501" in t
     assert "approval ap-1 approved for #3 by alice" in t
+    assert "#3 (simple) ALLOW" in t and "result:   SELECT 0 · 0 rows returned" in t
     assert "session ended: client_terminate" in t
     assert t.index("#1 ") < t.index("#2 ") < t.index("#3 ")
     [(action, who)] = access_log(env)

@@ -37,12 +37,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
     )
     with op.batch_alter_table("audit_approvals", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_audit_approvals_approval_id"), ["approval_id"], unique=False
-        )
-        batch_op.create_index(
-            batch_op.f("ix_audit_approvals_session_id"), ["session_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_approvals_approval_id"), ["approval_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_audit_approvals_session_id"), ["session_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_approvals_ts"), ["ts"], unique=False)
 
     op.create_table(
@@ -66,9 +62,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
     )
     with op.batch_alter_table("audit_auth_events", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_audit_auth_events_session_id"), ["session_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_auth_events_session_id"), ["session_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_auth_events_ts"), ["ts"], unique=False)
 
     op.create_table(
@@ -97,9 +91,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
     )
     with op.batch_alter_table("audit_evidence_access", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_audit_evidence_access_session_id"), ["session_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_evidence_access_session_id"), ["session_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_evidence_access_ts"), ["ts"], unique=False)
 
     op.create_table(
@@ -121,9 +113,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
     )
     with op.batch_alter_table("audit_gateway_events", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_audit_gateway_events_session_id"), ["session_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_gateway_events_session_id"), ["session_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_gateway_events_ts"), ["ts"], unique=False)
 
     op.create_table(
@@ -143,9 +133,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
     )
     with op.batch_alter_table("audit_session_ends", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_audit_session_ends_session_id"), ["session_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_session_ends_session_id"), ["session_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_session_ends_ts"), ["ts"], unique=False)
 
     op.create_table(
@@ -181,9 +169,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
     )
     with op.batch_alter_table("audit_sessions", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_audit_sessions_session_id"), ["session_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_sessions_session_id"), ["session_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_sessions_subject"), ["subject"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_sessions_ts"), ["ts"], unique=False)
 
@@ -225,9 +211,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("seq"),
     )
     with op.batch_alter_table("audit_statements", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_audit_statements_session_id"), ["session_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_statements_session_id"), ["session_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_statements_ts"), ["ts"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_statements_verdict"), ["verdict"], unique=False)
 
