@@ -18,6 +18,8 @@ def serve(
     opa_url: str = typer.Option("http://127.0.0.1:8181", help="OPA REST API base URL"),
     opa_deadline: float = typer.Option(0.5, help="seconds per OPA query; past it: deny"),
     revision_interval: float = typer.Option(1.0, help="seconds between policy revision polls"),
+    policy_dir: Path | None = typer.Option(  # noqa: B008
+        None, help="the folder OPA watches, if visible here: cheaper revision polling"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve PolicyService (Decide, DecideConnect, WatchRevision) and gRPC health."""
@@ -26,7 +28,7 @@ def serve(
 
     configure(log_level)
     server = PolicyServer(listen, opa_url, opa_deadline=opa_deadline,
-                          revision_interval=revision_interval)
+                          revision_interval=revision_interval, policy_dir=policy_dir)
     asyncio.run(server.serve_forever())
 
 

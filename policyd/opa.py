@@ -17,6 +17,13 @@ source, from ``GET /v1/policies``) and the ``data.pgwarden_data`` document.
 It is polled (default every second) so an edit picked up by ``opa run
 --watch`` changes the revision without anyone restarting; a decision carries
 the revision known when it was taken (stale by at most one poll interval).
+
+``GET /v1/policies`` carries every module's AST too (~300 kB for the default
+pack), too much to fetch every second. When policyd sees the policy folder
+OPA watches (``policy_dir``, e.g. a shared volume), each poll only stats its
+files and asks OPA's ``/health``; the full fetch runs when a file changed
+(repeatedly for a few seconds, until OPA has reloaded) and every
+``full_poll_every`` seconds to catch policies pushed through OPA's REST API.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,11 +59,17 @@ class OpaEngine:
     """One OPA server, its current revision, and the watchers of it."""
 
     def __init__(self, url: str, *, deadline: float = 0.5,
-                 revision_interval: float = 1.0) -> None:
+                 revision_interval: float = 1.0, policy_dir: Path | None = None,
+                 full_poll_every: float = 30.0) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         self.url = f"{parts.scheme}://{parts.hostname}:{parts.port or 8181}"
         self.deadline = deadline
         self.revision_interval = revision_interval
+        self.policy_dir = policy_dir
+        self.full_poll_every = full_poll_every
+        self._stamp: tuple[tuple[str, int, int], ...] = ()
+        self._full_until = 0.0  # keep fetching in full until then (a reload pending)
+        self._last_full = 0.0
         # retries=0: the deadline is ours to keep; a retry loop inside the
         # client would stretch a refused connection into seconds.
         self._client = AsyncOpaClient(host=parts.hostname or "127.0.0.1",
@@ -159,7 +175,34 @@ class OpaEngine:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.revision_interval)
+            await self.poll_once()
+
+    async def poll_once(self) -> None:
+        """One poll: a full revision fetch when it may have changed, else a health check."""
+        now = time.monotonic()
+        if self.policy_dir is not None:
+            stamp = _stamp(self.policy_dir)
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._full_until = now + max(5.0, 5 * self.revision_interval)
+        full = (self.policy_dir is None or not self._ready or now < self._full_until
+                or now - self._last_full >= self.full_poll_every)
+        if full:
+            self._last_full = now
             await self.refresh_revision()
+            return
+        if not await self._healthy():
+            log.warning("opa_unavailable", url=self.url)
+            self._ready = False
+
+    async def _healthy(self) -> bool:
+        assert self._http is not None, "start() first"
+        try:
+            async with asyncio.timeout(self.deadline), self._http.get(
+                    f"{self.url}/health") as resp:
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
 
     async def watch(self) -> AsyncIterator[tuple[str, bool]]:
         """(revision, ready) now, then after every change of the revision."""
@@ -174,3 +217,17 @@ class OpaEngine:
                 # Readiness flips do not set the event; look again now and then.
                 async with asyncio.timeout(self.revision_interval):
                     await event.wait()
+
+
+def _stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime, size) of every file under the policy folder: cheap to take."""
+    out = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out.append((path, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(out))

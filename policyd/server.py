@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -164,10 +165,10 @@ class PolicyServer:
     """policyd as an object tests and the CLI start and stop."""
 
     def __init__(self, listen: str, opa_url: str, *, opa_deadline: float = 0.5,
-                 revision_interval: float = 1.0) -> None:
+                 revision_interval: float = 1.0, policy_dir: Path | None = None) -> None:
         self.listen = listen
         self.engine = OpaEngine(opa_url, deadline=opa_deadline,
-                                revision_interval=revision_interval)
+                                revision_interval=revision_interval, policy_dir=policy_dir)
         self.service = PolicyService(self.engine)
         self.server: grpc.aio.Server | None = None
         self.port = 0

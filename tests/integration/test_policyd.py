@@ -60,8 +60,10 @@ def opa(rego_copy: Path) -> Iterator[OpaProcess]:
 
 
 @asynccontextmanager
-async def policyd(opa_url: str, listen: str = "127.0.0.1:0") -> AsyncIterator[PolicyServer]:
-    server = PolicyServer(listen, opa_url, opa_deadline=1.0, revision_interval=0.1)
+async def policyd(opa_url: str, listen: str = "127.0.0.1:0",
+                  policy_dir: Path | None = None) -> AsyncIterator[PolicyServer]:
+    server = PolicyServer(listen, opa_url, opa_deadline=1.0, revision_interval=0.1,
+                          policy_dir=policy_dir)
     await server.start()
     try:
         yield server
@@ -135,8 +137,11 @@ async def test_decide_connect(opa: OpaProcess) -> None:
         assert not (await c.decide_connect(READER, "postgres")).allowed
 
 
-async def test_policy_edit_is_picked_up_without_restart(opa: OpaProcess, rego_copy: Path) -> None:
-    async with policyd(opa.url) as server, client(server.target) as c:
+@pytest.mark.parametrize("sees_folder", [False, True], ids=["poll-opa", "stat-folder"])
+async def test_policy_edit_is_picked_up_without_restart(opa: OpaProcess, rego_copy: Path,
+                                                        sees_folder: bool) -> None:
+    folder = rego_copy if sees_folder else None
+    async with policyd(opa.url, policy_dir=folder) as server, client(server.target) as c:
         sql = "SELECT id FROM payments WHERE id = 1"
         before = await c.decide(req(sql))
         assert before.verdict is Verdict.ALLOW
