@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -99,7 +100,8 @@ async def bench_decisions(n_cold: int, n_warm: int) -> dict[str, Any]:
         target = f"127.0.0.1:{free_port()}"
         proc = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "pgwarden"), "policyd", "serve", "--listen", target,
-             "--opa-url", opa.url, "--opa-deadline", "2", "--log-level", "warning"],
+             "--opa-url", opa.url, "--opa-deadline", "2", "--log-level", "warning",
+             "--policy-dir", str(ROOT / "rego")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         engine = OpaEngine(opa.url, deadline=2.0)
         try:
@@ -167,7 +169,8 @@ def write_results(data: dict[str, Any], command: str) -> None:
 ## Policy decisions
 
 Measured {data["when"]} with `{command}` (one run on the shared 2-core
-machine; a real OPA {data["opa"]} on rego/, a real policyd process on loopback gRPC).
+machine, 1-minute load average {data["load_average_1m"]} at the end; a real OPA
+{data["opa"]} on rego/, a real policyd process on loopback gRPC).
 
 pglast entry points, one SELECT with a join (µs per call, best of 3):
 
@@ -217,6 +220,7 @@ def main() -> None:
     opa_version = subprocess.run([find_opa(), "version"], capture_output=True, text=True,
                                  check=False).stdout.splitlines()[0].split()[-1]
     data = {"when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "opa": opa_version,
+            "load_average_1m": round(os.getloadavg()[0], 2),
             "pglast": pglast_figures, "decisions": decisions}
     print(json.dumps(data, indent=2))
     if not args.no_write:
