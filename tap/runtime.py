@@ -7,9 +7,10 @@ sans-IO and the drivers stay byte movers.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -28,6 +29,17 @@ EventSink = Callable[[dict[str, Any]], None]
 # While the audit trail cannot take events, no statement runs (PCI DSS 10.7.2).
 AUDIT_DENY = Decision(verdict=Verdict.DENY, sqlstate="58000",
                       reasons=("the audit trail cannot record statements right now",))
+
+
+def cancelled_decision(held: bool) -> Decision:
+    """What a statement gets when its client cancels it before it ran: during
+    an approval hold (PW003, the approval request is marked cancelled) or
+    while its decision was pending (57014, as PostgreSQL's own cancel)."""
+    if held:
+        return Decision(verdict=Verdict.DENY, sqlstate=pg.APPROVAL_CANCELLED,
+                        reasons=("canceled by the client while it waited for approval",))
+    return Decision(verdict=Verdict.DENY, sqlstate="57014",
+                    reasons=("canceled by the client while its decision was pending",))
 
 
 async def _allow(_: StatementRequest) -> Decision:
@@ -63,6 +75,8 @@ class Runtime:
     sessions_open: int = 0
     policy_client: Any = None
     audit: Any = None  # tap.audit_sink.AuditSink, or None: events go to the log only
+    approvals: Any = None  # policyd.approvals.client.ApprovalClient, or None
+    holding: set[str] = field(default_factory=set)  # session ids waiting for approval
     audit_ok: bool = True
     _tls: ssl.SSLContext | None = None
 
@@ -88,9 +102,30 @@ class Runtime:
         return self.hook_factory()
 
     async def decide(self, request: StatementRequest) -> Decision:
+        """The final decision for a statement: a HOLD is resolved here, by
+        waiting for a human's approval (or its refusal, expiry, a cancel)."""
         if not self.audit_ok:
             return AUDIT_DENY
-        return await self.decider(request)
+        decision = await self.decider(request)
+        if decision.verdict is not Verdict.HOLD:
+            return decision
+        if self.approvals is None:
+            return replace(decision, verdict=Verdict.DENY, reasons=(
+                *decision.reasons, "this statement needs a human approval, and no approval "
+                "service is configured for this gateway"))
+        self.holding.add(request.session.session_id)
+        try:
+            held: Decision = await self.approvals.hold(request, decision)
+            return held
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # fail closed
+            self.log.error("approval_service_failed", session_id=request.session.session_id,
+                           error=exc.__class__.__name__)
+            return replace(decision, verdict=Verdict.DENY,
+                           reasons=(*decision.reasons, "the approval service is unavailable"))
+        finally:
+            self.holding.discard(request.session.session_id)
 
     async def authenticate(self, need: NeedAuth) -> AuthResult:
         try:

@@ -191,6 +191,8 @@ class Session:
         self._inspect_server = False  # slow path needed for server messages
         self._close_after = False  # the server sent a FATAL: close once it is passed on
         self.last_activity = 0.0  # driver's clock, set by touch()
+        # Set by the driver: abandon a pending decision (a hold) on client cancel.
+        self.on_cancel_requested: Callable[[], None] | None = None
         self._late_events: list[Action] = []  # completion events found while framing
 
     # ------------------------------------------------------------------
@@ -489,7 +491,7 @@ class Session:
 
     def _cancel_request(self, packet: pg.StartupPacket, out: list[Action]) -> None:
         pid, key = pg.decode_cancel(packet.body)
-        target = self.cancels.lookup(pid, key)
+        target = self.cancels.cancel(pid, key)
         self.end_reason = "cancel_request"
         if target is not None:
             self._send_upstream(out, pg.encode_cancel(*target))
@@ -910,13 +912,18 @@ class Session:
             return pg.AUTH_OK
         return None
 
+    def _cancel_requested(self) -> None:
+        if self._waiting is not None and self.on_cancel_requested is not None:
+            self.on_cancel_requested()
+
     def _backend_key(self, m: pg.Message) -> bytes:
         """Hand the client a gateway-issued cancel key, never the server's."""
         pid, key = pg.decode_backend_key(m.body)
         if self._cancel_key is not None:
             self.cancels.unregister(*self._cancel_key)
         length = 4 if self.protocol_version == pg.PROTOCOL_3_0 else 32
-        gw_pid, gw_key = self.cancels.register(pid, key, key_length=length)
+        gw_pid, gw_key = self.cancels.register(pid, key, key_length=length,
+                                               on_cancel=self._cancel_requested)
         self._cancel_key = (gw_pid, gw_key)
         return pg.encode_backend_key(gw_pid, gw_key)
 

@@ -28,8 +28,9 @@ from pgwarden._proto import network_ext_proc_pb2 as pb
 from pgwarden._proto import network_ext_proc_pb2_grpc as pb_grpc
 from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
+from tap.hooks import Decision
 from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
-from tap.runtime import Runtime
+from tap.runtime import Runtime, cancelled_decision
 from tap.session import Session, SessionConfig
 
 _MODIFIED = pb.ProcessingResponse.MODIFIED
@@ -83,7 +84,7 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                     actions = []
                     for resp, direction_read, close in self._responses(pending, session):
                         if isinstance(resp, NeedDecision):
-                            decision = await self.runtime.decide(resp.request)
+                            decision = await self._decide(session, resp)
                             actions += session.on_decision(resp.ticket, decision)
                             continue
                         if isinstance(resp, NeedAuth):
@@ -102,6 +103,26 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                 self.runtime.emit_all(session.on_client_closed())
             self.active.discard(session)
             self.runtime.session_closed(session)
+
+    async def _decide(self, session: Session, need: NeedDecision) -> Decision:
+        """Wait for the decision; a client CancelRequest (arriving on another
+        stream) abandons it and the statement is refused, never run."""
+        task = asyncio.ensure_future(self.runtime.decide(need.request))
+        cancelled: list[bool] = []
+
+        def on_cancel() -> None:
+            cancelled.append(session.config.session_id in self.runtime.holding)
+            task.cancel()
+
+        session.on_cancel_requested = on_cancel
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not cancelled or not task.cancelled():
+                raise
+            return cancelled_decision(cancelled[0])
+        finally:
+            session.on_cancel_requested = None
 
     def _responses(self, actions: list[Action], session: Session
                    ) -> list[tuple[pb.ProcessingResponse | NeedDecision | NeedAuth, bool, bool]]:

@@ -20,7 +20,7 @@ from typing import cast
 from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
 from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
-from tap.runtime import Runtime
+from tap.runtime import Runtime, cancelled_decision
 from tap.session import Session, SessionConfig
 
 
@@ -74,6 +74,9 @@ class ClientSide(asyncio.Protocol):
         self._upstream_ready = False
         self._closed = False
         self.waiting = False
+        self._decision: asyncio.Task[None] | None = None
+        self._cancel_reason = False
+        self._held = False
 
     # -- client socket ------------------------------------------------------
 
@@ -87,6 +90,7 @@ class ClientSide(asyncio.Protocol):
                                **self.runtime.session_options())
         self.session = Session(config, self.runtime.hooks(), self.cancels)
         self.session.touch(time.monotonic())
+        self.session.on_cancel_requested = self.cancel_hold
         self.settings.sessions.add(self)
         self.runtime.session_opened(self.session)
         asyncio.get_running_loop().create_task(self._connect_upstream())
@@ -170,7 +174,7 @@ class ClientSide(asyncio.Protocol):
                 self.waiting = True
                 if self.transport is not None:
                     self.transport.pause_reading()
-                asyncio.get_running_loop().create_task(self._decide(action))
+                self._decision = asyncio.get_running_loop().create_task(self._decide(action))
             elif isinstance(action, Close):
                 if events:
                     self.runtime.record(events)
@@ -179,8 +183,24 @@ class ClientSide(asyncio.Protocol):
         if events:
             self.runtime.record(events)
 
+    def cancel_hold(self) -> None:
+        """A client CancelRequest while a statement waits for a decision or
+        an approval: drop the statement (PostgreSQL never saw it)."""
+        if self._decision is not None and not self._decision.done():
+            self._cancel_reason = True
+            self._held = self.session.config.session_id in self.runtime.holding
+            self._decision.cancel()
+
     async def _decide(self, need: NeedDecision) -> None:
-        decision = await self.runtime.decide(need.request)
+        try:
+            decision = await self.runtime.decide(need.request)
+        except asyncio.CancelledError:
+            if not self._cancel_reason:
+                raise
+            decision = cancelled_decision(self._held)
+        finally:
+            self._decision = None
+            self._cancel_reason = False
         self.waiting = False
         if self._closed:
             return
