@@ -137,9 +137,10 @@ class RowMasker:
         # 13 ASCII digits in its whole body needs nothing (the body's length
         # bytes can only add digits, so the test stays conservative).
         self._digit_skip = digit_skip
-        self._by_index: list[tuple[int, _Op] | None] = [None] * len(columns)
+        by_index: list[tuple[int, _Op] | None] = [None] * len(columns)
         for k, op in enumerate(ops):
-            self._by_index[op.index] = (k, op)
+            by_index[op.index] = (k, op)
+        self._by_index = tuple(by_index)
         self.needs_work = bool(ops)
         self.rows = 0
 
@@ -245,55 +246,49 @@ class RowMasker:
         """Walk the field lengths once and splice only the fields that
         change: no list of values, no re-framing of untouched fields. A
         text-form content column skips values shorter than 13 bytes without
-        slicing them."""
+        slicing them. Bounds are checked once at the end (a bad length makes
+        the final offset wrong); work done on a bad body is thrown away."""
         by_index = self._by_index
         counts = self._counts
-        n = len(body)
-        try:
-            nfields = _I16.unpack_from(body)[0]
-        except struct.error as exc:
-            raise ValueError("truncated DataRow") from exc
-        if nfields != len(by_index):
-            raise ValueError("DataRow field count differs from RowDescription")
-        self.rows += 1
         pos = 2
         pieces: list[bytes] | None = None
         done = 0  # body[:done] is already in pieces
         unpack = _I32.unpack_from
-        for i in range(nfields):
-            if pos + 4 > n:
-                raise ValueError("truncated DataRow")
-            length = unpack(body, pos)[0]
-            start = pos
-            pos += 4
-            if length > 0:
-                pos += length
-                if pos > n:
-                    raise ValueError("truncated DataRow")
-            entry = by_index[i]
-            if entry is None or length < 0:
-                continue
-            k, op = entry
-            if op.batch and length < 13:
-                continue
-            v = body[start + 4:pos]
-            new = op.fn(v)
-            if new is v and not op.always:
-                continue
-            counts[k] += 1
-            if new is v:
-                continue
-            if pieces is None:
-                pieces = []
-            pieces.append(body[done:start])
-            if new is None:
-                pieces.append(_NULL)
-            else:
-                pieces.append(_I32.pack(len(new)))
-                pieces.append(new)
-            done = pos
-        if pos != n:
+        try:
+            if _I16.unpack_from(body)[0] != len(by_index):
+                raise ValueError("DataRow field count differs from RowDescription")
+            for entry in by_index:
+                length = unpack(body, pos)[0]
+                start = pos
+                pos += 4
+                if length > 0:
+                    pos += length
+                if entry is None or length < 0:
+                    continue
+                k, op = entry
+                if op.batch and length < 13:
+                    continue
+                v = body[start + 4:pos]
+                new = op.fn(v)
+                if new is v:
+                    if op.always:
+                        counts[k] += 1
+                    continue
+                counts[k] += 1
+                if pieces is None:
+                    pieces = []
+                pieces.append(body[done:start])
+                if new is None:
+                    pieces.append(_NULL)
+                else:
+                    pieces.append(_I32.pack(len(new)))
+                    pieces.append(new)
+                done = pos
+        except struct.error as exc:
+            raise ValueError("truncated DataRow") from exc
+        if pos != len(body):
             raise ValueError("DataRow length mismatch")
+        self.rows += 1
         if pieces is None:
             return body
         pieces.append(body[done:])
