@@ -303,3 +303,17 @@ def test_session_output_is_independent_of_chunking(chunk: int) -> None:
     got = b"".join(up(s.on_read(VALID_STREAM[i:i + chunk]))
                    for i in range(0, len(VALID_STREAM), chunk))
     assert got == whole
+
+
+def test_cancel_request_reaches_a_session_waiting_for_its_decision() -> None:
+    registry = CancelRegistry()
+    s, acts = ready_session(Hooks(decide_cached=lambda r: None), registry=registry)
+    gw_pid, gw_key = pg.decode_backend_key(
+        next(m for m in pg.iter_frames(down(acts)) if m.type == b"K").body)
+    called: list[bool] = []
+    s.on_cancel_requested = lambda: called.append(True)
+    s.on_read(pg.simple_query("select * from payments where amount > 10000"))
+    assert s.waiting_for_decision
+    c = Session(SessionConfig(session_id="c"), None, registry)
+    c.on_read(pg.encode_cancel(gw_pid, gw_key))
+    assert called == [True]
