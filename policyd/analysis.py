@@ -223,7 +223,7 @@ def analyse(
         fingerprint = pg.fingerprint(sql)
     except Exception:
         fingerprint = ""
-    ctx = _Message(sql, parse_search_path(search_path), user)
+    ctx = _Message(parse_search_path(search_path), user)
     statements = [ctx.statement(raw) for raw in tree.get("stmts", [])]
     result = Analysis(sql=sql, parseable=True, statements=statements, fingerprint=fingerprint,
                       params_used=tuple(sorted(ctx.params_used)))
@@ -273,9 +273,13 @@ def _param_value(text: str | None) -> Any:
         return text
 
 
+# (schema shown, name, access, candidates): one entry of _Statement.relations
+_Key = tuple[str, str, str, tuple[str, ...]]
+
+
 @dataclass(slots=True)
 class _Table:
-    key: tuple[str, str, str]  # (schema, name, access) into _Statement.relations
+    key: _Key
     candidates: list[str]  # "schema.name" the name may resolve to
 
 
@@ -316,21 +320,14 @@ class _Scope:
 class _Message:
     """State shared by the statements of one message (search_path, PREPAREs)."""
 
-    def __init__(self, sql: str, search_path: list[str], user: str) -> None:
-        self.raw = sql.encode()
+    def __init__(self, search_path: list[str], user: str) -> None:
         self.search_path = search_path
         self.user = user
         self.params_used: set[int] = set()
         self.prepared: dict[str, dict[str, Any]] = {}
 
     def statement(self, raw: Node) -> dict[str, Any]:
-        start = raw.get("stmt_location", 0)
-        length = raw.get("stmt_len", 0)
-        text = (self.raw[start:start + length] if length else self.raw[start:]).decode(
-            errors="replace")
-        walker = _Statement(self)
-        result = walker.run(raw.get("stmt", {}), text)
-        return result
+        return _Statement(self).run(raw.get("stmt", {}))
 
 
 class _Statement:
@@ -340,7 +337,7 @@ class _Statement:
         self.msg = msg
         self.command = "unknown"
         self.node_type = ""
-        self.relations: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.relations: dict[_Key, dict[str, Any]] = {}
         self.functions: dict[tuple[str, str], dict[str, Any]] = {}
         self.comparisons: list[dict[str, Any]] = []
         self.outputs: list[dict[str, Any]] = []
@@ -361,15 +358,15 @@ class _Statement:
         self.details: dict[str, Any] = {}
         self.limited = False
         self.levels = 0
-        self.unbounded_reads: set[tuple[str, str, str]] = set()
+        self.unbounded_reads: set[_Key] = set()
 
     # -- entry ---------------------------------------------------------------
-    def run(self, stmt: Node, text: str) -> dict[str, Any]:
+    def run(self, stmt: Node) -> dict[str, Any]:
         if not stmt:
             self.command = "empty"
         else:
             (self.node_type, body), = stmt.items()
-            self._dispatch(self.node_type, body, _Scope(), top=True, text=text)
+            self._dispatch(self.node_type, body, _Scope(), top=True)
         relations = []
         for key, rel in self.relations.items():
             out = dict(rel)
@@ -392,7 +389,7 @@ class _Statement:
         }
 
     def _dispatch(self, kind: str, body: Node, scope: _Scope, *, top: bool,
-                  text: str = "", emit: bool | None = None) -> list[tuple[str, frozenset[str]]]:
+                  emit: bool | None = None) -> list[tuple[str, frozenset[str]]]:
         """Handle one statement node; returns its output columns (lineage).
 
         ``top``: the statement itself (sets the command); ``emit``: its result
@@ -408,7 +405,7 @@ class _Statement:
                 self.flags["select_into"] = True
                 if top:
                     self.command = "select_into"
-                self._relation(into.get("rel", {}), "write", scope)
+                self._relation(into.get("rel", {}), "write")
                 return []
             return cols
         if kind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
@@ -503,18 +500,18 @@ class _Statement:
             if inner:
                 (ikind, ibody), = inner.items()
                 self._dispatch(ikind, ibody, scope, top=False)
-            self._relation(body.get("into", {}).get("rel", {}), "ddl", scope)
+            self._relation(body.get("into", {}).get("rel", {}), "ddl")
             return []
         elif kind == "ViewStmt":
             inner = body.get("query", {})
             if inner:
                 (ikind, ibody), = inner.items()
                 self._dispatch(ikind, ibody, scope, top=False)
-            self._relation(body.get("view", {}), "ddl", scope)
+            self._relation(body.get("view", {}), "ddl")
             return []
         elif kind == "TruncateStmt":
             for rel in body.get("relations", []):
-                self._relation(rel.get("RangeVar", {}), "write", scope)
+                self._relation(rel.get("RangeVar", {}), "write")
             return []
         elif kind == "DropStmt":
             self._drop(body)
@@ -654,13 +651,12 @@ class _Statement:
     def _star(self, fields: list[Node], scope: _Scope) -> list[tuple[str, frozenset[str]]]:
         qual = _strings(fields[:-1])
         out: list[tuple[str, frozenset[str]]] = []
-        for alias, entry in self._visible(scope, qual[-1] if qual else None):
+        for _, entry in self._visible(scope, qual[-1] if qual else None):
             if isinstance(entry, _Table):
                 self.relations[entry.key]["columns"].add("*")
                 out.append(("*", frozenset(f"{c}.*" for c in entry.candidates)))
             else:
                 out.extend(entry.columns)
-            del alias
         return out
 
     def _visible(self, scope: _Scope, alias: str | None) -> list[tuple[str, _Table | _Derived]]:
@@ -681,7 +677,7 @@ class _Statement:
         scope = self._scope(outer)
         self._with(body.get("withClause"), scope)
         rel = body.get("relation", {})
-        target = self._relation(rel, "write", scope)
+        target = self._relation(rel, "write")
         alias = rel.get("alias", {}).get("aliasname") or rel.get("relname", "")
         if kind == "InsertStmt":
             for col in body.get("cols", []):
@@ -753,7 +749,7 @@ class _Statement:
                 if cte is not None:
                     scope.entries.append((alias, cte))
                     return
-            table = self._relation(rv, "read", scope)
+            table = self._relation(rv, "read")
             if table is not None:
                 scope.entries.append((alias, table))
         elif "JoinExpr" in item:
@@ -788,7 +784,7 @@ class _Statement:
         self._comparisons(where, scope, negated=False, disjunctive=False)
         self._expr(where, scope, record_refs=True)
 
-    def _relation(self, rv: Node, access: str, scope: _Scope) -> _Table | None:
+    def _relation(self, rv: Node, access: str) -> _Table | None:
         name = rv.get("relname")
         if not name:
             return None
@@ -805,7 +801,9 @@ class _Statement:
         # candidate stays listed for the policy.
         shown = [c for c in candidates if c.rsplit(".", 1)[0] != self.msg.user] or candidates
         first_schema = shown[0].rsplit(".", 1)[0] if shown else "public"
-        key = (first_schema, name, access)
+        # Distinct candidate lists are distinct relations: `evil.payments` and an
+        # unqualified `payments` that may also be public.payments never merge.
+        key = (first_schema, name, access, tuple(candidates))
         if key not in self.relations:
             entry: dict[str, Any] = {
                 "schema": first_schema, "name": name, "access": access,
@@ -814,7 +812,6 @@ class _Statement:
             if catalog:
                 entry["database"] = catalog
             self.relations[key] = entry
-        del scope
         return _Table(key, candidates)
 
     def _path_for(self, name: str) -> list[str]:
@@ -862,7 +859,7 @@ class _Statement:
         self.details["copy_filename"] = filename
         self.details["copy_stdio"] = filename is None
         if body.get("relation"):
-            t = self._relation(body["relation"], "write" if is_from else "read", scope)
+            t = self._relation(body["relation"], "write" if is_from else "read")
             if t is not None:
                 for a in body.get("attlist", []):
                     name = a.get("String", {}).get("sval")
@@ -957,9 +954,7 @@ class _Statement:
                 rv: Node = {"relname": names[-1]}
                 if len(names) > 1:
                     rv["schemaname"] = names[-2]
-                self._relation(rv, "ddl", _Scope())
-        elif objtype in ("OBJECT_FUNCTION", "OBJECT_PROCEDURE"):
-            pass
+                self._relation(rv, "ddl")
 
     # -- expressions ---------------------------------------------------------
     def _generic(self, node: Any, scope: _Scope, access: str) -> None:
@@ -973,7 +968,7 @@ class _Statement:
             return
         for key, value in node.items():
             if key == "RangeVar" and isinstance(value, dict):
-                self._relation(value, access, scope)
+                self._relation(value, access)
             elif key in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
                 if key != "SelectStmt":
                     self.flags["data_modifying_cte"] = (
@@ -1024,7 +1019,7 @@ class _Statement:
                 for _, src in cols:
                     out |= src
             elif key == "RangeVar":
-                self._relation(value, "read", scope)
+                self._relation(value, "read")
             else:
                 self._expr_into(value, scope, out, record_refs)
 

@@ -225,3 +225,9 @@ def test_bind_places_values_without_reanalysing() -> None:
     assert analyse("select 1").bind(("x",)).statements[0]["params_read"] == []
     redacted = parsed.bind(("4111111111111111", "1")).statements[0]["comparisons"][0]
     assert redacted["value"] == "[redacted]" and redacted["redacted"]
+
+
+def test_qualified_and_unqualified_names_never_merge() -> None:
+    a = analyse("SET search_path = evil, public; SELECT * FROM evil.payments, payments")
+    candidates = sorted(r["candidates"] for r in a.statements[1]["relations"])
+    assert candidates == [["evil.payments"], ["evil.payments", "public.payments"]]
