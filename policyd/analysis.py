@@ -291,6 +291,9 @@ class _Derived:
         for col, sources in self.columns:
             if col == name:
                 return sources
+        for col, sources in self.columns:
+            if col == "*":  # `(SELECT * FROM payments) x`: x.card_number is payments'
+                return frozenset(f"{src[:-1]}{name}" for src in sources if src.endswith(".*"))
         return None
 
     def all_sources(self) -> frozenset[str]:
@@ -1060,6 +1063,21 @@ class _Statement:
                     else:
                         sources |= e.all_sources()
         if alias is None:
+            # Without the catalog an unqualified name in a subquery may also be
+            # a column of an enclosing query's table (a correlated reference):
+            # attribute it there too, without counting it as a WHERE on it.
+            s_with: _Scope | None = scope
+            while s_with is not None and not s_with.entries:
+                s_with = s_with.parent
+            outer = s_with.parent if s_with is not None else None
+            while outer is not None:
+                for _, e in outer.entries:
+                    if isinstance(e, _Table):
+                        self.relations[e.key]["columns"].add(col)
+                        sources.update(f"{c}.{col}" for c in e.candidates)
+                    else:
+                        sources |= e.lookup(col) or frozenset()
+                outer = outer.parent
             # `SELECT c FROM customers c` or `row_to_json(c)`: a bare table
             # alias is the whole row, every column of it.
             for _, whole in self._visible(scope, col):

@@ -231,3 +231,8 @@ def test_qualified_and_unqualified_names_never_merge() -> None:
     a = analyse("SET search_path = evil, public; SELECT * FROM evil.payments, payments")
     candidates = sorted(r["candidates"] for r in a.statements[1]["relations"])
     assert candidates == [["evil.payments"], ["evil.payments", "public.payments"]]
+
+
+def test_lineage_through_a_star_subquery() -> None:
+    s = one("select x.card_number from (select * from payments where id = 1) x")
+    assert s["outputs"][0]["sources"] == ["public.payments.card_number"]

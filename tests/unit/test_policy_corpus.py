@@ -158,6 +158,9 @@ CORPUS: list[Case] = [
     blocked("SELECT * FROM (VALUES (1)) v, LATERAL (SELECT cvv FROM customers c "
             "WHERE c.id = v.column1) x", "col:public.customers.cvv"),
     blocked("CREATE VIEW cvvs AS SELECT cvv FROM customers", "col:public.customers.cvv"),
+    # correlated: orders has no cvv, PostgreSQL takes the outer customers.cvv
+    blocked("SELECT (SELECT cvv FROM orders LIMIT 1) FROM customers WHERE id = 1",
+            "col:public.customers.cvv"),
     # --- what the parser rejects is refused
     blocked("SELEKT 1", "unparseable"),
     blocked("SELECT 1; DROP DATABSE shop", "unparseable"),
@@ -187,6 +190,8 @@ CORPUS: list[Case] = [
          fraud="hold"),
     case("SET search_path = evil, public; SELECT * FROM payments", "rel:public.payments:read",
          fraud="hold"),
+    case("SET search_path = evil, public; SELECT * FROM evil.payments, payments",
+         "rel:public.payments:read", fraud="hold"),
     case("SELECT * FROM payments LIMIT 10", fraud="allow"),
     case("TABLE payments", "rel:public.payments:read", fraud="hold"),
     case('SeLeCt * FrOm "public"."payments" WhErE amount>10000', fraud="hold"),
