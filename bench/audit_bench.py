@@ -169,7 +169,9 @@ def main() -> None:
         f"{args.events} statement events (SQL with a PAN literal, analysis, masked counts, "
         f"2 recorded rows), submitted {args.batch} per `submit()`; writer batches up to 1000 "
         "per transaction; SQLite WAL `synchronous=FULL`, PostgreSQL 15 local `fsync=on`. "
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on a shared 2-core VM.",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on a shared 2-core VM "
+        f"(load average {os.getloadavg()[0]:.1f} at the end: absolute figures are pessimistic, "
+        "compare ratios).",
         "",
         "| store | audit_events_per_s (end to end) | submit() events/s (data path) "
         "| transactions | spool fsync median / max (ms) |",
