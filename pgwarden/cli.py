@@ -45,5 +45,9 @@ def _register() -> None:
 
     app.add_typer(maskd_app, name="maskd", help="Mask card numbers in results: serve.")
 
+    from pgwarden.config_cli import app as config_app
+
+    app.add_typer(config_app, name="config", help="Validate a pgwarden configuration file.")
+
 
 _register()
