@@ -105,10 +105,28 @@ def assert_same_output(
     assert normalise(gateway.stderr) == normalise(direct.stderr)
 
 
+# What PostgreSQL logs when a client vanishes without Terminate or sends a
+# broken startup: none of it may appear after sessions that ended normally.
+UNCLEAN_DISCONNECT = (
+    "unexpected EOF on client connection",
+    "could not receive data from client",
+    "incomplete startup packet",
+    "invalid length of startup packet",
+    "unexpected EOF within message length word",
+)
+
+
+def assert_clean_server_log(stack: Any, mark: int) -> None:
+    log = stack.pg_log_since(mark)
+    found = [line for line in log.splitlines() if any(n in line for n in UNCLEAN_DISCONNECT)]
+    assert not found, "PostgreSQL saw unclean disconnects:\n" + "\n".join(found[:5])
+
+
 def test_basic_script_output_equals_direct(stack: Any, mode: str, sslmode: str, tmp_path: Path) -> None:
     (tmp_path / "direct").mkdir()
     (tmp_path / "gateway").mkdir()
     direct = run_psql(stack.app_dsn_direct, "basic.sql", tmp_path / "direct")
+    mark = stack.pg_log_mark()
     gateway = run_psql(stack.gateway_dsn[mode], "basic.sql", tmp_path / "gateway", sslmode=sslmode)
     # The script really exercised what it claims to (so equal-but-empty
     # output from two broken runs cannot pass).
@@ -122,6 +140,8 @@ def test_basic_script_output_equals_direct(stack: Any, mode: str, sslmode: str, 
     assert "answer is 42" in direct.stdout
     assert "end of script" in direct.stdout
     assert_same_output(direct, gateway)
+    # psql's Terminate reached PostgreSQL: the tap closed the session cleanly.
+    assert_clean_server_log(stack, mark)
 
 
 def test_basic_script_over_tls_really_uses_tls(stack: Any, mode: str) -> None:
@@ -146,11 +166,13 @@ def test_copy_script_output_and_files_equal_direct(
     (tmp_path / "direct").mkdir()
     (tmp_path / "gateway").mkdir()
     direct = run_psql(stack.app_dsn_direct, "copy.sql", tmp_path / "direct")
+    mark = stack.pg_log_mark()
     gateway = run_psql(stack.gateway_dsn[mode], "copy.sql", tmp_path / "gateway", sslmode=sslmode)
     assert "COPY 20000" in direct.stdout
     assert "quoted, with comma" in direct.stdout
     assert 'invalid input syntax for type integer: "not_a_number"' in direct.stderr
     assert_same_output(direct, gateway)
+    assert_clean_server_log(stack, mark)
     for name in ("payments.csv", "series.csv", "binary.dat"):
         direct_file = (tmp_path / "direct" / name).read_bytes()
         gateway_file = (tmp_path / "gateway" / name).read_bytes()

@@ -100,16 +100,22 @@ def test_init_loaded_every_row(stack: Any, mode: str, bench_dsn: str) -> None:
     assert row == (100_000, 1, 10)
 
 
-@pytest.mark.parametrize("tls", ["plain", "tls"])
+# Every protocol mode with TLS off and on, spread over the runs rather than
+# crossed with them, to keep the module within seconds per run.
 @pytest.mark.parametrize(
-    "options",
+    ("options", "tls"),
     [
-        pytest.param([], id="tpcb-simple"),
-        pytest.param(["-S"], id="select-only-simple"),
-        pytest.param(["-M", "extended"], id="tpcb-extended"),
-        pytest.param(["-S", "-M", "extended"], id="select-only-extended"),
-        pytest.param(["-M", "prepared"], id="tpcb-prepared"),
-        pytest.param(["-S", "-M", "prepared"], id="select-only-prepared"),
+        pytest.param([], "plain", id="tpcb-simple-plain"),
+        pytest.param([], "tls", id="tpcb-simple-tls"),
+        pytest.param(["-S"], "plain", id="select-only-simple-plain"),
+        pytest.param(["-S"], "tls", id="select-only-simple-tls"),
+        pytest.param(["-M", "extended"], "plain", id="tpcb-extended-plain"),
+        pytest.param(["-S", "-M", "extended"], "tls", id="select-only-extended-tls"),
+        pytest.param(["-M", "prepared"], "tls", id="tpcb-prepared-tls"),
+        pytest.param(["-S", "-M", "prepared"], "plain", id="select-only-prepared-plain"),
+        # Eight sessions at once on two threads: sessions interleave in the tap.
+        pytest.param(["-S", "-M", "prepared", "-c", "8", "-j", "2"], "plain", id="select-only-8-clients"),
+        pytest.param(["-M", "extended", "-c", "8", "-j", "2"], "tls", id="tpcb-8-clients-tls"),
     ],
 )
 def test_pgbench_run_completes_every_transaction(
@@ -120,10 +126,14 @@ def test_pgbench_run_completes_every_transaction(
     with psycopg.connect(direct_dsn) as conn:
         history_before = conn.execute("SELECT count(*) FROM pgbench_history").fetchone()
 
-    run = _pgbench([*options, "-n", "-c", str(CLIENTS), "-j", "1", "-t", str(TRANSACTIONS_PER_CLIENT)], dsn)
+    clients = int(options[options.index("-c") + 1]) if "-c" in options else CLIENTS
+    if "-c" not in options:
+        options = [*options, "-c", str(CLIENTS), "-j", "1"]
+    mark = stack.pg_log_mark()
+    run = _pgbench([*options, "-n", "-t", str(TRANSACTIONS_PER_CLIENT)], dsn)
     output = run.stdout + run.stderr
     assert run.returncode == 0, f"pgbench failed through the {mode} gateway:\n{output}"
-    expected = CLIENTS * TRANSACTIONS_PER_CLIENT
+    expected = clients * TRANSACTIONS_PER_CLIENT
     assert _processed(output) == (expected, expected)
     assert _failed(output) == 0
     assert "error" not in run.stderr.lower(), run.stderr
@@ -134,3 +144,7 @@ def test_pgbench_run_completes_every_transaction(
     written = history_after[0] - history_before[0]
     # TPC-B writes one history row per transaction; select-only writes nothing.
     assert written == (0 if "-S" in options else expected)
+    # Every pgbench session ended with Terminate passed on by the tap.
+    log = stack.pg_log_since(mark)
+    assert "unexpected EOF on client connection" not in log
+    assert "could not receive data from client" not in log
