@@ -18,6 +18,8 @@ mkdir -p .cache
 exec 9>.cache/bootstrap.lock
 flock 9
 export DEBIAN_FRONTEND=noninteractive
+# CI may run with a trimmed environment; Go and pip need a home for their caches.
+if [ -z "${HOME:-}" ]; then HOME="$(getent passwd "$(id -u)" | cut -d: -f6)"; export HOME; fi
 
 # --- system packages: PostgreSQL server + contrib (pg_stat_statements), pgbouncer
 apt_wanted=()
