@@ -15,6 +15,7 @@ died inside ``write()``) is cut off on open: its ``append`` never returned.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -44,6 +45,15 @@ class Spool:
         self._sync_lock = threading.Lock()
         self._dirty = False
         path.parent.mkdir(parents=True, exist_ok=True)
+        # One writer per spool: two would number events twice. The lock lives
+        # in a side file because compaction replaces the spool file itself;
+        # the kernel drops it when the process dies, even by kill -9.
+        self._lock_fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._lock_fd)
+            raise SpoolError(f"spool {path} is in use by another process") from exc
         self.base_n, self.last_n, self.size = self._recover()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._read_off = 0
@@ -159,7 +169,11 @@ class Spool:
 
     def close(self) -> None:
         with self._lock:
+            if self._fd < 0:
+                return
             try:
                 os.fsync(self._fd)
             finally:
                 os.close(self._fd)
+                os.close(self._lock_fd)
+                self._fd = -1

@@ -21,7 +21,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Engine, create_engine, event, select, update
+from sqlalchemy import JSON, Engine, create_engine, event, func, select, update
 from sqlalchemy.engine import Connection, make_url
 
 from policyd.audit.events import Event
@@ -375,25 +375,33 @@ class AuditStore:
         q = q.order_by(s.c.seq)
         out: list[dict[str, Any]] = []
         with self.engine.connect() as conn:
-            for r in conn.execute(q):
-                row = dict(r._mapping)
-                if group and group not in (row.get("groups") or []):
-                    continue
-                verdicts = [
-                    v
-                    for (v,) in conn.execute(
-                        select(st.c.verdict).where(st.c.session_id == row["session_id"])
-                    )
-                ]
-                end = conn.execute(
-                    select(se.c.ts, se.c.reason).where(se.c.session_id == row["session_id"])
-                ).first()
-                row["statements"] = len(verdicts)
-                row["denied"] = sum(1 for v in verdicts if v == "deny")
-                row["held"] = sum(1 for v in verdicts if v == "hold")
-                row["ended_at"] = end[0] if end else None
-                row["end_reason"] = end[1] if end else None
-                out.append(row)
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+            if group:
+                rows = [r for r in rows if group in (r.get("groups") or [])]
+            sids = [r["session_id"] for r in rows]
+            counts: dict[str, dict[str, int]] = defaultdict(dict)
+            ends: dict[str, tuple[str, str]] = {}
+            for start in range(0, len(sids), 500):
+                chunk = sids[start : start + 500]
+                for sid, verdict, n in conn.execute(
+                    select(st.c.session_id, st.c.verdict, func.count())
+                    .where(st.c.session_id.in_(chunk))
+                    .group_by(st.c.session_id, st.c.verdict)
+                ):
+                    counts[sid][verdict] = int(n)
+                for sid, ts, reason in conn.execute(
+                    select(se.c.session_id, se.c.ts, se.c.reason).where(se.c.session_id.in_(chunk))
+                ):
+                    ends[sid] = (ts, reason)
+        for row in rows:
+            c = counts.get(row["session_id"], {})
+            end = ends.get(row["session_id"])
+            row["statements"] = sum(c.values())
+            row["denied"] = c.get("deny", 0)
+            row["held"] = c.get("hold", 0)
+            row["ended_at"] = end[0] if end else None
+            row["end_reason"] = end[1] if end else None
+            out.append(row)
         return out
 
     def delete_before(self, seq: int) -> int:

@@ -183,3 +183,19 @@ def test_store_reopened_by_a_new_writer_continues_the_chain(tmp_path: Path) -> N
     with AuditStore(url) as st:
         assert st.head()[0] == 36
     assert os.path.getsize(tmp_path / "cp.jsonl") > 0
+
+
+def test_one_writer_per_spool(tmp_path: Path) -> None:
+    from policyd.audit.spool import SpoolError
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    w = writer(tmp_path, url).start()
+    try:
+        try:
+            writer(tmp_path, url)
+        except SpoolError as exc:
+            assert "in use by another process" in str(exc)
+        else:
+            raise AssertionError("a second writer opened the same spool")
+    finally:
+        w.close()
