@@ -51,7 +51,9 @@ fi
 
 # --- OPA, built from source with the Go toolchain (no prebuilt downloads here)
 opa=.cache/bin/opa
-if [ ! -x "${opa}" ] || ! "${opa}" version 2>/dev/null | grep -qx "Version: ${OPA_VERSION#v}"; then
+# (output captured first: with pipefail, `opa version | grep -q` can fail on SIGPIPE)
+opa_have="$([ -x "${opa}" ] && "${opa}" version 2>/dev/null || true)"
+if ! grep -qx "Version: ${OPA_VERSION#v}" <<<"${opa_have}"; then
     go="$(command -v go || echo /usr/local/go/bin/go)"
     [ -x "${go}" ] || { log "Go toolchain not found; needed to build OPA"; exit 1; }
     log "building OPA ${OPA_VERSION} (a few minutes the first time)"
