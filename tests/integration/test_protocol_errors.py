@@ -4,7 +4,8 @@ A malformed message (length < 4, negative), an oversized one (beyond the
 tap's maximum message size), garbage instead of a StartupMessage, and a
 connection cut mid-message. Where the client can still hear an answer it gets
 a FATAL ErrorResponse with SQLSTATE 08P01 (protocol_violation) and the
-connection closes; in every case the tap process stays alive, a session
+connection closes, and the tap records a ``protocol_error`` event in its
+structured log; in every case the tap process stays alive, a session
 opened in parallel keeps working, and PostgreSQL is left with no orphaned
 backend.
 
@@ -14,12 +15,14 @@ describes them; only the SCRAM arithmetic comes from scramp.
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import struct
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -198,6 +201,8 @@ class Target:
         self.password = str(params.get("password") or stack.passwords[self.user])
         self.pid = stack.tap_pids[mode]
         self.app_name = f"pgw-raw-{uuid.uuid4().hex[:8]}"
+        self.tap_log: Path = stack.procs[f"tap-{mode}"].log
+        self.log_mark = self.tap_log.stat().st_size
 
     def wire(self) -> Wire:
         return Wire(self.host, self.port)
@@ -216,6 +221,42 @@ class Target:
                 (self.app_name,),
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def tap_events(self) -> list[dict[str, Any]]:
+        """Structured log lines the tap wrote since this target was made."""
+        with self.tap_log.open("rb") as fh:
+            fh.seek(self.log_mark)
+            lines = fh.read().decode(errors="replace").splitlines()
+        events = []
+        for line in lines:
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+        return events
+
+    def assert_protocol_error_recorded(self, logged_in: bool = True) -> None:
+        """The tap recorded the violation (08P01) for the operator; for an
+        established session, under the session id of this client's session."""
+        deadline = time.monotonic() + 5
+        while True:
+            events = self.tap_events()
+            sessions = {
+                e.get("session_id")
+                for e in events
+                if e.get("event") == "session_start" and e.get("application_name") == self.app_name
+            }
+            errors = [
+                e
+                for e in events
+                if e.get("event") == "protocol_error"
+                and e.get("sqlstate") == "08P01"
+                and (not logged_in or e.get("session_id") in sessions)
+            ]
+            if errors or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert errors, f"no protocol_error event in {self.tap_log.name} for this session"
 
     def assert_no_backend_left(self) -> None:
         deadline = time.monotonic() + 15
@@ -271,6 +312,7 @@ def test_message_length_below_four(target: Target, length: int, tls: bool) -> No
     finally:
         w.close()
     target.assert_no_backend_left()
+    target.assert_protocol_error_recorded()
 
 
 @pytest.mark.parametrize(
@@ -290,6 +332,7 @@ def test_oversized_message_is_refused_from_its_header(target: Target, length: in
     finally:
         w.close()
     target.assert_no_backend_left()
+    target.assert_protocol_error_recorded()
 
 
 def test_large_legal_message_passes(target: Target) -> None:
@@ -313,6 +356,7 @@ def test_unknown_message_type_after_login(target: Target) -> None:
     finally:
         w.close()
     target.assert_no_backend_left()
+    target.assert_protocol_error_recorded()
 
 
 # --------------------------------------------------------------------------- startup garbage
@@ -339,6 +383,8 @@ def test_garbage_instead_of_startup_message(target: Target, garbage: str) -> Non
         assert "\0" not in fields["M"]
     finally:
         w.close()
+    if garbage != "no-terminator":  # that one PostgreSQL may refuse itself
+        target.assert_protocol_error_recorded(logged_in=False)
 
 
 def test_gssenc_request_is_declined_and_startup_continues(target: Target) -> None:
