@@ -29,6 +29,7 @@ docs/masking.md documents each style for each type.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Callable
 
@@ -325,10 +326,44 @@ def rule_fn(style: str, oid: int, fmt: int, key: bytes) -> ValueFn:
             return b"\\x" + text(raw if raw is not None else v).hex().encode("ascii")
         return bytea_rule
     if fmt == 0:
-        return text  # any other type in text form: treated as text
+        return _text_form_rule(style, oid, key, text)
     # Binary arrays and records are recognised structurally; any other binary
     # value of a type we cannot rewrite becomes NULL.
     return _binary_container_fn(lambda e_oid: rule_fn(style, e_oid, 1, key))
+
+
+_NUMBER_TOKEN = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?")
+_NUMBER_ARRAY_ELEMENT = {1005: Oid.INT2, 1007: Oid.INT4, 1016: Oid.INT8, 1231: Oid.NUMERIC}
+
+
+def _text_form_rule(style: str, oid: int, key: bytes,
+                    text: Callable[[bytes], bytes]) -> ValueFn:
+    """A rule on a text-form value of a type without its own handling.
+
+    Number arrays are masked number by number (``{4111...,42}`` →
+    ``{1111,42}``), so they stay valid arrays. Other array literals keep the
+    text masking of their digits; ``redact`` gives the empty array ``{}`` and
+    ``hmac`` a one-element array. Any other type (dates, uuids, ranges...)
+    gets the text masking for ``last4``/``first6_last4``/``hmac`` as the
+    policy asked, but ``redact`` gives NULL: a marker like ``[redacted]`` is
+    not valid input for those types and would break the client's parser."""
+    elem = _NUMBER_ARRAY_ELEMENT.get(oid)
+    if elem is not None:
+        number = _number_rule(style, elem, 0, key)
+
+        def number_array(v: bytes) -> bytes:
+            return _NUMBER_TOKEN.sub(lambda m: number(m.group()) or b"0", v)
+        return number_array
+
+    def other(v: bytes) -> bytes | None:
+        if v[:1] == b"{":
+            if style == "redact":
+                return b"{}"
+            if style == "hmac":
+                return b"{" + text(v) + b"}"
+            return text(v)
+        return None if style == "redact" else text(v)
+    return other
 
 
 # --------------------------------------------------------------------------

@@ -226,3 +226,12 @@ def test_number_array_text_keeps_parseable() -> None:
     out = fn(b"{4111111111111111,42}") or b""
     assert out == b"{0000000000001111,42}"
     assert [int(x) for x in out.strip(b"{}").split(b",")] == [1111, 42]
+
+
+def test_text_form_arrays_and_other_types_under_rules() -> None:
+    assert rule_fn("last4", 1016, 0, KEY)(b"{4111111111111111,NULL,-42}") == b"{1111,NULL,-42}"
+    assert rule_fn("redact", 1231, 0, KEY)(b"{4111111111111111.5}") == b"{0}"
+    assert rule_fn("redact", 1009, 0, KEY)(b'{"4111 1111"}') == b"{}"
+    assert (rule_fn("hmac", 1009, 0, KEY)(b"{a}") or b"")[:1] == b"{"
+    assert rule_fn("redact", Oid.DATE, 0, KEY)(b"2026-11-26") is None
+    assert rule_fn("last4", Oid.DATE, 0, KEY)(b"2026-11-26") == b"XXXX-11-26"
