@@ -1,4 +1,4 @@
-"""statement results
+"""statement results; seeded chain head
 
 Revision ID: 0002
 Revises: 0001
@@ -17,7 +17,6 @@ depends_on = None
 
 
 def upgrade() -> None:
-
     op.create_table(
         "audit_statement_results",
         sa.Column("seq", sa.BigInteger(), autoincrement=False, nullable=False),
@@ -48,6 +47,13 @@ def upgrade() -> None:
             batch_op.f("ix_audit_statement_results_session_id"), ["session_id"], unique=False
         )
         batch_op.create_index(batch_op.f("ix_audit_statement_results_ts"), ["ts"], unique=False)
+    # Seed the chain head so the first appenders lock an existing row
+    # (SELECT ... FOR UPDATE locks nothing when the row is missing).
+    op.execute(
+        "INSERT INTO audit_chain_head (id, seq, hash) SELECT 1, 0, '"
+        + "0" * 64
+        + "' WHERE NOT EXISTS (SELECT 1 FROM audit_chain_head)"
+    )
 
 
 def downgrade() -> None:
