@@ -45,6 +45,10 @@ def _register() -> None:
 
     app.add_typer(maskd_app, name="maskd", help="Mask card numbers in results: serve.")
 
+    from policyd.console.cli import app as console_app
+
+    app.add_typer(console_app, name="console", help="Auditor and approver web console: serve.")
+
     from pgwarden.config_cli import app as config_app
 
     app.add_typer(config_app, name="config", help="Validate a pgwarden configuration file.")
