@@ -208,3 +208,35 @@ def test_replay_and_export_read_postgres(pg: LocalPostgres, tmp_path: Path) -> N
            "PGWARDEN_AUDIT_CHECKPOINTS": str(tmp_path / "cp.jsonl")}
     out = runner.invoke(audit_app, ["verify", "--store", url], env=env)
     assert out.exit_code == 0, out.output
+
+
+def test_two_writers_extend_one_chain(pg: LocalPostgres, tmp_path: Path) -> None:
+    """Two producers (two tap replicas) share the store: their batches take
+    turns on the chain head and the chain still verifies."""
+    url = pg.create_db("audit_replicas")
+    writers = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        writers.append(AuditWriter(url, d / "spool.jsonl", signing_key=tmp_path / "key",
+                                   checkpoint_file=tmp_path / "cp.jsonl", batch_size=25).start())
+
+    def produce(w: AuditWriter, sid: str) -> None:
+        for k in range(20):
+            assert w.submit([StatementEvent(session_id=sid, statement_seq=k * 10 + i,
+                                            sql="SELECT 1", verdict="allow")
+                             for i in range(1, 11)])
+
+    threads = [threading.Thread(target=produce, args=(w, f"s-{i}"))
+               for i, w in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(w.close() for w in writers)
+    with AuditStore(url) as st:
+        with st.engine.connect() as c:
+            per_session = dict(c.execute(text(
+                "SELECT session_id, count(*) FROM audit_statements GROUP BY session_id")).all())
+        assert per_session == {"s-0": 200, "s-1": 200}
+        assert problems(tmp_path, st) == []
