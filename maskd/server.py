@@ -21,6 +21,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from maskd.engine import ColumnMeta, Masker, MaskStats
+from pgwarden import metrics
 from pgwarden._proto import mask_pb2 as pb
 from pgwarden._proto import mask_pb2_grpc as pb_grpc
 from tap.hooks import ColumnRule, MaskPlan
@@ -145,7 +146,10 @@ class MaskServicer(pb_grpc.MaskServiceServicer):
                 rm.rows += len(rows)
         if request.datarows:
             response.datarows.extend(rm.mask_datarows(request.datarows))
-        response.stats.CopyFrom(stats_to_pb(rm.stats))
+        stats = rm.stats
+        for rule, n in stats.by_rule.items():
+            metrics.MASKED_VALUES.labels(rule=rule).inc(n)
+        response.stats.CopyFrom(stats_to_pb(stats))
         return response
 
     async def MaskBatch(self, request: pb.MaskBatchRequest,
