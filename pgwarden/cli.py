@@ -45,6 +45,10 @@ def _register() -> None:
 
     app.add_typer(maskd_app, name="maskd", help="Mask card numbers in results: serve.")
 
+    from policyd.approvals.cli import app as approvals_app
+
+    app.add_typer(approvals_app, name="approvals", help="Just-in-time approvals: list, show, approve, deny.")
+
     from policyd.console.cli import app as console_app
 
     app.add_typer(console_app, name="console", help="Auditor and approver web console: serve.")
