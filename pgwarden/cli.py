@@ -57,5 +57,11 @@ def _register() -> None:
 
     app.add_typer(config_app, name="config", help="Validate a pgwarden configuration file.")
 
+    from pgwarden.doctor import doctor_command
+    from pgwarden.version import version_command
+
+    app.command("version")(version_command)
+    app.command("doctor")(doctor_command)
+
 
 _register()
