@@ -395,9 +395,7 @@ class Masker:
         if state.binary:
             return self._binary_stream(chunk, state)
         buf = state.carry + chunk if state.carry else chunk
-        cut = len(buf)
-        while cut > 0 and buf[cut - 1] in _CARRY_CLASS:
-            cut -= 1
+        cut = len(buf.rstrip(_CARRY_CHARS))
         if len(buf) - cut > MAX_COPY_CARRY:
             raise MaskError("COPY data holds a run of digits too long to scan safely")
         state.carry = buf[cut:]
@@ -494,7 +492,9 @@ class Masker:
 
 _BINARY_TEXTLIKE = frozenset({Oid.TEXT, Oid.VARCHAR, Oid.BPCHAR, Oid.NAME, Oid.UNKNOWN,
                               Oid.XML, Oid.BYTEA, Oid.JSON, Oid.JSONB})
-_CARRY_CLASS = frozenset(b"0123456789 -\\uUxXabcdefABCDEF")
+# Bytes that may continue a PAN into the next chunk: digits, separators,
+# and what JSON escapes (\u0034) and bytea hex (\x34) are written with.
+_CARRY_CHARS = b"0123456789 -\\uUxXabcdefABCDEF"
 
 
 def _guess_binary(v: bytes) -> bytes:
