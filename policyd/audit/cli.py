@@ -36,6 +36,7 @@ from policyd.audit.chain import (
 )
 from policyd.audit.events import SCHEMA_VERSION, EvidenceAccessEvent
 from policyd.audit.models import CHAIN_COLUMNS, row_to_event
+from policyd.audit.scrub import scrub_text
 from policyd.audit.store import AuditStore, Record
 
 StoreOpt = Annotated[
@@ -107,7 +108,8 @@ def _open(store: str | None) -> AuditStore:
     try:
         return AuditStore(store)
     except Exception as exc:
-        typer.echo(f"error: cannot open the audit store: {type(exc).__name__}: {exc}", err=True)
+        first = scrub_text(str(exc).splitlines()[0] if str(exc) else "")
+        typer.echo(f"error: cannot open the audit store: {type(exc).__name__}: {first}", err=True)
         raise typer.Exit(2) from exc
 
 
