@@ -206,9 +206,8 @@ class ApprovalClient:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else ""
             log.warning("approval_rpc_failed", session_id=request.session.session_id,
                         approval_id=approval_id, code=code)
-            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in (
-                    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE) and detail:
-                why = detail
+            if isinstance(exc, grpc.aio.AioRpcError) and _ours(exc) and detail:
+                why = detail  # the service's own refusal (e.g. audit trail unavailable)
             else:
                 why = f"approval service unavailable ({code.lower()})"
             return _deny(decision, UNAVAILABLE_SQLSTATE,
@@ -239,13 +238,18 @@ _ERRORS: dict[str, type[ApprovalError]] = {cls.__name__: cls for cls in (
     NotAnApprover)}
 
 
+def _ours(exc: grpc.aio.AioRpcError) -> str:
+    """The exception class name the service sent, or "" (a transport error)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == "pgwarden-error":
+            return str(value)
+    return ""
+
+
 def _error(exc: grpc.aio.AioRpcError) -> ApprovalError:
     """The exception the service raised, from the class name it sent along."""
     detail = exc.details() or exc.code().name
-    name = ""
-    for key, value in exc.trailing_metadata() or ():
-        if key == "pgwarden-error":
-            name = str(value)
+    name = _ours(exc)
     cls = _ERRORS.get(name)
     if cls is None:
         if exc.code() == grpc.StatusCode.UNAVAILABLE and name:
