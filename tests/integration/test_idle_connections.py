@@ -63,7 +63,7 @@ def _check_capacity(stack: Any) -> None:
         )
 
 
-async def _open(stack: Any, mode: str, app_name: str) -> asyncpg.Connection:
+async def _open(stack: Any, mode: str, app_name: str, sslmode: str) -> asyncpg.Connection:
     params = conninfo_to_dict(stack.gateway_dsn[mode])
     return await asyncpg.connect(
         host=params.get("host"),
@@ -72,14 +72,17 @@ async def _open(stack: Any, mode: str, app_name: str) -> asyncpg.Connection:
         password=params.get("password"),
         passfile=params.get("passfile"),
         database=params.get("dbname"),
-        ssl="disable",
+        ssl=sslmode,
         timeout=60,
         server_settings={"application_name": app_name},
         statement_cache_size=0,
     )
 
 
-async def test_thousand_idle_sessions(stack: Any, mode: str) -> None:
+# TLS sessions cost the tap more (an SSL object and its buffers each); the
+# same bound applies.
+@pytest.mark.parametrize("sslmode", ["disable", "require"], ids=["plain", "tls"])
+async def test_thousand_idle_sessions(stack: Any, mode: str, sslmode: str) -> None:
     _check_capacity(stack)
     pid = stack.tap_pids[mode]
     app_name = f"pgw-idle-{mode}-{uuid.uuid4().hex[:6]}"
@@ -90,7 +93,7 @@ async def test_thousand_idle_sessions(stack: Any, mode: str) -> None:
 
     async def open_one() -> None:
         async with semaphore:
-            conns.append(await _open(stack, mode, app_name))
+            conns.append(await _open(stack, mode, app_name, sslmode))
 
     try:
         results = await asyncio.gather(*(open_one() for _ in range(SESSIONS)), return_exceptions=True)
@@ -109,6 +112,7 @@ async def test_thousand_idle_sessions(stack: Any, mode: str) -> None:
         assert answers == list(range(SESSIONS))
         peak = max(peak, _rss(pid))
         growth = peak - baseline
+        print(f"{mode}/{sslmode}: tap RSS +{growth / 2**20:.1f} MB for {SESSIONS} sessions")
         assert growth < MAX_GROWTH_BYTES, (
             f"the {mode} tap grew by {growth / 2**20:.1f} MB for {SESSIONS} idle sessions "
             f"({growth / SESSIONS / 1024:.0f} KB each)"
