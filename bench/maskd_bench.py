@@ -104,13 +104,19 @@ def naive_scan(values: list[bytes]) -> int:
     return found
 
 
-def best_rate(n: int, fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
+def interleaved(n: int, cases: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """values/s of each case, best of ``repeat``, in CPU time of this process
+    (``time.process_time``): time spent waiting for a core that other
+    processes on this shared machine hold is not counted. The cases also
+    take turns within every repetition, so cache and frequency effects of
+    other load hit them alike and their ratios stay meaningful."""
+    best = dict.fromkeys(cases, float("inf"))
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return n / best
+        for name, fn in cases.items():
+            t0 = time.process_time()
+            fn()
+            best[name] = min(best[name], time.process_time() - t0)
+    return {name: n / t for name, t in best.items()}
 
 
 def in_process(n: int, repeat: int) -> dict[str, float]:
@@ -119,14 +125,14 @@ def in_process(n: int, repeat: int) -> dict[str, float]:
     plan = MaskPlan(rules=(ColumnRule(RULE, "last4"),))
     masker = Masker(plan, KEY)
     rule_col = [ColumnMeta("card_number", RULE, Oid.TEXT, 0)]
-    res: dict[str, float] = {}
+    cases: dict[str, Callable[[], object]] = {}
 
     rm = masker.prepare(rule_col)
-    res["rule_last4_column"] = best_rate(n, lambda: rm.mask_column(0, pans), repeat)
+    cases["rule_last4_column"] = lambda: rm.mask_column(0, pans)
     hm = Masker(MaskPlan(rules=(ColumnRule(RULE, "hmac"),)), KEY).prepare(rule_col)
-    res["rule_hmac_column"] = best_rate(n, lambda: hm.mask_column(0, pans), repeat)
+    cases["rule_hmac_column"] = lambda: hm.mask_column(0, pans)
     rows1 = [[p] for p in pans]
-    res["rule_last4_mask_rows"] = best_rate(n, lambda: rm.mask_rows(rows1), repeat)
+    cases["rule_last4_mask_rows"] = lambda: rm.mask_rows(rows1)
 
     # the realistic row: (id int8, card_number text rule, cardholder, amount)
     cols4 = [ColumnMeta("id", None, Oid.INT8, 0), rule_col[0],
@@ -135,29 +141,25 @@ def in_process(n: int, repeat: int) -> dict[str, float]:
     rows4 = [[b"%d" % i, pans[i], b"Cardholder %d" % (i % 977), b"%d.%02d" % (i % 5000, i % 100)]
              for i in range(n)]
     r4 = masker.prepare(cols4)
-    res["payments_rows_mask_rows"] = best_rate(n, lambda: r4.mask_rows(rows4), repeat)
+    cases["payments_rows_mask_rows"] = lambda: r4.mask_rows(rows4)
     bodies = [build_datarow(r) for r in rows4]
-    res["payments_rows_parse_only"] = best_rate(
-        n, lambda: [parse_datarow(b) for b in bodies], repeat)
-    res["payments_rows_mask_datarow"] = best_rate(
-        n, lambda: [r4.mask_datarow(b) for b in bodies], repeat)
+    cases["payments_rows_parse_only"] = lambda: [parse_datarow(b) for b in bodies]
+    cases["payments_rows_mask_datarow"] = lambda: [r4.mask_datarow(b) for b in bodies]
 
     scan = Masker(MaskPlan(), KEY).prepare([ColumnMeta("note", None, Oid.TEXT, 0)])
     for label, share in (("pan_free", 0.0), ("pan_1pct", 0.01), ("pan_10pct", 0.1),
                          ("pan_100pct", 1.0)):
         vals = make_text(n, rng, share, pans)
-        res[f"scan30_{label}"] = best_rate(n, lambda v=vals: scan.mask_column(0, v), repeat)
+        cases[f"scan30_{label}"] = lambda v=vals: scan.mask_column(0, v)
         if label in ("pan_free", "pan_10pct"):
-            res[f"naive30_{label}"] = best_rate(n, lambda v=vals: naive_scan(v), repeat)
+            cases[f"naive30_{label}"] = lambda v=vals: naive_scan(v)
     heavy = make_text(n, rng, 0.0, pans, digit_heavy=True)
-    res["scan30_digit_heavy"] = best_rate(n, lambda: scan.mask_column(0, heavy), repeat)
+    cases["scan30_digit_heavy"] = lambda: scan.mask_column(0, heavy)
     bodies_scan = [build_datarow([v]) for v in make_text(n, rng, 0.01, pans)]
-    res["scan30_pan_1pct_datarow_each"] = best_rate(
-        n, lambda: [scan.mask_datarow(b) for b in bodies_scan], repeat)
-    res["scan30_pan_1pct_datarows_batch"] = best_rate(
-        n, lambda: [scan.mask_datarows(bodies_scan[i:i + 1000])
-                    for i in range(0, n, 1000)], repeat)
-    return res
+    cases["scan30_pan_1pct_datarow_each"] = lambda: [scan.mask_datarow(b) for b in bodies_scan]
+    cases["scan30_pan_1pct_datarows_batch"] = lambda: [
+        scan.mask_datarows(bodies_scan[i:i + 1000]) for i in range(0, n, 1000)]
+    return interleaved(n, cases, repeat)
 
 
 async def _grpc_rates(target: str, n: int, repeat: int, batch: int) -> dict[str, float]:
@@ -173,25 +175,31 @@ async def _grpc_rates(target: str, n: int, repeat: int, batch: int) -> dict[str,
     async with MaskClient(target, deadline=30.0) as client:
         await client.mask_rows(plan, rule_col, [[pans[0]]])  # connect
 
-        async def run(p: MaskPlan, cols: list[ColumnMeta], values: list[bytes],
-                      datarows: bool) -> float:
-            best = float("inf")
-            rows = [[v] for v in values]
-            bodies = [build_datarow(r) for r in rows]
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                for i in range(0, n, batch):
-                    if datarows:
-                        await client.mask_datarows(p, cols, bodies[i:i + batch])
-                    else:
-                        await client.mask_rows(p, cols, rows[i:i + batch])
-                best = min(best, time.perf_counter() - t0)
-            return n / best
+        async def once(p: MaskPlan, cols: list[ColumnMeta], rows: list[list[bytes | None]],
+                       bodies: list[bytes] | None) -> float:
+            t0 = time.perf_counter()
+            for i in range(0, n, batch):
+                if bodies is not None:
+                    await client.mask_datarows(p, cols, bodies[i:i + batch])
+                else:
+                    await client.mask_rows(p, cols, rows[i:i + batch])
+            return time.perf_counter() - t0
 
-        res["grpc_rule_last4_rows"] = await run(plan, rule_col, pans, False)
-        res["grpc_rule_last4_datarows"] = await run(plan, rule_col, pans, True)
-        res["grpc_scan30_pan_1pct_rows"] = await run(MaskPlan(), scan_col, texts, False)
-        res["grpc_scan30_pan_1pct_datarows"] = await run(MaskPlan(), scan_col, texts, True)
+        rule_rows: list[list[bytes | None]] = [[v] for v in pans]
+        scan_rows: list[list[bytes | None]] = [[v] for v in texts]
+        cases = {
+            "grpc_rule_last4_rows": (plan, rule_col, rule_rows, None),
+            "grpc_rule_last4_datarows": (plan, rule_col, rule_rows,
+                                         [build_datarow(r) for r in rule_rows]),
+            "grpc_scan30_pan_1pct_rows": (MaskPlan(), scan_col, scan_rows, None),
+            "grpc_scan30_pan_1pct_datarows": (MaskPlan(), scan_col, scan_rows,
+                                              [build_datarow(r) for r in scan_rows]),
+        }
+        best = dict.fromkeys(cases, float("inf"))
+        for _ in range(repeat):
+            for name, args in cases.items():
+                best[name] = min(best[name], await once(*args))
+        res = {name: n / t for name, t in best.items()}
     return res
 
 
@@ -242,7 +250,11 @@ def write_results(result: dict[str, Any], command: str) -> None:
         "## maskd",
         "",
         f"{result['date']}, `{command}` (best of {result['repeat']}, "
-        f"{result['values']} values per run, one core, shared machine).",
+        f"{result['values']} values per run, cases interleaved, one core of a shared "
+        f"2-core machine; load average {result['loadavg_1min_before']} before, "
+        f"{result['loadavg_1min_after']} after). In-process figures are CPU time of the "
+        "benchmark process (waiting for a core is not counted); gRPC figures are wall "
+        "time with client and server pinned to different cores, so they carry the load.",
         "",
         "| measurement | values/s | target |",
         "|---|---:|---:|",
@@ -291,6 +303,7 @@ def main() -> None:
     # the one least disturbed by others.
     n = 20_000 if args.quick else 100_000
     repeat = 3 if args.quick else 9
+    load_before = os.getloadavg()[0]
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[-1]})  # in-process figures: one core
     try:
@@ -299,12 +312,14 @@ def main() -> None:
         os.sched_setaffinity(0, set(cpus))
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_1min_before": round(load_before, 2),
         "python": sys.version.split()[0], "values": n, "repeat": repeat,
         "batch": args.batch, "in_process": {k: round(v) for k, v in ip.items()},
     }
     if not args.no_grpc:
         result["grpc"] = {k: round(v) for k, v in through_grpc(n // 4, repeat,
                                                                args.batch).items()}
+    result["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
     result["ratios"] = {
         "scan30_pan_free_vs_naive": round(ip["scan30_pan_free"] / ip["naive30_pan_free"], 2),
         "scan30_pan_10pct_vs_naive": round(ip["scan30_pan_10pct"] / ip["naive30_pan_10pct"], 2),
