@@ -82,7 +82,7 @@ def bench_pglast(n: int) -> dict[str, float]:
 async def _wait_serving(target: str) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(400):
+        for _ in range(1200):  # a loaded machine imports slowly
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -99,10 +99,10 @@ async def bench_decisions(n_cold: int, n_warm: int) -> dict[str, Any]:
     with OpaProcess(paths=[ROOT / "rego"]) as opa:
         target = f"127.0.0.1:{free_port()}"
         proc = subprocess.Popen(
-            [str(ROOT / ".venv" / "bin" / "pgwarden"), "policyd", "serve", "--listen", target,
+            [sys.executable, "-m", "policyd.cli", "serve", "--listen", target,
              "--opa-url", opa.url, "--opa-deadline", "2", "--log-level", "warning",
              "--policy-dir", str(ROOT / "rego")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         engine = OpaEngine(opa.url, deadline=2.0)
         try:
             await _wait_serving(target)
@@ -209,6 +209,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     args = ap.parse_args()
+    from pgwarden.logs import configure
+
+    configure("warning")
     n = 500 if args.quick else 3000
     pglast_figures = bench_pglast(n)
     pglast_figures["objects_over_json"] = round(

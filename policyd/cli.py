@@ -69,3 +69,7 @@ def opa(
         typer.echo(f"OPA on {proc.url} watching {rego}; Ctrl-C to stop")
         while proc.running:
             time.sleep(1)
+
+
+if __name__ == "__main__":  # `python -m policyd.cli serve`: without the other subcommands' imports
+    app()
