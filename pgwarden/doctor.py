@@ -616,7 +616,8 @@ def doctor_command(
         raise typer.BadParameter("extproc or inline", param_hint="--tap-mode")
     try:
         targets = targets_from(
-            config, envoy_admin=None if envoy_admin.lower() == "none" else envoy_admin, taps=tap or [], tap_mode=tap_mode,  # type: ignore[arg-type]
+            config, envoy_admin=None if envoy_admin.lower() == "none" else envoy_admin,
+            taps=tap or [], tap_mode=tap_mode,  # type: ignore[arg-type]
             policyd=policyd, opa_url=opa_url, maskd=maskd, audit_url=audit_url,
             upstream=upstream, upstream_role=upstream_role, upstream_dbname=upstream_dbname,
             expect_revision=expect_revision, timeout=timeout)
