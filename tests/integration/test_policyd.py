@@ -249,3 +249,15 @@ async def test_undefined_decision_is_deny(opa: OpaProcess, rego_copy: Path) -> N
             d = await c.decide(req("SELECT 1"))
             assert d.verdict is Verdict.DENY
             assert "undefined" in d.reasons[0]
+
+
+async def test_logs_and_decisions_never_hold_a_pan(opa: OpaProcess,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    pan = "4111111111111111"
+    async with policyd(opa.url) as server, client(server.target) as c:
+        for sql in (f"SELEKT {pan}", f"SELECT * FROM payments WHERE card_number = '{pan}'",
+                    f"DROP DATABASE shop; SELECT '{pan}'"):
+            d = await c.decide(req(sql))
+            assert pan not in repr(d)
+    out = capsys.readouterr()
+    assert pan not in out.out and pan not in out.err

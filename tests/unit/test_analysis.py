@@ -236,3 +236,10 @@ def test_qualified_and_unqualified_names_never_merge() -> None:
 def test_lineage_through_a_star_subquery() -> None:
     s = one("select x.card_number from (select * from payments where id = 1) x")
     assert s["outputs"][0]["sources"] == ["public.payments.card_number"]
+
+
+def test_passwords_never_reach_the_analysis() -> None:
+    a = analyse("ALTER USER app PASSWORD 'hunter2-secret'; CREATE ROLE r PASSWORD 'p4ss-secret'")
+    text = repr(a.to_input()) + repr(a.summary())
+    assert "hunter2" not in text and "p4ss" not in text
+    assert all(s["role_statement"] for s in a.statements)
