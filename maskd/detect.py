@@ -171,6 +171,13 @@ def _run_candidates(run: bytes, base: int, out: list[tuple[int, int]]) -> None:
         return
     if ndigits == len(run):
         return  # one group that is not a PAN (or longer than 19 digits)
+    # A proper window drops at least the first or the last group; when even
+    # the larger of those leaves fewer than 13 digits there is none to check
+    # (a number before a date, "523456 2026-11-05", ends here).
+    cuts = [i for i in (run.find(b" "), run.find(b"-")) if i >= 0]
+    last = len(run) - 1 - max(run.rfind(b" "), run.rfind(b"-"))
+    if ndigits <= MAX_DIGITS and ndigits - min(min(cuts), last) < MIN_DIGITS:
+        return
     groups: list[tuple[int, int]] = []
     pos = 0
     for g in run.replace(b"-", b" ").split(b" "):

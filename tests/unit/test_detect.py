@@ -131,7 +131,7 @@ BOUNDARY = st.sampled_from(list(" -,;:{}()[]\"'\t\nxX=é|/.#"))
 # ----------------------------------------------------------------- properties
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_embedded_pan_is_masked_and_last_four_kept(data: st.DataObject) -> None:
     pan = data.draw(pans())
@@ -157,7 +157,7 @@ def test_embedded_pan_is_masked_and_last_four_kept(data: st.DataObject) -> None:
         assert len(digits_kept) <= 4 or digits_kept[:-4] == ""
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(st.sampled_from("0123456789 -x"), max_size=80))
 def test_detector_agrees_with_oracle(text: str) -> None:
     raw = text.encode()
@@ -169,7 +169,7 @@ def test_detector_agrees_with_oracle(text: str) -> None:
     assert oracle_pans(out.decode()) == []
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(st.characters(codec="utf-8"), max_size=120))
 def test_masking_any_text_leaves_no_pan(text: str) -> None:
     out, n = mask_pans(text.encode())
@@ -192,7 +192,7 @@ def test_seeded_brands_no_false_negative() -> None:
                 assert bytes(c for c in out if 48 <= c <= 57).endswith(pan[-4:].encode())
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefix=st.sampled_from(["4", "51", "34", "6011", "3530", "62"]),
        length=st.integers(13, 19), body=st.text("0123456789", min_size=19, max_size=19),
        around=st.sampled_from(["{}", "order {} shipped", "#{}#"]))
@@ -203,7 +203,7 @@ def test_luhn_failures_untouched(prefix: str, length: int, body: str, around: st
     assert mask_pans(raw) == (raw, 0)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text("0123456789", min_size=1, max_size=12), st.text("0123456789", min_size=20,
                                                               max_size=60))
 def test_short_and_long_digit_runs_untouched(short: str, long: str) -> None:
@@ -233,7 +233,7 @@ def test_two_pans_in_one_separated_run() -> None:
 # ----------------------------------------------------------------- hidden forms
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pan=pans(), which=st.lists(st.booleans(), min_size=19, max_size=19),
        backslashes=st.integers(1, 2))
 def test_json_unicode_escapes(pan: str, which: list[bool], backslashes: int) -> None:
@@ -249,7 +249,7 @@ def test_json_unicode_escapes(pan: str, which: list[bool], backslashes: int) -> 
         assert decoded.count("X") == len(pan) - 4
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pan=pans(), before=st.binary(max_size=10), after=st.binary(max_size=10),
        backslashes=st.integers(1, 2))
 def test_bytea_hex(pan: str, before: bytes, after: bytes, backslashes: int) -> None:
@@ -311,7 +311,7 @@ def test_luhn_and_digit_count() -> None:
     assert digit_count(b"a1b2c3") == 3
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_batch_prefilter_never_drops_a_pan(data: st.DataObject) -> None:
     """candidate_indexes is a prefilter: every value in which mask_pans

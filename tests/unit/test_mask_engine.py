@@ -6,7 +6,7 @@ import itertools
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maskd.detect import contains_pan
@@ -123,7 +123,7 @@ VALUE = st.one_of(st.none(), st.binary(max_size=20),
                   st.sampled_from([b"4111111111111111", b"x 5555 5555 5555 4444 y", b"12"]))
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(VALUE, VALUE, VALUE, VALUE), min_size=1, max_size=5))
 def test_datarow_splice_equals_parse_mask_build(rows: list[tuple[bytes | None, ...]]) -> None:
     a = Masker(PLAN, KEY).prepare(COLUMNS)
@@ -176,7 +176,7 @@ def test_copy_text_split_at_every_offset(data: bytes) -> None:
         assert out == whole, cut
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cuts=st.lists(st.integers(0, len(COPY_TEXT)), max_size=6))
 def test_copy_text_many_chunks(cuts: list[int]) -> None:
     m = Masker(MaskPlan(), KEY)
