@@ -42,7 +42,7 @@ from policyd.approvals.store import (
     SelfApproval,
 )
 from policyd.audit.chain import parse_since
-from policyd.audit.events import ApprovalEvent
+from policyd.audit.events import ApprovalAction, ApprovalEvent
 from policyd.audit.scrub import scrub_text
 from policyd.audit.store import AuditStore
 from policyd.console.evidence import (
@@ -442,19 +442,35 @@ def create_app(
                 approval_id, user.identity(), decision == "approve", reason
             )
         except (SelfApproval, NotAnApprover, NotPending, ApprovalNotFound, ApprovalError) as exc:
+            # 10.2.1.4: refused attempts are worth an operator's attention.
+            log.warning("console_decision_refused", approval_id=approval_id[:40],
+                        approver=user.subject, refusal=type(exc).__name__)
             return RedirectResponse("/approvals?failed=" + quote(str(exc)), status_code=303)
-        console.audit.append(
-            [
-                ApprovalEvent(
-                    session_id=rec.session_id,
-                    approval_id=rec.approval_id,
-                    action="approved" if decision == "approve" else "denied",
-                    statement_seq=rec.statement_seq,
-                    approver=user.subject,
-                    reason=reason,
-                )
-            ]
-        )
+        # The same evidence ApprovalManager records for the CLI and HTTP API; the
+        # console decides through the store directly because it keeps no token.
+        action: ApprovalAction = "approved" if decision == "approve" else "denied"
+        try:
+            console.audit.append(
+                [
+                    ApprovalEvent(
+                        session_id=rec.session_id,
+                        approval_id=rec.approval_id,
+                        action=action,
+                        statement_seq=rec.statement_seq,
+                        approver=user.subject,
+                        reason=rec.approver_reason,
+                    )
+                ]
+            )
+        except Exception as exc:  # the decision stands; say loudly that it is unrecorded
+            log.error("console_decision_not_recorded", approval_id=rec.approval_id,
+                      error=type(exc).__name__)
+            return RedirectResponse(
+                "/approvals?failed="
+                + quote(f"{rec.approval_id} {rec.status.value}, but the audit record of the "
+                        "decision could not be written: tell the audit store's operator"),
+                status_code=303,
+            )
         log.info("console_decision", approval_id=rec.approval_id, status=rec.status.value,
                  approver=user.subject)
         return RedirectResponse(
