@@ -55,6 +55,9 @@ MAX_COPY_CARRY = 16 * 1024 * 1024
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _NULL = b"\xff\xff\xff\xff"
+# What a value that does not match its declared type can raise while being
+# decoded; reported as ValueError (the row is refused, never forwarded).
+_MALFORMED = (struct.error, IndexError, OverflowError)
 
 
 class MaskError(Exception):
@@ -163,17 +166,22 @@ class RowMasker:
     def mask_row(self, values: Sequence[bytes | None]) -> list[bytes | None]:
         """Masked copy of one row's field values (None = NULL)."""
         out = list(values)
+        if len(out) != len(self._by_index):
+            raise ValueError("row field count differs from RowDescription")
         self.rows += 1
         counts = self._counts
         k = 0
-        for op in self._ops:
-            v = out[op.index]
-            if v is not None:
-                new = op.fn(v)
-                if op.always or new is not v:
-                    out[op.index] = new
-                    counts[k] += 1
-            k += 1
+        try:
+            for op in self._ops:
+                v = out[op.index]
+                if v is not None:
+                    new = op.fn(v)
+                    if op.always or new is not v:
+                        out[op.index] = new
+                        counts[k] += 1
+                k += 1
+        except _MALFORMED as exc:
+            raise ValueError("malformed binary value") from exc
         return out
 
     def mask_rows(self, rows: Sequence[Sequence[bytes | None]]) -> list[list[bytes | None]]:
@@ -182,6 +190,8 @@ class RowMasker:
         whole column (only candidate values meet Python code)."""
         if not rows:
             return []
+        if any(len(r) != len(self._by_index) for r in rows):
+            raise ValueError("row field count differs from RowDescription")
         cols = [list(c) for c in zip(*rows, strict=True)]
         self.rows += len(rows)
         for k, op in enumerate(self._ops):
@@ -196,6 +206,12 @@ class RowMasker:
         return values
 
     def _column(self, k: int, op: _Op, col: list[bytes | None]) -> list[bytes | None]:
+        try:
+            return self._column_unchecked(k, op, col)
+        except _MALFORMED as exc:
+            raise ValueError("malformed binary value") from exc
+
+    def _column_unchecked(self, k: int, op: _Op, col: list[bytes | None]) -> list[bytes | None]:
         fn = op.fn
         if op.always:
             self._counts[k] += len(col) - col.count(None)
@@ -284,8 +300,8 @@ class RowMasker:
                     pieces.append(_I32.pack(len(new)))
                     pieces.append(new)
                 done = pos
-        except struct.error as exc:
-            raise ValueError("truncated DataRow") from exc
+        except _MALFORMED as exc:
+            raise ValueError("truncated DataRow or malformed binary value") from exc
         if pos != len(body):
             raise ValueError("DataRow length mismatch")
         self.rows += 1
@@ -478,7 +494,10 @@ class Masker:
             state.fns[oid] = fn
         if fn is None:
             return v
-        new = fn(v)
+        try:
+            new = fn(v)
+        except _MALFORMED as exc:
+            raise MaskError("malformed binary value in COPY data") from exc
         if new is not v:
             state.stats.add("copy", CONTENT_RULE, 1)
         if new is None:  # COPY fields are never turned into NULL by content

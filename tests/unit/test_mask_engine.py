@@ -221,3 +221,27 @@ def test_copy_binary_split_at_every_offset() -> None:
     m.mask_stream(data[:25], state)
     with pytest.raises(MaskError):
         m.finish_stream(state)
+
+
+FUZZ_TYPES = [Oid.TEXT, Oid.INT8, Oid.INT4, Oid.INT2, Oid.NUMERIC, Oid.JSON, Oid.JSONB,
+              Oid.BYTEA, Oid.RECORD, 1016, 1231, 1009, Oid.UUID, 123456]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=st.binary(max_size=64), oid=st.sampled_from(FUZZ_TYPES), fmt=st.sampled_from([0, 1]),
+       style=st.sampled_from([None, "last4", "first6_last4", "redact", "null", "hmac"]))
+def test_malformed_values_fail_as_value_error(value: bytes, oid: int, fmt: int,
+                                             style: str | None) -> None:
+    """Whatever bytes claim to be of a type, masking either returns a value
+    or refuses with ValueError (which the tap turns into an ErrorResponse)."""
+    masker = Masker(MaskPlan(), KEY)
+    col = ColumnMeta("c", None, oid, fmt, style=style)
+    try:
+        masker.mask_row([value], [col])
+    except ValueError:
+        pass
+    rm = masker.prepare([col])
+    try:
+        rm.mask_datarow(build_datarow([value]))
+    except ValueError:
+        pass
