@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -193,6 +194,10 @@ class PolicyServer:
         if not self.listen.startswith("unix:") and self.port == 0:
             raise OSError(f"policyd could not listen on {self.listen}")
         await self.server.start()
+        if self.listen.startswith("unix:"):
+            # Only the owner and its group (the taps) may ask for decisions.
+            path = self.listen[len("unix:"):]
+            os.chmod(path[2:] if path.startswith("//") else path, 0o660)
         self._health_task = asyncio.create_task(_track_health(self.engine, health_servicer))
         log.info("policyd_started", listen=self.target, opa=self.engine.url,
                  policy_revision=self.engine.revision, opa_ready=self.engine.ready)

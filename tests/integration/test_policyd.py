@@ -207,6 +207,7 @@ async def test_policyd_down_fails_closed_and_recovers(opa: OpaProcess, tmp_path:
     sql = "SELECT id FROM payments WHERE id = 4"
     async with PolicyClient(target, deadline=0.5) as c:
         async with policyd(opa.url, listen=target):
+            assert (tmp_path / "policyd.sock").stat().st_mode & 0o777 == 0o660
             await until(lambda: _true(c.cache.enabled), "the revision stream")
             assert (await c.decide(req(sql))).verdict is Verdict.ALLOW
         down = await c.decide(req(sql))
