@@ -152,6 +152,7 @@ class ApprovalStore:
         self.poll_interval = poll_interval
         self.recheck_interval = recheck_interval
         self.clock = clock
+        self.notifications_received = 0  # for health checks and tests
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._listener_loop: asyncio.AbstractEventLoop | None = None
@@ -403,6 +404,7 @@ class ApprovalStore:
                     backoff = 0.1
                     self._wake_all()  # whatever changed while we were not listening
                     async for note in conn.notifies():
+                        self.notifications_received += 1
                         for event in self._waiters.get(note.payload, ()):
                             event.set()
             except asyncio.CancelledError:
