@@ -165,6 +165,8 @@ CORPUS: list[Case] = [
     blocked("SELEKT 1", "unparseable"),
     blocked("SELECT 1; DROP DATABSE shop", "unparseable"),
     blocked("SELECT '", "unparseable"),
+    # FunctionCall protocol message: the tap sends this placeholder, never run blind
+    blocked("<function oid 2620>", "unparseable"),
     # --- the same statement, decided by group
     case("SELECT * FROM payments WHERE amount > 10000", "cmp:amount>10000",
          "rel:public.payments:read", fraud="hold"),
