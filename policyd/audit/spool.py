@@ -1,16 +1,24 @@
-"""The local spool: an append-only JSONL file every event goes to first.
+"""The local spool: append-only JSONL segment files every event goes to first.
 
-``append`` returns once the lines are in the kernel (one ``write()``), so a
-``kill -9`` of the process afterwards loses nothing. ``fsync`` runs in groups
-(every ``fsync_interval`` seconds, from the writer's flusher thread), which
-bounds what a machine crash or power loss can lose to the events appended in
-the last interval. The writer reads the spool back in order and stores it;
-once everything is stored the file is compacted (rewritten to a one-line
-header that keeps the numbering) so it does not grow without bound.
+``Spool.append`` returns once the lines are in the kernel (one ``write()``),
+so a ``kill -9`` of the process afterwards loses nothing. ``fsync`` runs in
+groups (every ``fsync_interval`` seconds, from the writer's flusher thread),
+which bounds what a machine crash or power loss can lose to the events
+appended in the last interval.
 
-Line format: ``{"n": <spool number>, "e": <event JSON>}``; a compacted file
-starts with ``{"base": <last number stored>}``. A torn last line (the process
-died inside ``write()``) is cut off on open: its ``append`` never returned.
+The spool is a series of segment files ``<path>.00000001``, ``...2``, ...
+The appender writes only to the newest one and starts a new one past
+``segment_bytes``; a :class:`SpoolReader` (in the same process, or in a
+separate shipper process) reads them in order and deletes a segment once it
+has been stored *and* a newer one exists. The appender therefore never writes
+to a file that may be deleted, the reader never deletes a file still being
+written, and the newest segment always survives to carry the numbering.
+
+Line format: ``{"n": <spool number>, "e": <event JSON>}``; every segment
+starts with ``{"base": <last number before it>}``. A torn last line (the
+process died inside ``write()``) is cut off when the appender reopens: its
+``append`` never returned. A plain file at ``<path>`` (the layout before
+segments) is read first as segment 0.
 """
 
 from __future__ import annotations
@@ -25,70 +33,144 @@ from typing import Any
 
 
 class SpoolError(Exception):
-    """The spool cannot take the events (disk full, I/O error, over its bound)."""
+    """The spool cannot take the events (disk full, I/O error, over its bound,
+    or in use by another process)."""
 
 
 @dataclass(frozen=True, slots=True)
 class SpoolEntry:
     n: int
     event: dict[str, Any]
-    end: int  # file offset just after this line
+    segment: int = 0
+    end: int = 0  # offset just after this line in its segment
+
+
+def _segment_path(path: Path, index: int) -> Path:
+    return path.with_name(f"{path.name}.{index:08d}") if index else path
+
+
+def list_segments(path: Path) -> list[int]:
+    """Segment indexes present, oldest first (0 = a legacy single file)."""
+    out = [0] if path.is_file() else []
+    prefix = path.name + "."
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            out.append(int(name[len(prefix) :]))
+    return sorted(out)
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise SpoolError(f"{path} is held by another process") from exc
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class Spool:
-    def __init__(self, path: Path, *, max_bytes: int = 1 << 30) -> None:
+    """The appending side. One per spool path (an exclusive lock file)."""
+
+    def __init__(
+        self, path: Path, *, max_bytes: int = 1 << 30, segment_bytes: int = 16 << 20
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
-        # Held around fsync and compaction only, so appends never wait for a
-        # disk flush while compaction never closes a descriptor being synced.
+        # Held around fsync and segment roll only, so appends never wait for
+        # a disk flush while a roll never closes a descriptor being synced.
         self._sync_lock = threading.Lock()
         self._dirty = False
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One writer per spool: two would number events twice. The lock lives
-        # in a side file because compaction replaces the spool file itself;
-        # the kernel drops it when the process dies, even by kill -9.
-        self._lock_fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # One appender per spool: two would number events twice. The kernel
+        # drops the lock when the process dies, even by kill -9.
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(self._lock_fd)
+            self._lock_fd = _lock(Path(str(path) + ".lock"))
+        except SpoolError as exc:
             raise SpoolError(f"spool {path} is in use by another process") from exc
-        self.base_n, self.last_n, self.size = self._recover()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._read_off = 0
-        self._read_n = 0
+        segments = list_segments(path)
+        if segments and segments[-1] != 0:
+            self.segment = segments[-1]
+            self.last_n, self.size = self._recover(_segment_path(path, self.segment))
+            self._fd = os.open(
+                _segment_path(path, self.segment), os.O_WRONLY | os.O_APPEND, 0o600
+            )
+        else:
+            base = self._recover(path)[0] if segments else 0
+            self.segment = 0
+            self.last_n = base
+            self._fd = -1
+            self._new_segment()
+        self._older = self._older_bytes()
 
-    def _recover(self) -> tuple[int, int, int]:
-        """Scan the file: base number, last number, size after cutting a torn tail."""
-        if not self.path.exists():
-            return 0, 0, 0
-        base = last = 0
+    @staticmethod
+    def _recover(seg: Path) -> tuple[int, int]:
+        """Last number in a segment and its size after cutting a torn tail."""
+        last = 0
         good = 0
-        with open(self.path, "rb") as f:
+        with open(seg, "rb") as f:
             for line in f:
                 if not line.endswith(b"\n"):
                     break
                 obj = json.loads(line)
-                if "base" in obj:
-                    base = last = int(obj["base"])
-                else:
-                    last = int(obj["n"])
+                last = int(obj["base"]) if "base" in obj else int(obj["n"])
                 good += len(line)
-        if good != self.path.stat().st_size:
-            os.truncate(self.path, good)
-        return base, last, good
+        if good != seg.stat().st_size:
+            os.truncate(seg, good)
+        return last, good
+
+    def _older_bytes(self) -> int:
+        total = 0
+        for idx in list_segments(self.path):
+            if idx != self.segment:
+                try:
+                    total += _segment_path(self.path, idx).stat().st_size
+                except FileNotFoundError:
+                    pass  # the reader removed it meanwhile
+        return total
+
+    def _new_segment(self) -> None:
+        """Start the next segment with a header carrying the numbering."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+        self.segment += 1
+        seg = _segment_path(self.path, self.segment)
+        fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        header = f'{{"base":{self.last_n}}}\n'.encode()
+        os.write(fd, header)
+        os.fsync(fd)
+        _fsync_dir(self.path.parent)
+        self._fd = fd
+        self.size = len(header)
 
     def append(self, events_json: list[str]) -> tuple[int, int]:
         """Append events (already JSON text); return their first and last number."""
         with self._lock:
             first = self.last_n + 1
-            parts = [f'{{"n":{first + i},"e":{text}}}\n' for i, text in enumerate(events_json)]
-            data = "".join(parts).encode()
-            if self.size + len(data) > self.max_bytes:
-                raise SpoolError(
-                    f"spool {self.path} would exceed its bound of {self.max_bytes} bytes"
-                )
+            data = "".join(
+                f'{{"n":{first + i},"e":{text}}}\n' for i, text in enumerate(events_json)
+            ).encode()
+            if self._older + self.size + len(data) > self.max_bytes:
+                self._older = self._older_bytes()  # the reader may have freed some
+                if self._older + self.size + len(data) > self.max_bytes:
+                    raise SpoolError(
+                        f"spool {self.path} would exceed its bound of {self.max_bytes} bytes"
+                    )
             try:
                 view = memoryview(data)
                 while view:
@@ -99,76 +181,36 @@ class Spool:
             self.size += len(data)
             self.last_n = first + len(events_json) - 1
             self._dirty = True
-            return first, self.last_n
+        if self.size >= self.segment_bytes:
+            self._roll()
+        return first, first + len(events_json) - 1
+
+    def _roll(self) -> None:
+        with self._sync_lock, self._lock:
+            if self.size < self.segment_bytes:
+                return
+            old = self.size
+            try:
+                self._new_segment()
+            except OSError:
+                # The events are already written; keep appending to the
+                # current segment and try again on the next append.
+                return
+            self._older += old
+            self._dirty = False
 
     def sync(self) -> None:
         """fsync if anything was appended since the last call."""
         with self._sync_lock:
             with self._lock:
-                if not self._dirty:
+                if not self._dirty or self._fd < 0:
                     return
                 self._dirty = False
                 fd = self._fd
             os.fsync(fd)
 
-    def read(self, after_n: int, limit: int) -> list[SpoolEntry]:
-        """Up to ``limit`` complete entries numbered above ``after_n``, in order."""
-        with self._lock:
-            size = self.size
-            if after_n < self._read_n:
-                self._read_off, self._read_n = 0, 0
-        out: list[SpoolEntry] = []
-        with open(self.path, "rb") as f:
-            f.seek(self._read_off)
-            off = self._read_off
-            while len(out) < limit and off < size:
-                line = f.readline()
-                if not line.endswith(b"\n"):
-                    break
-                off += len(line)
-                obj = json.loads(line)
-                if "base" in obj:
-                    continue
-                n = int(obj["n"])
-                if n <= after_n:
-                    self._read_off, self._read_n = off, n
-                    continue
-                out.append(SpoolEntry(n, obj["e"], off))
-        return out
-
-    def advance(self, entry: SpoolEntry) -> None:
-        """Remember that everything up to ``entry`` is stored (read cursor)."""
-        self._read_off, self._read_n = entry.end, entry.n
-
-    def compact(self, stored_n: int, min_bytes: int) -> bool:
-        """Rewrite the spool to a header line once every entry is stored."""
-        with self._sync_lock, self._lock:
-            if stored_n != self.last_n or self.size < min_bytes:
-                return False
-            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            header = f'{{"base":{stored_n}}}\n'.encode()
-            try:
-                os.write(fd, header)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            os.close(self._fd)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND, 0o600)
-            self.size = len(header)
-            self.base_n = stored_n
-            self._read_off, self._read_n = 0, 0
-            self._dirty = False
-            return True
-
     def close(self) -> None:
-        with self._lock:
+        with self._sync_lock, self._lock:
             if self._fd < 0:
                 return
             try:
@@ -177,3 +219,81 @@ class Spool:
                 os.close(self._fd)
                 os.close(self._lock_fd)
                 self._fd = -1
+
+
+class SpoolReader:
+    """The reading side: entries in order, segments deleted once stored.
+
+    One per spool (its own lock file), in the writer's process or in a
+    separate ``pgwarden audit ship`` process.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock_fd = _lock(Path(str(path) + ".reader.lock"))
+        except SpoolError as exc:
+            raise SpoolError(f"spool {path} already has a reader") from exc
+        self._seg: int | None = None  # committed cursor: segment and offset
+        self._off = 0
+
+    def read(self, after_n: int, limit: int) -> list[SpoolEntry]:
+        """Up to ``limit`` complete entries numbered above ``after_n``, in
+        order, from the committed cursor on."""
+        out: list[SpoolEntry] = []
+        segments = list_segments(self.path)
+        if not segments:
+            return out
+        seg = self._seg if self._seg in segments else None
+        off = self._off if seg is not None else 0
+        if seg is None:
+            older = [s for s in segments if self._seg is None or s > self._seg]
+            if not older:
+                return out
+            seg = older[0]
+        while len(out) < limit:
+            # A newer segment existing means this one is complete: the
+            # appender only starts a segment after its last write to the
+            # previous one. So check first, then read to the end.
+            newer = [s for s in list_segments(self.path) if s > seg]
+            try:
+                f = open(_segment_path(self.path, seg), "rb")
+            except FileNotFoundError:
+                if not newer:
+                    break
+                seg, off = newer[0], 0
+                continue
+            with f:
+                f.seek(off)
+                while len(out) < limit:
+                    line = f.readline()
+                    if not line.endswith(b"\n"):
+                        break
+                    off += len(line)
+                    obj = json.loads(line)
+                    if "base" in obj or int(obj["n"]) <= after_n:
+                        continue
+                    out.append(SpoolEntry(int(obj["n"]), obj["e"], seg, off))
+                at_end = len(out) < limit
+            if at_end and newer:
+                seg, off = newer[0], 0
+                continue
+            break
+        return out
+
+    def advance(self, entry: SpoolEntry) -> None:
+        """Everything up to ``entry`` is stored: move the cursor and delete
+        segments that are now fully stored."""
+        self._seg, self._off = entry.segment, entry.end
+        for idx in list_segments(self.path):
+            if idx < entry.segment:
+                try:
+                    _segment_path(self.path, idx).unlink()
+                except FileNotFoundError:
+                    pass
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -1,20 +1,24 @@
 """The audit writer: events in from the tap and policyd, records out to the store.
 
 ``submit`` is what the data path calls. It scrubs the events, appends them to
-the local spool (one ``write()``), wakes the writer thread and returns: no
-database round trip on the data path. The writer thread reads the spool in
-order and stores up to ``batch_size`` events per transaction. When the store
-is unreachable the events simply wait in the spool; the writer retries with
-back-off, records a ``sink_outage`` gateway event when the outage starts and
-``sink_recovered`` when the backlog starts flowing again (PCI DSS 10.2.1.6),
-and stores the backlog in its original order, each event exactly once (the
-spool position is committed with the records).
+the local spool (one ``write()``) and returns: no database round trip on the
+data path. A :class:`SpoolShipper` reads the spool in order and stores up to
+``batch_size`` events per transaction — in a thread of the same process
+(default), or in a separate ``pgwarden audit ship`` process
+(``AuditWriter(ship=False)``), which keeps the hashing and database work off
+a busy process's core (the tap's, say).
+
+When the store is unreachable the events simply wait in the spool; the
+shipper retries with back-off, records a ``sink_outage`` gateway event when
+the outage starts and ``sink_recovered`` when the backlog flows again (PCI DSS
+10.2.1.6), and stores the backlog in its original order, each event exactly
+once (the spool position is committed with the records).
 
 If the spool itself cannot be written (disk full, I/O error, over its
 ``max_spool_bytes`` bound), ``submit`` returns False: with ``fail_closed``
 (the default) the caller must refuse the statement. With ``fail_closed=False``
 the events are held in a bounded memory queue instead (lost on a crash) and
-``submit`` returns True until that queue is full too.
+``submit`` returns True until that queue is full too (in-process shipping only).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +39,46 @@ from policyd.audit.chain import CheckpointLog, checkpoints_path, key_path, load_
 from policyd.audit.events import Event, GatewayEvent, event_to_json
 from policyd.audit.scrub import scrub_event
 from policyd.audit.sinks import Checkpointer, Sink, StoreSink
-from policyd.audit.spool import Spool, SpoolEntry, SpoolError
+from policyd.audit.spool import Spool, SpoolEntry, SpoolError, SpoolReader
 from policyd.audit.store import store_url
 
 log = structlog.get_logger("pgwarden.audit.writer")
 
 DEFAULT_SPOOL = ".run/audit-spool.jsonl"
+
+
+def default_writer_id(spool_path: str | os.PathLike[str]) -> str:
+    """Stable per spool: the host and a hash of the spool's absolute path, so
+    the appender and a separate shipper agree without configuration."""
+    digest = hashlib.sha256(str(Path(spool_path).resolve()).encode()).hexdigest()[:12]
+    return f"{socket.gethostname()}:{digest}"
+
+
+def store_sink(
+    url: str | None,
+    *,
+    signing_key: str | os.PathLike[str] | None = None,
+    checkpoint_file: str | os.PathLike[str] | None = None,
+    create_key: bool = True,
+    checkpoint_every: int = 10_000,
+    checkpoint_seconds: float = 300.0,
+    writer_id: str = "",
+) -> StoreSink:
+    """A sink into the store that signs checkpoints with the key at
+    ``signing_key`` (created if absent and ``create_key``; without a usable
+    key it stores unsigned and logs why)."""
+    checkpointer = None
+    try:
+        key = load_or_create_key(key_path(signing_key), create=create_key)
+        checkpointer = Checkpointer(
+            CheckpointLog(checkpoints_path(checkpoint_file), key),
+            every=checkpoint_every,
+            seconds=checkpoint_seconds,
+            writer_id=writer_id,
+        )
+    except Exception as exc:
+        log.error("audit_signing_key_unavailable", error=str(exc))
+    return StoreSink(store_url(url), checkpointer)
 
 
 @dataclass
@@ -51,6 +89,152 @@ class WriterStats:
     batches: int = 0
     outages: int = 0
     memory_dropped: int = 0
+
+
+class SpoolShipper:
+    """Reads a spool in order and stores it through a :class:`Sink`.
+
+    ``record`` is how it reports its own gateway events (outage, recovery):
+    the writer's ``submit`` in-process; ``None`` for a standalone shipper,
+    which stores them directly (unspooled) once the sink is back.
+    """
+
+    def __init__(
+        self,
+        spool_path: str | os.PathLike[str],
+        sink: Sink,
+        *,
+        writer_id: str | None = None,
+        batch_size: int = 1000,
+        retry_max_seconds: float = 5.0,
+        record: Callable[[list[Event]], bool] | None = None,
+        memory: Callable[[int], list[Event]] | None = None,
+        memory_done: Callable[[int], None] | None = None,
+        component: str = "audit-shipper",
+    ) -> None:
+        self.reader = SpoolReader(Path(spool_path))
+        self.sink = sink
+        self.writer_id = writer_id or default_writer_id(spool_path)
+        self.batch_size = batch_size
+        self.retry_max_seconds = retry_max_seconds
+        self.component = component
+        self.stats = WriterStats()
+        self.stored_n: int | None = None
+        self._record = record
+        self._memory = memory
+        self._memory_done = memory_done
+        self._pending_gateway: list[Event] = []
+        self._outage_since: float | None = None
+        self._outage_error = ""
+        self.stopping = threading.Event()
+        self.wake = threading.Condition()
+        self.idle = threading.Event()
+
+    @property
+    def in_outage(self) -> bool:
+        return self._outage_since is not None
+
+    def notify(self) -> None:
+        with self.wake:
+            self.wake.notify_all()
+
+    def gateway(self, action: str, **detail: object) -> GatewayEvent:
+        return GatewayEvent(
+            action=action,
+            component=self.component,
+            instance=socket.gethostname(),
+            detail={"writer_id": self.writer_id, **detail},
+        )
+
+    def _next_batch(self) -> list[SpoolEntry]:
+        assert self.stored_n is not None
+        if self._pending_gateway:
+            events, self._pending_gateway = self._pending_gateway, []
+            return [SpoolEntry(0, e.model_dump(mode="json")) for e in events]
+        entries = self.reader.read(self.stored_n, self.batch_size)
+        if entries or self._memory is None:
+            return entries
+        # n = 0: not spooled, stored without deduplication (fail-open path)
+        return [SpoolEntry(0, e.model_dump(mode="json")) for e in self._memory(self.batch_size)]
+
+    def run(self) -> None:
+        """Ship until ``stopping`` is set and nothing more can be shipped."""
+        backoff = 0.1
+        while True:
+            entries: list[SpoolEntry] = []
+            try:
+                if self.stored_n is None:
+                    self.stored_n = self.sink.position(self.writer_id)
+                entries = self._next_batch()
+                if not entries:
+                    if self._recovered():
+                        continue  # ship the recovery record right away
+                    if not self._pending_gateway:
+                        self.idle.set()
+                        if self.stopping.is_set():
+                            return
+                        with self.wake:
+                            self.wake.wait(0.5)
+                    continue
+                stored_n = self.sink.append(self.writer_id, entries)
+                if entries[0].n:
+                    self.stored_n = max(stored_n, entries[-1].n)
+                    self.reader.advance(entries[-1])
+                elif self._memory_done is not None and not self._is_gateway_batch(entries):
+                    self._memory_done(len(entries))
+                self.stats.stored += len(entries)
+                self.stats.batches += 1
+                backoff = 0.1
+                self._recovered()
+            except Exception as exc:
+                if entries and not entries[0].n and self._is_gateway_batch(entries):
+                    # our own outage/recovery records: keep them for the retry
+                    self._pending_gateway = [
+                        GatewayEvent.model_validate(e.event) for e in entries
+                    ] + self._pending_gateway
+                self._outage(exc)
+                if self.stopping.is_set():
+                    return  # close() gave up waiting; what is left stays spooled
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, self.retry_max_seconds)
+
+    @staticmethod
+    def _is_gateway_batch(entries: list[SpoolEntry]) -> bool:
+        return all(
+            e.event.get("type") == "gateway"
+            and e.event.get("action") in ("sink_outage", "sink_recovered")
+            for e in entries
+        )
+
+    def _report(self, event: GatewayEvent) -> None:
+        if self._record is not None and self._record([event]):
+            return
+        self._pending_gateway.append(event)
+
+    def _outage(self, exc: Exception) -> None:
+        if self._outage_since is not None:
+            return
+        self._outage_since = time.monotonic()
+        self._outage_error = type(exc).__name__
+        self.stats.outages += 1
+        # The message can echo connection parameters; log the class only.
+        log.error("audit_store_unreachable", error=self._outage_error, writer=self.writer_id)
+        self._report(self.gateway("sink_outage", error=self._outage_error))
+
+    def _recovered(self) -> bool:
+        if self._outage_since is None:
+            return False
+        seconds = round(time.monotonic() - self._outage_since, 3)
+        self._outage_since = None
+        log.info("audit_store_recovered", outage_seconds=seconds, writer=self.writer_id)
+        self._report(
+            self.gateway("sink_recovered", outage_seconds=seconds, error=self._outage_error)
+        )
+        return True
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sink.close()
 
 
 class AuditWriter:
@@ -70,8 +254,8 @@ class AuditWriter:
         fsync_interval: float = 0.05,
         fail_closed: bool = True,
         max_spool_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
         max_memory_events: int = 100_000,
-        compact_bytes: int = 64 << 20,
         checkpoint_every: int = 10_000,
         checkpoint_seconds: float = 300.0,
         signing_key: str | os.PathLike[str] | None = None,
@@ -80,36 +264,36 @@ class AuditWriter:
         component: str = "policyd",
         retry_max_seconds: float = 5.0,
         sink: Sink | None = None,
+        ship: bool = True,
     ) -> None:
         self.url = store_url(store)
-        self.spool = Spool(Path(spool_path), max_bytes=max_spool_bytes)
-        self.writer_id = writer_id or (
-            f"{socket.gethostname()}:"
-            + hashlib.sha256(str(Path(spool_path).resolve()).encode()).hexdigest()[:12]
-        )
+        self.spool_path = Path(spool_path)
+        self.spool = Spool(self.spool_path, max_bytes=max_spool_bytes,
+                           segment_bytes=segment_bytes)
+        self.writer_id = writer_id or default_writer_id(spool_path)
         self.batch_size = batch_size
         self.fsync_interval = fsync_interval
         self.fail_closed = fail_closed
-        self.compact_bytes = compact_bytes
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self.component = component
         self.retry_max_seconds = retry_max_seconds
-        self.stats = WriterStats()
-        self._signing_key = key_path(signing_key)
-        self._checkpoint_file = checkpoints_path(checkpoint_file)
-        self._create_key = create_key
+        self.ship = ship
+        self._sink_args = {
+            "signing_key": signing_key,
+            "checkpoint_file": checkpoint_file,
+            "create_key": create_key,
+        }
         self._sink = sink
-        self._stored_n: int | None = None  # spool number stored, once known
+        self.shipper: SpoolShipper | None = None
         self._memory: collections.deque[Event] = collections.deque()
         self._max_memory = max_memory_events
+        self._submitted = 0
+        self._refused = 0
+        self._memory_dropped = 0
         self._submit_lock = threading.Lock()
-        self._wake = threading.Condition()
         self._stopping = threading.Event()
-        self._outage_since: float | None = None
-        self._outage_error = ""
         self._threads: list[threading.Thread] = []
-        self._idle = threading.Event()
 
     # -- data path ---------------------------------------------------------------
 
@@ -125,57 +309,43 @@ class AuditWriter:
                     self.spool.append([event_to_json(e) for e in clean])
                 except SpoolError as exc:
                     log.error("audit_spool_failed", error=str(exc), events=len(clean))
-                    if self.fail_closed:
-                        self.stats.refused += len(clean)
+                    if self.fail_closed or self.shipper is None:
+                        self._refused += len(clean)
                         return False
                 else:
-                    self.stats.submitted += len(clean)
-                    self._idle.clear()
-                    self._notify()
+                    self._submitted += len(clean)
+                    self._wake_shipper()
                     return True
             # fail open: keep order behind earlier memory-held events
             if len(self._memory) + len(clean) > self._max_memory:
-                self.stats.memory_dropped += len(clean)
-                self.stats.refused += len(clean)
+                self._memory_dropped += len(clean)
+                self._refused += len(clean)
                 return False
             self._memory.extend(clean)
-            self.stats.submitted += len(clean)
-            self._idle.clear()
-        self._notify()
+            self._submitted += len(clean)
+        self._wake_shipper()
         return True
+
+    def _wake_shipper(self) -> None:
+        if self.shipper is not None:
+            self.shipper.idle.clear()
+            self.shipper.notify()
+
+    @property
+    def stats(self) -> WriterStats:
+        s = self.shipper.stats if self.shipper is not None else WriterStats()
+        return WriterStats(
+            submitted=self._submitted,
+            stored=s.stored,
+            refused=self._refused,
+            batches=s.batches,
+            outages=s.outages,
+            memory_dropped=self._memory_dropped,
+        )
 
     @property
     def in_outage(self) -> bool:
-        return self._outage_since is not None
-
-    # -- lifecycle ---------------------------------------------------------------
-
-    def start(self) -> AuditWriter:
-        """Start the writer and flusher threads; records a gateway ``start``.
-
-        Without an explicit ``sink`` the writer stores directly and signs
-        checkpoints itself with the key at ``signing_key`` (created if absent
-        and ``create_key``; without a key it runs unsigned and says so).
-        """
-        if self._sink is None:
-            checkpointer = None
-            try:
-                key = load_or_create_key(self._signing_key, create=self._create_key)
-                checkpointer = Checkpointer(
-                    CheckpointLog(self._checkpoint_file, key),
-                    every=self.checkpoint_every,
-                    seconds=self.checkpoint_seconds,
-                    writer_id=self.writer_id,
-                )
-            except Exception as exc:
-                log.error("audit_signing_key_unavailable", error=str(exc))
-            self._sink = StoreSink(self.url, checkpointer)
-        self.submit([self._gateway("start", writer_id=self.writer_id)])
-        for target, name in ((self._run, "audit-writer"), (self._flush_loop, "audit-fsync")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
+        return self.shipper is not None and self.shipper.in_outage
 
     @property
     def checkpoints(self) -> int:
@@ -184,32 +354,92 @@ class AuditWriter:
             return sink.checkpointer.count
         return 0
 
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> AuditWriter:
+        """Start the fsync thread and, unless ``ship=False``, the shipper
+        thread; records a gateway ``start``."""
+        if self.ship:
+            if self._sink is None:
+                self._sink = store_sink(
+                    self.url,
+                    checkpoint_every=self.checkpoint_every,
+                    checkpoint_seconds=self.checkpoint_seconds,
+                    writer_id=self.writer_id,
+                    **self._sink_args,  # type: ignore[arg-type]
+                )
+            self.shipper = SpoolShipper(
+                self.spool_path,
+                self._sink,
+                writer_id=self.writer_id,
+                batch_size=self.batch_size,
+                retry_max_seconds=self.retry_max_seconds,
+                record=self.submit,
+                memory=self._memory_batch,
+                memory_done=self._memory_stored,
+                component=self.component,
+            )
+        self.submit([GatewayEvent(action="start", component=self.component,
+                                  instance=socket.gethostname(),
+                                  detail={"writer_id": self.writer_id})])
+        targets: list[tuple[Callable[[], None], str]] = [(self._flush_loop, "audit-fsync")]
+        if self.shipper is not None:
+            targets.append((self.shipper.run, "audit-shipper"))
+        for target, name in targets:
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _memory_batch(self, limit: int) -> list[Event]:
+        with self._submit_lock:
+            return [self._memory[i] for i in range(min(limit, len(self._memory)))]
+
+    def _memory_stored(self, count: int) -> None:
+        with self._submit_lock:
+            for _ in range(count):
+                self._memory.popleft()
+
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything submitted so far is stored; False on timeout."""
+        """Wait until everything submitted so far is stored; False on timeout.
+        Without an in-process shipper: fsync the spool and return True."""
+        if self.shipper is None:
+            self.spool.sync()
+            return True
+        shipper = self.shipper
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._submit_lock:
                 target = self.spool.last_n
                 memory = len(self._memory)
-            if (self._stored_n or 0) >= target and memory == 0 and not self.in_outage:
+            if (
+                (shipper.stored_n or 0) >= target
+                and memory == 0
+                and not shipper.in_outage
+                and not shipper._pending_gateway
+            ):
                 return True
-            self._notify()
-            self._idle.wait(0.05)
+            shipper.notify()
+            shipper.idle.wait(0.05)
         return False
 
     def close(self, timeout: float = 30.0) -> bool:
         """Record a gateway ``stop``, store what is pending (up to ``timeout``),
         sign a final checkpoint and stop. True if nothing was left pending."""
-        self.submit([self._gateway("stop", writer_id=self.writer_id)])
+        self.submit([GatewayEvent(action="stop", component=self.component,
+                                  instance=socket.gethostname(),
+                                  detail={"writer_id": self.writer_id})])
         drained = self.flush(timeout)
         self._stopping.set()
-        self._notify()
+        if self.shipper is not None:
+            self.shipper.stopping.set()
+            self.shipper.notify()
         for t in self._threads:
             t.join(timeout=5)
         self.spool.close()
-        if self._sink is not None:
+        if self.shipper is not None:
             try:
-                self._sink.close()  # signs a final checkpoint when it stores directly
+                self.shipper.close()  # signs a final checkpoint when it stores directly
             except Exception as exc:
                 log.error("audit_sink_close_failed", error=type(exc).__name__)
         return drained
@@ -222,90 +452,9 @@ class AuditWriter:
 
     # -- internals ---------------------------------------------------------------
 
-    def _gateway(self, action: str, **detail: object) -> GatewayEvent:
-        return GatewayEvent(
-            action=action,
-            component=self.component,
-            instance=socket.gethostname(),
-            detail=dict(detail),
-        )
-
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
-
     def _flush_loop(self) -> None:
         while not self._stopping.wait(self.fsync_interval):
             try:
                 self.spool.sync()
             except OSError as exc:
                 log.error("audit_spool_fsync_failed", error=exc.strerror)
-
-    def _next_batch(self) -> list[SpoolEntry]:
-        assert self._stored_n is not None
-        entries = self.spool.read(self._stored_n, self.batch_size)
-        if entries:
-            return entries
-        with self._submit_lock:
-            mem = [self._memory[i] for i in range(min(self.batch_size, len(self._memory)))]
-        # n = 0: not spooled, stored without deduplication (fail-open path)
-        return [SpoolEntry(0, e.model_dump(mode="json"), 0) for e in mem]
-
-    def _run(self) -> None:
-        backoff = 0.1
-        assert self._sink is not None
-        sink = self._sink
-        while True:
-            try:
-                if self._stored_n is None:
-                    self._stored_n = sink.position(self.writer_id)
-                entries = self._next_batch()
-                if not entries:
-                    self._recovered()
-                    self._idle.set()
-                    if self._stopping.is_set():
-                        return
-                    with self._wake:
-                        self._wake.wait(0.5)
-                    continue
-                stored_n = sink.append(self.writer_id, entries)
-                if entries[0].n:
-                    self._stored_n = max(stored_n, entries[-1].n)
-                    self.spool.advance(entries[-1])
-                else:
-                    with self._submit_lock:
-                        for _ in entries:
-                            self._memory.popleft()
-                self.stats.stored += len(entries)
-                self.stats.batches += 1
-                backoff = 0.1
-                self._recovered()
-                if entries[0].n:
-                    self.spool.compact(entries[-1].n, self.compact_bytes)
-            except Exception as exc:
-                self._outage(exc)
-                if self._stopping.is_set():
-                    # close() gave up waiting; what is left stays in the spool
-                    return
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, self.retry_max_seconds)
-
-    def _outage(self, exc: Exception) -> None:
-        if self._outage_since is not None:
-            return
-        self._outage_since = time.monotonic()
-        self._outage_error = type(exc).__name__
-        self.stats.outages += 1
-        # The message can echo connection parameters; log the class only.
-        log.error("audit_store_unreachable", error=self._outage_error, writer=self.writer_id)
-        self.submit([self._gateway("sink_outage", error=self._outage_error)])
-
-    def _recovered(self) -> None:
-        if self._outage_since is None:
-            return
-        seconds = round(time.monotonic() - self._outage_since, 3)
-        self._outage_since = None
-        log.info("audit_store_recovered", outage_seconds=seconds, writer=self.writer_id)
-        self.submit(
-            [self._gateway("sink_recovered", outage_seconds=seconds, error=self._outage_error)]
-        )

@@ -16,7 +16,7 @@ from sqlalchemy import text
 from policyd.audit import emit
 from policyd.audit.chain import CheckpointLog, verify
 from policyd.audit.events import StatementEvent
-from policyd.audit.spool import Spool
+from policyd.audit.spool import Spool, SpoolReader
 from policyd.audit.store import AuditStore
 from tap.hooks import Decision, Identity, RecordRows, SessionInfo, StatementRequest, Verdict
 
@@ -56,13 +56,40 @@ def test_torn_spool_line_is_cut_and_earlier_lines_kept(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool.jsonl")
     sp.append(['{"type":"gateway","action":"start"}'] * 3)
     sp.close()
-    with open(tmp_path / "spool.jsonl", "ab") as f:
+    [segment] = tmp_path.glob("spool.jsonl.0*")
+    with open(segment, "ab") as f:
         f.write(b'{"n":4,"e":{"type":"gat')  # the process died inside write()
     sp = Spool(tmp_path / "spool.jsonl")
     assert sp.last_n == 3
-    assert [e.n for e in sp.read(0, 10)] == [1, 2, 3]
     assert sp.append(['{"type":"gateway","action":"stop"}']) == (4, 4)
+    reader = SpoolReader(tmp_path / "spool.jsonl")
+    assert [(e.n, e.event["action"]) for e in reader.read(0, 10)] == [
+        (1, "start"), (2, "start"), (3, "start"), (4, "stop")]
     sp.close()
+    reader.close()
+
+
+def test_reader_follows_segments_and_deletes_stored_ones(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool.jsonl", segment_bytes=200)
+    reader = SpoolReader(tmp_path / "spool.jsonl")
+    seen: list[int] = []
+    for k in range(20):
+        sp.append([f'{{"type":"gateway","action":"start","k":{k}}}'] * 2)
+        if k % 3 == 0:
+            got = reader.read(seen[-1] if seen else 0, 5)
+            seen += [e.n for e in got]
+            if got:
+                reader.advance(got[-1])
+    while got := reader.read(seen[-1], 7):
+        seen += [e.n for e in got]
+        reader.advance(got[-1])
+    assert seen == list(range(1, 41))
+    assert len(list(tmp_path.glob("spool.jsonl.0*"))) <= 2  # the last read and the newest
+    sp.close()
+    sp = Spool(tmp_path / "spool.jsonl")  # numbering survives deletion of old segments
+    assert sp.append(["{}"]) == (41, 41)
+    sp.close()
+    reader.close()
 
 
 MUTABLE = ["sql", "verdict", "subject", "ts", "session_id", "command_tag", "reasons",

@@ -121,14 +121,19 @@ def test_spool_failure_fail_open_keeps_events_in_memory(tmp_path: Path) -> None:
     assert statement_order(url) == [("s", i) for i in range(1, 151)]
 
 
-def test_spool_is_compacted_once_stored(tmp_path: Path) -> None:
+def test_stored_spool_segments_are_deleted(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'a.db'}"
-    w = writer(tmp_path, url, compact_bytes=1000).start()
-    assert w.submit(stmts("s", 50))
+    w = writer(tmp_path, url, segment_bytes=2000).start()
+    for k in range(10):
+        assert w.submit(stmts("s", 5, start=k * 5 + 1))
+    assert w.flush()
+    assert w.submit(stmts("s", 1, start=51))  # the shipper deletes behind itself
     assert w.flush()
     w.close()
-    lines = (tmp_path / "spool.jsonl").read_text().splitlines()
-    assert len(lines) <= 2 and json.loads(lines[0]).get("base", 0) >= 51
+    segments = sorted(tmp_path.glob("spool.jsonl.0*"))
+    assert 1 <= len(segments) <= 2
+    assert json.loads(segments[-1].read_text().splitlines()[0])["base"] > 0
+    assert statement_order(url) == [("s", i) for i in range(1, 52)]
 
 
 def test_no_pan_token_or_password_reaches_store_spool_or_checkpoints(tmp_path: Path) -> None:
@@ -156,9 +161,10 @@ def test_no_pan_token_or_password_reaches_store_spool_or_checkpoints(tmp_path: P
     blocker.write_text("")
     w0 = writer(tmp_path, f"sqlite:///{blocker / 'a.db'}")
     assert w0.submit(secret_events)
-    spool_text = (tmp_path / "spool.jsonl").read_bytes()
+    spool_text = b"".join(p.read_bytes() for p in tmp_path.glob("spool.jsonl.*"))
+    assert b"statement" in spool_text
     w0.spool.close()
-    w = writer(tmp_path, url, compact_bytes=1 << 30).start()
+    w = writer(tmp_path, url).start()
     assert w.submit(secret_events)
     assert w.close()
     w_blob = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
