@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import hashlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -318,3 +319,51 @@ def test_direct_tls_negotiation(stack: Any, mode: str) -> None:
     with psycopg.connect(dsn) as conn:
         assert conn.pgconn.ssl_in_use
         assert conn.execute("SELECT 'direct tls'").fetchone() == ("direct tls",)
+
+
+def test_large_values_in_both_directions(
+    direct: psycopg.Connection[Any], gateway: psycopg.Connection[Any]
+) -> None:
+    """Single messages far larger than any socket read: an 8 MB bytea
+    parameter (one Bind message up) and an 8 MB text value (one DataRow
+    down), reassembled by the tap from many chunks."""
+    blob = bytes(range(256)) * (8 * 1024 * 1024 // 256)
+    results = []
+    for conn in _both(direct, gateway):
+        up = conn.execute("SELECT md5(%b)", (blob,)).fetchone()
+        down = conn.execute("SELECT repeat('0123456789abcdef', 512 * 1024)").fetchone()
+        assert down is not None
+        results.append((up, len(down[0]), hashlib.md5(down[0].encode()).hexdigest()))
+    assert results[1] == results[0]
+    assert results[0][0] == (hashlib.md5(blob).hexdigest(),)
+    assert results[0][1] == 8 * 1024 * 1024
+
+
+def test_parameter_status_changes_reach_the_client(
+    direct: psycopg.Connection[Any], gateway: psycopg.Connection[Any]
+) -> None:
+    """SET TimeZone / DateStyle / application_name make the server send
+    ParameterStatus; psycopg relies on it (e.g. for the tzinfo of timestamptz
+    values), so the tap must pass it on."""
+    results = []
+    for conn in _both(direct, gateway):
+        conn.autocommit = True
+        conn.execute("SET TimeZone = 'Asia/Tokyo'")
+        ts = conn.execute("SELECT '2024-01-01 00:00:00+00'::timestamptz").fetchone()
+        conn.execute("SET DateStyle = 'German, DMY'")
+        conn.execute("SET application_name = 'renamed by SET'")
+        text = conn.execute("SELECT '2024-01-31'::date::text").fetchone()
+        assert ts is not None
+        results.append(
+            (
+                conn.info.parameter_status("TimeZone"),
+                conn.info.parameter_status("DateStyle"),
+                conn.info.parameter_status("application_name"),
+                ts[0].utcoffset(),
+                ts[0].astimezone(dt.UTC),
+                text,
+            )
+        )
+    assert results[1] == results[0]
+    assert results[0][:4] == ("Asia/Tokyo", "German, DMY", "renamed by SET", dt.timedelta(hours=9))
+    assert results[0][5] == ("31.01.2024",)
