@@ -327,7 +327,7 @@ class _Message:
         self.search_path = search_path
         self.user = user
         self.params_used: set[int] = set()
-        self.prepared: dict[str, dict[str, Any]] = {}
+        self.prepared: set[str] = set()  # PREPAREd earlier in this message
 
     def statement(self, raw: Node) -> dict[str, Any]:
         return _Statement(self).run(raw.get("stmt", {}))
@@ -470,7 +470,7 @@ class _Statement:
                 (qkind, qbody), = query.items()
                 self._dispatch(qkind, qbody, scope, top=False)
                 self.details["prepared_command"] = self._command_for(qkind, qbody)
-            self.msg.prepared[name] = {"command": self.details.get("prepared_command", "")}
+            self.msg.prepared.add(name)
             return []
         elif kind == "ExecuteStmt":
             name = body.get("name", "")
@@ -972,8 +972,10 @@ class _Statement:
         for key, value in node.items():
             if key == "RangeVar" and isinstance(value, dict):
                 self._relation(value, access)
-            elif key in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
-                if key != "SelectStmt":
+            elif key.endswith("Stmt") and isinstance(value, dict):
+                # Statements inside statements (CREATE SCHEMA ... GRANT,
+                # CREATE RULE ... DO INSTEAD DELETE): flagged like top-level ones.
+                if key in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
                     self.flags["data_modifying_cte"] = (
                         self.flags["data_modifying_cte"] or self.command == "select")
                 self._dispatch(key, value, scope, top=False)

