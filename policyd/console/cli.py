@@ -3,12 +3,14 @@
 Token validation: ``--identity-config FILE`` (a pgwarden configuration with an
 ``identity`` section, or a file of just those settings), or ``--jwks FILE``
 with ``--issuer``/``--audience``; with neither, the development issuer's JWKS
-(``pgwarden token mint``) is trusted, which is for local use only.
+(``pgwarden token mint``; ``PGWARDEN_DEV_KEYS`` or ``.run/identity``) is
+trusted, which is for local use only.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -105,7 +107,7 @@ def serve(
                 raise typer.BadParameter("required with --jwks", param_hint="--issuer")
             identity = IdentitySettings(issuer=issuer, audience=audience, jwks_file=jwks)
         else:
-            dev_jwks = DEFAULT_KEYS_DIR / "jwks.json"
+            dev_jwks = Path(os.environ.get("PGWARDEN_DEV_KEYS", str(DEFAULT_KEYS_DIR))) / "jwks.json"
             typer.echo(
                 f"console: trusting the development issuer ({dev_jwks}); "
                 "use --identity-config in production",

@@ -16,6 +16,7 @@ approvals store. Then:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -23,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -404,6 +407,29 @@ def test_verify_names_a_changed_record(client: TestClient, seeded: Seeded) -> No
     assert "FAIL" in page and "audit_statements" in page and f"<td>{seq}</td>" in page
 
 
+def test_sign_in_lasts_no_longer_than_the_token(client: TestClient, seeded: Seeded) -> None:
+    r = _sign_in(client, seeded.issuer.mint("alice", groups=["auditors"], ttl=60))
+    max_age = int(r.headers["set-cookie"].split("Max-Age=")[1].split(";")[0])
+    assert 0 < max_age <= 60
+
+
+def test_identity_config_file_forms(tmp_path: Path) -> None:
+    from policyd.console.settings import load_identity_config
+
+    bare = tmp_path / "identity.yaml"
+    bare.write_text("issuer: https://idp.example\naudience: pgwarden\njwks_file: jwks.json\n")
+    assert load_identity_config(bare).issuer == "https://idp.example"
+    full = tmp_path / "pgwarden.yaml"
+    full.write_text("identity:\n  issuer: https://idp.example\n  audience: pgwarden\n"
+                    "  jwks_url: https://idp.example/jwks\n")
+    assert load_identity_config(full).jwks_url == "https://idp.example/jwks"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("identity:\n  issuer: https://idp.example\n  audience: pgwarden\n"
+                   "  jwks_url: http://idp.example/jwks\n")
+    with pytest.raises(ValueError, match="https"):
+        load_identity_config(bad)
+
+
 def test_pages_carry_security_headers(client: TestClient, seeded: Seeded) -> None:
     r = client.get("/signin")
     assert "default-src 'none'" in r.headers["content-security-policy"]
@@ -446,46 +472,93 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+PGWARDEN = str(Path(sys.executable).with_name("pgwarden"))
+
+
+@contextlib.contextmanager
+def _serve(workdir: Path, args: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run ``pgwarden console serve`` as an operator would; yield its URL."""
+    port = _free_port()
+    log_path = workdir / f"console-{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [PGWARDEN, "console", "serve", "--listen", f"127.0.0.1:{port}", *args],
+            cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    pytest.fail("console did not start:\n" + log_path.read_text())
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture
 def console_url(seeded: Seeded) -> Iterator[str]:
-    """``pgwarden console serve`` as an operator would start it."""
-    port = _free_port()
-    log = open(seeded.workdir / "console.log", "w")
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("pgwarden")), "console", "serve",
-            "--listen", f"127.0.0.1:{port}",
-            "--store", seeded.url,
-            "--jwks", str(seeded.issuer.jwks_path),
-            "--issuer", seeded.issuer.issuer,
-            "--key", str(seeded.key),
-            "--checkpoints", str(seeded.checkpoints),
-        ],
-        cwd=seeded.workdir, stdout=log, stderr=subprocess.STDOUT,
+    """The production form: identity settings from a configuration file."""
+    config = seeded.workdir / "pgwarden.yaml"
+    config.write_text(
+        "identity:\n"
+        f"  issuer: {seeded.issuer.issuer}\n"
+        "  audience: pgwarden\n"
+        f"  jwks_file: {seeded.issuer.jwks_path}\n"
+        "  algorithms: [EdDSA]\n"
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail("console did not start:\n" + (seeded.workdir / "console.log").read_text())
-            time.sleep(0.2)
+    with _serve(
+        seeded.workdir,
+        ["--store", seeded.url, "--identity-config", str(config),
+         "--key", str(seeded.key), "--checkpoints", str(seeded.checkpoints)],
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
+
+
+def _mint_cli(keys: Path, sub: str, groups: str) -> str:
+    """A development token as docs/console.md says to get one."""
+    got = subprocess.run(
+        [PGWARDEN, "token", "mint", "--keys", str(keys), "--sub", sub, "--groups", groups,
+         "--kind", "human"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    return got.stdout.strip()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def test_serve_trusts_the_dev_issuer_by_default(seeded: Seeded) -> None:
+    """`pgwarden console serve --store URL` with only the development issuer."""
+    keys = seeded.workdir / "identity"
+    with _serve(seeded.workdir, ["--store", seeded.url], env={"PGWARDEN_DEV_KEYS": str(keys)}) as url:
+        token = _mint_cli(keys, "alice", "auditors")
+        opener = urllib.request.build_opener(_NoRedirect())
+        form = urllib.parse.urlencode({"token": token, "next": "/sessions"}).encode()
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            opener.open(urllib.request.Request(url + "/signin", data=form), timeout=30)
+            pytest.fail("sign-in did not redirect")
+        except urllib.error.HTTPError as answer:
+            assert answer.code == 303 and answer.headers["location"] == "/sessions"
+            cookie = answer.headers["set-cookie"]
+        assert cookie.startswith(COOKIE_NAME + "=") and "HttpOnly" in cookie
+        # On loopback the cookie is not marked Secure (plain HTTP never leaves the host).
+        assert "Secure" not in cookie
 
 
 @pytest.fixture
@@ -534,7 +607,7 @@ def test_console_in_a_real_browser(seeded: Seeded, console_url: str, browser: An
 
     d = browser
     # An auditor: sign in, list sessions, open the replay.
-    _browser_sign_in(d, console_url, seeded.issuer.mint("alice", groups=["auditors"], kind="human"))
+    _browser_sign_in(d, console_url, _mint_cli(seeded.workdir / "identity", "alice", "auditors"))
     assert d.find_element(By.ID, "signed-in-as").text == "alice"
     assert "Sessions" in d.title
     link = d.find_element(By.LINK_TEXT, seeded.session_id)
