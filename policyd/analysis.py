@@ -521,10 +521,7 @@ class _Statement:
             return []
         # Everything else: any relation named is touched as DDL, any function
         # or expression walked for calls.
-        access = "read" if kind in ("LockStmt",) else "ddl"
-        if kind == "LockStmt":
-            access = "lock"
-        self._generic(body, scope, access)
+        self._generic(body, scope, "lock" if kind == "LockStmt" else "ddl")
         return []
 
     @staticmethod
