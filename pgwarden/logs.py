@@ -35,6 +35,17 @@ def scrub_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> Mapping
             for k, v in event.items()}
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (test runners and
+    daemons swap it; a stream bound at configure time may be closed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info") -> None:
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(message)s")
     structlog.configure(
@@ -47,6 +58,6 @@ def configure(level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

@@ -98,8 +98,8 @@ def test_md5_login() -> None:
     login = UpstreamLogin(role="r", method="md5", password=SECRET)
     s.on_auth(need.ticket, AuthResult(ok=True, login=login))
     acts = s.on_write(pg.auth_request(5, b"salt"))
-    inner = hashlib.md5((SECRET + "r").encode()).hexdigest()  # noqa: S324
-    expected = b"md5" + hashlib.md5(inner.encode() + b"salt").hexdigest().encode() + b"\0"  # noqa: S324
+    inner = hashlib.md5((SECRET + "r").encode()).hexdigest()
+    expected = b"md5" + hashlib.md5(inner.encode() + b"salt").hexdigest().encode() + b"\0"
     assert next(pg.iter_frames(up(acts))).body == expected
 
 
