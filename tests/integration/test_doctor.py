@@ -204,3 +204,12 @@ def test_killed_maskd_is_named(deployment: Deployment) -> None:
     result = doctor(deployment)
     assert result.returncode == 1
     assert lines(result)["maskd"] == "FAIL", result.stdout
+
+
+def test_version_reports_the_postgresql_server(deployment: Deployment) -> None:
+    result = subprocess.run([PGWARDEN, "version", "--dsn", deployment.stack.app_dsn_direct],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    line = next(li for li in result.stdout.splitlines() if li.startswith("postgresql"))
+    assert line.split()[1][:2].isdigit(), line  # e.g. "15.10 (Debian ...)"
+    assert "protocol    3.0, 3.2" in result.stdout
