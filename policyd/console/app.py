@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -135,7 +135,6 @@ class Console:
         *,
         validator: TokenValidator | None = None,
         codec: SessionCodec | None = None,
-        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
         self.audit = AuditStore(settings.store_url)
