@@ -232,6 +232,7 @@ CORPUS: list[Case] = [
          "rel:public.payments:write"),
     case("SELECT evil.fn()", "fn:fn"),
     case("SELECT pg_terminate_backend(123)", "fn:pg_terminate_backend"),
+    case("SELECT setval('payments_id_seq', 1)", "fn:setval"),  # a write in disguise
     case("EXPLAIN ANALYZE DELETE FROM payments", "cmd:explain", "rel:public.payments:write"),
     case("PREPARE q AS SELECT id FROM payments WHERE id = $1", "cmd:prepare", fraud="allow"),
     case("PREPARE q AS DELETE FROM payments WHERE id = 1", "cmd:prepare"),
