@@ -85,7 +85,10 @@ class OpaEngine:
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         await self._stack.enter_async_context(self._client)
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.deadline))
+        # Background fetches (revision, health) get more time than a decision:
+        # a slow 300 kB /v1/policies must not make OPA look down.
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=max(5.0, self.deadline * 2)))
         await self.refresh_revision()
         self._poller = asyncio.create_task(self._poll(), name="opa-revision-poll")
 
@@ -118,6 +121,8 @@ class OpaEngine:
                 body = await self._client.query_rule(input_doc, package, rule)
         except TimeoutError as exc:
             raise OpaUnavailable(f"no answer within {self.deadline * 1000:.0f} ms") from exc
+        except aiohttp.ClientResponseError as exc:  # e.g. a policy eval error: HTTP 500
+            raise OpaUnavailable(f"OPA answered HTTP {exc.status}") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise OpaUnavailable(type(exc).__name__) from exc
         if not isinstance(body, dict):
@@ -156,7 +161,7 @@ class OpaEngine:
 
     async def _compute_revision(self) -> str:
         assert self._http is not None, "start() first"
-        async with asyncio.timeout(self.deadline * 2):
+        async with asyncio.timeout(max(5.0, self.deadline * 2)):
             async with self._http.get(f"{self.url}/v1/policies") as resp:
                 resp.raise_for_status()
                 policies = await resp.json()
