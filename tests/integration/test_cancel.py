@@ -133,7 +133,12 @@ def test_psycopg_cancel_inside_transaction_then_rollback(stack: Any, mode: str) 
     ):
         conn.execute("CREATE TEMP TABLE cancel_probe (v int)")
         conn.execute("INSERT INTO cancel_probe VALUES (1)")
-        canceller = threading.Thread(target=lambda: (_wait_until_sleeping(admin, app_name), conn.cancel()))
+
+        def cancel_when_sleeping() -> None:
+            _wait_until_sleeping(admin, app_name)
+            conn.cancel()
+
+        canceller = threading.Thread(target=cancel_when_sleeping)
         canceller.start()
         with pytest.raises(errors.QueryCanceled):
             conn.execute("SELECT pg_sleep(30)")
