@@ -27,7 +27,7 @@ def _hostport(value: str) -> str:
     if value.startswith("unix:"):
         return value
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected HOST:PORT (or unix:/path), got {value!r}")
     return value
 

@@ -57,8 +57,10 @@ def _dev_settings(tls_cert: str | None, tls_key: str | None, require_tls: bool,
 RuntimeFactory = Callable[[AsyncExitStack], Awaitable[Runtime]]
 
 
-def _runtime_factory(config_path: Path | None, dev: TapSettings) -> tuple[RuntimeFactory, object]:
-    """Return how to build the runtime, and the loaded config (or None)."""
+def _runtime_factory(config_path: Path | None, dev: TapSettings, listen: str | None = None,
+                     upstream: str | None = None) -> tuple[RuntimeFactory, object]:
+    """Return how to build the runtime, and the loaded config (or None).
+    ``listen``/``upstream`` from the command line override the file's."""
     if config_path is None:
         async def dev_runtime(_: AsyncExitStack) -> Runtime:
             runtime = Runtime(settings=dev)
@@ -72,6 +74,9 @@ def _runtime_factory(config_path: Path | None, dev: TapSettings) -> tuple[Runtim
         config = load(config_path)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
+    overrides = {k: v for k, v in (("listen", listen), ("upstream", upstream)) if v}
+    if overrides:
+        config = config.model_copy(update={"tap": config.tap.model_copy(update=overrides)})
 
     async def configured(stack: AsyncExitStack) -> Runtime:
         from tap.services import build_runtime
@@ -114,7 +119,7 @@ def inline(
     configure(log_level)
     factory, loaded = _runtime_factory(config, _dev_settings(
         tls_cert, tls_key, require_tls, upstream_sslmode, upstream_ca, upstream_hostname,
-        max_message_size))
+        max_message_size), listen, upstream)
     listen = listen or (loaded.tap.listen if loaded is not None else None)  # type: ignore[attr-defined]
     upstream = upstream or (loaded.tap.upstream if loaded is not None else None)  # type: ignore[attr-defined]
     if not listen or not upstream:
@@ -148,7 +153,7 @@ def extproc(
     configure(log_level)
     factory, loaded = _runtime_factory(config, _dev_settings(
         tls_cert, tls_key, require_tls, upstream_sslmode, upstream_ca, upstream_hostname,
-        max_message_size))
+        max_message_size), listen)
     listen = listen or (loaded.tap.listen if loaded is not None else None)  # type: ignore[attr-defined]
     if not listen:
         raise typer.BadParameter("--listen is needed without a --config")
