@@ -29,6 +29,7 @@ import builtins
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -122,7 +123,16 @@ def install_error_handler(app: FastAPI) -> None:
         assert isinstance(exc, ApprovalError)
         return _error_response(exc)
 
+    async def invalid(_request: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's default echoes the input back; a reason may hold a PAN.
+        assert isinstance(exc, RequestValidationError)
+        where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+                          for e in exc.errors())
+        return JSONResponse({"error": f"invalid request ({where})", "code": "InvalidRequest"},
+                            status_code=422)
+
     app.add_exception_handler(ApprovalError, handle)
+    app.add_exception_handler(RequestValidationError, invalid)
 
 
 def create_app(backend: ApprovalsBackend, *, prefix: str = "/approvals") -> FastAPI:

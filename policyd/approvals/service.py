@@ -188,7 +188,8 @@ class ApprovalManager:
                                              approve, reason)
         except (SelfApproval, NotAnApprover, NotPending, ApprovalNotFound) as exc:
             # 10.2.1.4: refused attempts are worth an operator's attention.
-            log.warning("approval_decision_refused", approval_id=approval_id[:40],
+            log.warning("approval_decision_refused",
+                        approval_id=approval_id if is_approval_id(approval_id) else "(malformed)",
                         approver=approver.subject, refusal=type(exc).__name__)
             raise
         action: ApprovalAction = "approved" if approve else "denied"
@@ -217,7 +218,8 @@ class ApprovalManager:
         record = await asyncio.to_thread(self.store.get, approval_id)
         if record is None or not (record.subject == viewer.subject
                                   or set(viewer.groups) & set(record.approver_groups)):
-            raise ApprovalNotFound(f"no approval request {approval_id[:40]} visible to you")
+            shown = approval_id if is_approval_id(approval_id) else "with that id"
+            raise ApprovalNotFound(f"no approval request {shown} visible to you")
         return record
 
     # -- evidence and notification -----------------------------------------------
@@ -253,7 +255,12 @@ def _status_for(exc: ApprovalError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: ApprovalError) -> NoReturn:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
+    if not isinstance(exc, ApprovalError):
+        # A database or programming error: its message can hold SQL and the
+        # store URL, so only the class is logged and nothing is sent on.
+        log.error("approval_service_error", error=type(exc).__name__)
+        exc = AuditUnavailable("approval store unavailable; statement refused")
     # The class name travels too, so a remote caller raises the same exception.
     await context.abort(_status_for(exc), str(exc),
                         trailing_metadata=(("pgwarden-error", type(exc).__name__),))
@@ -280,7 +287,9 @@ class ApprovalService(apb_grpc.ApprovalServiceServicer):
                 approval_id=request.approval_id,
                 statement_seq=(request.statement_seq if request.HasField("statement_seq")
                                else None))
-        except ApprovalError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
             await _abort(context, exc)
         return apb.HoldResult(outcome=_OUTCOME.get(record.status, apb.OUTCOME_UNSPECIFIED),
                               approval=record_to_pb(record), from_late_grant=late)
@@ -289,7 +298,9 @@ class ApprovalService(apb_grpc.ApprovalServiceServicer):
                      context: grpc.aio.ServicerContext[Any, Any]) -> apb.ApprovalInfo:
         try:
             return record_to_pb(await self.manager.cancel(request.approval_id))
-        except ApprovalError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
             await _abort(context, exc)
 
     async def Decide(self, request: apb.DecideRequest,
@@ -297,7 +308,9 @@ class ApprovalService(apb_grpc.ApprovalServiceServicer):
         try:
             return record_to_pb(await self.manager.decide(
                 request.token, request.approval_id, request.approve, request.reason))
-        except ApprovalError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
             await _abort(context, exc)
 
     async def List(self, request: apb.ListRequest,
@@ -305,7 +318,9 @@ class ApprovalService(apb_grpc.ApprovalServiceServicer):
         try:
             records = await self.manager.list(request.token, request.status or None,
                                               request.limit or 100)
-        except ApprovalError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
             await _abort(context, exc)
         return apb.ListResponse(approvals=[record_to_pb(r) for r in records])
 
@@ -313,7 +328,9 @@ class ApprovalService(apb_grpc.ApprovalServiceServicer):
                   context: grpc.aio.ServicerContext[Any, Any]) -> apb.ApprovalInfo:
         try:
             return record_to_pb(await self.manager.get(request.token, request.approval_id))
-        except ApprovalError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
             await _abort(context, exc)
 
 

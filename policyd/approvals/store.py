@@ -444,8 +444,9 @@ class ApprovalStore:
         return ApprovalRecord.from_mapping(row)
 
     def _locked(self, conn: Connection, approval_id: str) -> ApprovalRecord:
-        if not is_approval_id(approval_id):
-            raise ApprovalNotFound(f"no approval request {approval_id[:40]!r}")
+        if not is_approval_id(approval_id):  # not echoed: it is whatever was typed
+            raise ApprovalNotFound("no approval request with that id "
+                                   "(ids are 'ap_' and 12 letters or digits)")
         query = select(_requests()).where(_requests().c.approval_id == approval_id)
         if self.notifies:
             query = query.with_for_update()

@@ -250,7 +250,11 @@ async def test_cancel_marks_the_request_cancelled(tmp_path: Path, hook: Hook) ->
                 break
             await asyncio.sleep(0.01)
         assert env.store.get(rid2).status is Status.CANCELLED  # type: ignore[union-attr]
-        actions = [e["action"] for e in env.approval_events()]
+        for _ in range(2000):  # the event follows the status change
+            actions = [e["action"] for e in env.approval_events()]
+            if actions.count("cancelled") == 2:
+                break
+            await asyncio.sleep(0.01)
         assert actions.count("cancelled") == 2
 
 
@@ -303,6 +307,11 @@ async def test_http_api(tmp_path: Path, hook: Hook) -> None:
             assert status == 403 and body["code"] == "SelfApproval"
             status, body = await asyncio.to_thread(call, "POST", f"/{rid}/approve", bob, {})
             assert status == 422
+            status, body = await asyncio.to_thread(call, "POST", f"/{rid}/approve", bob,
+                                                   {"reason": PAN * 200})
+            assert status == 422 and PAN not in json.dumps(body)
+            status, body = await asyncio.to_thread(call, "GET", f"/{PAN}", bob)
+            assert status == 404 and PAN not in json.dumps(body)
             status, body = await asyncio.to_thread(call, "POST", f"/{rid}/deny", bob,
                                                    {"reason": "no"})
             assert status == 200 and body["status"] == "denied" and body["approver"] == "bob"
