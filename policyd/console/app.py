@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import structlog
 from fastapi import FastAPI, Form, Request
@@ -180,6 +180,20 @@ class Console:
         record_access(
             self.audit, user, action, target, client_addr=_client(request), **detail
         )
+
+
+FLASH_COOKIE = "pgw_flash"
+
+
+def _back_to_queue(outcome: str, message: str, *, secure: bool) -> RedirectResponse:
+    """Redirect to the queue with a one-shot message in a cookie, not in the
+    URL: a crafted link cannot put words of its choosing on the page."""
+    response = RedirectResponse("/approvals", status_code=303)
+    response.set_cookie(
+        FLASH_COOKIE, quote(f"{outcome}:{message[:300]}"), max_age=60, httponly=True,
+        samesite="strict", secure=secure, path="/approvals",
+    )
+    return response
 
 
 def _client(request: Request) -> str:
@@ -387,7 +401,7 @@ def create_app(
     # -- approvals ----------------------------------------------------------------
 
     @app.get("/approvals", response_class=HTMLResponse)
-    def approvals(request: Request, done: str = "", failed: str = "") -> Response:
+    def approvals(request: Request) -> Response:
         user = console.user(request)
         if user is None:
             return _to_signin(request)
@@ -403,10 +417,16 @@ def create_app(
             and not _same_chain(ident.subject, ident.actor, r.subject, r.actor)
             for r in pending
         }
-        return console.render(
+        outcome, _, message = unquote(request.cookies.get(FLASH_COOKIE, "")).partition(":")
+        flash = {outcome: message} if outcome in ("done", "failed") else {}
+        page = console.render(
             request, "approvals.html", user, pending=pending, recent=recent,
-            can_decide=can_decide, done=done[:200], failed=failed[:300],
+            can_decide=can_decide, done=flash.get("done", ""), failed=flash.get("failed", ""),
         )
+        if FLASH_COOKIE in request.cookies:
+            page.delete_cookie(FLASH_COOKIE, path="/approvals", httponly=True, samesite="strict",
+                               secure=settings.cookie_secure)
+        return page
 
     @app.post("/approvals/{approval_id}")
     def decide(
@@ -432,9 +452,9 @@ def create_app(
             return PlainTextResponse("decision must be approve or deny", status_code=400)
         reason = reason.strip()
         if not reason:
-            return RedirectResponse(
-                "/approvals?failed=" + quote(f"{approval_id}: give a reason for the decision"),
-                status_code=303,
+            return _back_to_queue(
+                "failed", f"{approval_id}: give a reason for the decision",
+                secure=settings.cookie_secure,
             )
         try:
             rec = console.approvals.decide(
@@ -444,7 +464,7 @@ def create_app(
             # 10.2.1.4: refused attempts are worth an operator's attention.
             log.warning("console_decision_refused", approval_id=approval_id[:40],
                         approver=user.subject, refusal=type(exc).__name__)
-            return RedirectResponse("/approvals?failed=" + quote(str(exc)), status_code=303)
+            return _back_to_queue("failed", str(exc), secure=settings.cookie_secure)
         # The same evidence ApprovalManager records for the CLI and HTTP API; the
         # console decides through the store directly because it keeps no token.
         action: ApprovalAction = "approved" if decision == "approve" else "denied"
@@ -464,16 +484,16 @@ def create_app(
         except Exception as exc:  # the decision stands; say loudly that it is unrecorded
             log.error("console_decision_not_recorded", approval_id=rec.approval_id,
                       error=type(exc).__name__)
-            return RedirectResponse(
-                "/approvals?failed="
-                + quote(f"{rec.approval_id} {rec.status.value}, but the audit record of the "
-                        "decision could not be written: tell the audit store's operator"),
-                status_code=303,
+            return _back_to_queue(
+                "failed",
+                f"{rec.approval_id} {rec.status.value}, but the audit record of the decision "
+                "could not be written: tell the audit store's operator",
+                secure=settings.cookie_secure,
             )
         log.info("console_decision", approval_id=rec.approval_id, status=rec.status.value,
                  approver=user.subject)
-        return RedirectResponse(
-            "/approvals?done=" + quote(f"{rec.approval_id} {rec.status.value}"), status_code=303
+        return _back_to_queue(
+            "done", f"{rec.approval_id} {rec.status.value}", secure=settings.cookie_secure
         )
 
     # -- verification -------------------------------------------------------------

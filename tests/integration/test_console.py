@@ -357,8 +357,11 @@ def test_requester_cannot_approve_own_request(seeded: Seeded) -> None:
             f"/approvals/{seeded.approval_id}",
             data={"csrf": _csrf(page), "decision": "approve", "reason": "mine"},
         )
-        assert r.status_code == 303 and "failed=" in r.headers["location"]
-        assert "may not decide" in c.get(r.headers["location"]).text
+        assert r.status_code == 303 and r.headers["location"] == "/approvals"
+        assert "may not decide" in c.get("/approvals").text
+        # The message is shown once, and a crafted link cannot supply one.
+        assert "may not decide" not in c.get("/approvals").text
+        assert "call 555" not in c.get("/approvals", params={"failed": "call 555"}).text
     assert _approval_status(seeded.url, seeded.approval_id) == "pending"
 
 
