@@ -128,5 +128,7 @@ def start_governed(stack: st.LocalStack) -> st.ServiceContribution:
         "PGWARDEN_OPA_URL": f"http://{st.HOST}:{opa_port}",
         "PGWARDEN_AUDIT_URL": f"sqlite:///{workdir / 'audit.db'}",
         "PGWARDEN_IDENTITY_DIR": str(workdir / "identity"),
+        "PGWARDEN_AUDIT_KEY": str(workdir / "identity" / "audit-signing.key"),
+        "PGWARDEN_AUDIT_CHECKPOINTS": str(workdir / "audit-checkpoints.jsonl"),
     })
     return contribution
