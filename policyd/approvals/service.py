@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import socket
 from collections.abc import Sequence
 from typing import Any, NoReturn, Protocol
@@ -128,13 +129,24 @@ class ApprovalManager:
             record = existing
             remaining = max(0.0, existing.expires_at - self.store.clock())
         else:
-            record = await asyncio.to_thread(
+            creating = asyncio.ensure_future(asyncio.to_thread(
                 lambda: self.store.create(
                     identity=identity, sql=sql, params_digest=params_digest,
                     database=session.database, session_id=session.session_id,
                     fingerprint=fingerprint, reason=reason, approver_groups=approver_groups,
                     hold_seconds=hold_seconds, decision_id=decision_id,
-                    statement_seq=statement_seq, approval_id=approval_id or None))
+                    statement_seq=statement_seq, approval_id=approval_id or None)))
+            try:
+                record = await asyncio.shield(creating)
+            except asyncio.CancelledError:
+                # Cancelled while the row was being written: it will exist, so
+                # close it rather than leave it pending.
+                with contextlib.suppress(Exception):
+                    made = await creating
+                    self._audit(made, "requested", reason=made.reason)
+                    await self._close(made.approval_id, Status.CANCELLED,
+                                      "client cancelled or disconnected during the hold")
+                raise
             if not self._audit(record, "requested", reason=record.reason):
                 await asyncio.to_thread(self.store.cancel, record.approval_id,
                                         "audit trail unavailable")

@@ -430,8 +430,12 @@ class ApprovalStore:
         self.engine.dispose()
 
     def close(self) -> None:
-        if self._listener is not None and not self._listener.done():
-            self._listener.cancel()
+        """Synchronous close, from any thread (the listener is cancelled in
+        its own loop)."""
+        task, loop = self._listener, self._listener_loop
+        self._listener = None
+        if task is not None and not task.done() and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
         self.engine.dispose()
 
     # -- internals -------------------------------------------------------------

@@ -195,3 +195,20 @@ async def test_wait_polls_sqlite(store: ApprovalStore) -> None:
 async def test_wait_times_out_pending(store: ApprovalStore) -> None:
     rec = create(store)
     assert (await store.wait(rec.approval_id, 0.05)).status is Status.PENDING
+
+
+def test_settings_build_store_and_notifier(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from policyd.approvals.settings import ApprovalSettings
+
+    settings = ApprovalSettings.model_validate(
+        {"late_grant_seconds": 60, "webhook": {"url": "https://hooks.example.invalid/T/B/x"}})
+    store = settings.store(f"sqlite:///{tmp_path / 'a.db'}")
+    assert store.late_grant_seconds == 60
+    notifier = settings.notifier()
+    assert notifier is not None and "hooks" not in repr(notifier)
+    assert ApprovalSettings().notifier() is None
+    with pytest.raises(ValidationError):
+        ApprovalSettings.model_validate({"webhook": {"url": "ftp://x.invalid/hook"}})
+    store.close()
