@@ -90,6 +90,9 @@ class TapConfig(_Strict):
     # can name table columns (none: content detection only).
     catalog_role: str | None = None
     policyd: PolicyTarget | None = Field(default_factory=PolicyTarget)
+    # Held statements wait for a human through policyd's approval service
+    # (same target); without it a statement needing approval is refused.
+    approvals: bool = True
     mask: MaskConfig = Field(default_factory=MaskConfig)
     audit: AuditSinkConfig | None = Field(default_factory=AuditSinkConfig)
     health_listen: str | None = None

@@ -57,6 +57,12 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
         runtime.decider = client.decide
         decide_cached = client.cache.get
         runtime.policy_client = client
+        if tap.approvals:
+            from policyd.approvals.client import ApprovalClient
+
+            approvals = ApprovalClient(tap.policyd.target)
+            await stack.enter_async_context(approvals)
+            runtime.approvals = approvals
     else:
         runtime.decider = _deny_all
 
