@@ -433,6 +433,29 @@ def test_identity_config_file_forms(tmp_path: Path) -> None:
         load_identity_config(bad)
 
 
+def test_unrecorded_read_shows_nothing(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(_settings(seeded))
+    with TestClient(app, follow_redirects=False) as c:
+        _sign_in(c, seeded.issuer.mint("alice", groups=["auditors"]))
+
+        def broken(*_a: Any, **_k: Any) -> None:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(app.state.console.audit, "append", broken)
+        r = c.get(f"/sessions/{seeded.session_id}")
+        assert r.status_code == 503 and "could not be recorded" in r.text
+        assert "DROP DATABASE" not in r.text and "fraud-nightly" not in r.text
+
+
+def test_sign_out_ends_the_session(client: TestClient, seeded: Seeded) -> None:
+    _sign_in(client, seeded.issuer.mint("alice", groups=["auditors"]))
+    page = client.get("/sessions").text
+    assert client.post("/signout", data={"csrf": "wrong"}).status_code == 403
+    r = client.post("/signout", data={"csrf": _csrf(page)})
+    assert r.status_code == 303 and r.headers["location"] == "/signin"
+    assert client.get("/sessions").status_code == 303
+
+
 def test_pages_carry_security_headers(client: TestClient, seeded: Seeded) -> None:
     r = client.get("/signin")
     assert "default-src 'none'" in r.headers["content-security-policy"]
