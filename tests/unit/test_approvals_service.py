@@ -159,6 +159,15 @@ async def test_approve_releases_the_hold(tmp_path: Path, hook: Hook) -> None:
     async with running(tmp_path, hook) as env, ApprovalClient(env.target) as client:
         task = asyncio.create_task(client.hold(statement(), held(), statement_seq=3))
         rid = await pending_id(env)
+        listed = await asyncio.to_thread(cli, "list", "--policyd", env.target,
+                                         token=env.token("bob"))
+        assert listed.exit_code == 0 and rid in listed.output and "pending" in listed.output
+        shown = await asyncio.to_thread(cli, "show", rid, "--policyd", env.target,
+                                        token=env.token("bob"))
+        assert shown.exit_code == 0 and SQL in shown.output and "ci-bot (actor alice)" in shown.output
+        nobody = await asyncio.to_thread(cli, "list", "--json", "--policyd", env.target,
+                                         token=env.token("eve", ("other",)))
+        assert json.loads(nobody.output) == {"approvals": []}
         result = await asyncio.to_thread(
             cli, "approve", rid, "--reason", "FRAUD-7", "--policyd", env.target,
             token=env.token("bob"))

@@ -56,6 +56,12 @@ def test_ids_are_short_and_unguessable() -> None:
     assert not is_approval_id("ap_../../etc")
 
 
+def test_params_digest_tells_values_apart() -> None:
+    forms: list[tuple[str | None, ...] | None] = [None, (), (None,), ("",), ("1",), ("1", None),
+                                                  ("1,", ""), ("1", ",")]
+    assert len({params_digest(f) for f in forms}) == len(forms)
+
+
 def test_create_redacts_pan_and_keeps_digests(store: ApprovalStore) -> None:
     rec = create(store, sql=f"SELECT * FROM payments WHERE pan = '{PAN}'", params=(PAN,))
     assert rec.status is Status.PENDING
