@@ -168,6 +168,15 @@ def test_healthy_deployment_is_all_ok(deployment: Deployment) -> None:
         assert password not in result.stdout + result.stderr
 
 
+def test_unexpected_policy_revision_is_named(deployment: Deployment) -> None:
+    dep = Deployment(deployment.stack, deployment.opa, deployment.policyd, deployment.maskd,
+                     deployment.config, [*deployment.args, "--expect-revision", "sha256:00"])
+    result = doctor(dep)
+    assert result.returncode == 1
+    assert lines(result)["policyd"] == "FAIL", result.stdout
+    assert "sha256:00" in result.stdout and "serves policy revision sha256:" in result.stdout
+
+
 def test_killed_opa_is_named_and_its_return_restores_service(deployment: Deployment) -> None:
     deployment.opa.stop()
     try:
