@@ -131,11 +131,11 @@ class OpaEngine:
 
     async def put_policy(self, module_id: str, source: str) -> None:
         """Load a module through the Policy API, verbatim (no v0 rewrite)."""
-        async with asyncio.timeout(max(self.deadline, 5.0)):
+        async with asyncio.timeout(max(self.deadline, 30.0)):  # recompiles every module
             await self._client.update_policy_from_string(source, module_id, rego_compat=False)
 
     async def delete_policy(self, module_id: str) -> None:
-        async with asyncio.timeout(max(self.deadline, 5.0)):
+        async with asyncio.timeout(max(self.deadline, 30.0)):  # recompiles every module
             await self._client.delete_policy(module_id)
 
     # -- revision --------------------------------------------------------------

@@ -22,6 +22,7 @@ from opa_client.errors import RegoParseError
 
 from policyd.client import UNAVAILABLE_REASON, PolicyClient
 from policyd.decision import UNAVAILABLE_SQLSTATE
+from policyd.opa import OpaEngine
 from policyd.opa_process import OpaProcess
 from policyd.server import SERVICE_NAME, PolicyServer
 from tap.hooks import Identity, SessionInfo, StatementRequest, Verdict
@@ -225,8 +226,10 @@ async def test_policyd_down_fails_closed_and_recovers(opa: OpaProcess, tmp_path:
 
 async def test_policy_upload_is_not_rewritten(opa: OpaProcess) -> None:
     """opa-python-client's v0->v1 rewrite stays off: v0 Rego is refused."""
-    async with policyd(opa.url) as server:
-        engine = server.engine
+    # Uploads recompile every module: a generous deadline on a loaded machine.
+    engine = OpaEngine(opa.url, deadline=30.0)
+    await engine.start()
+    try:
         with pytest.raises(RegoParseError):
             await engine.put_policy("legacy", "package legacy\n\nallow { true }\n")
         assert await engine.query("legacy", {}, rule="allow") is None
@@ -235,6 +238,8 @@ async def test_policy_upload_is_not_rewritten(opa: OpaProcess) -> None:
         assert await engine.query("modern", {}, rule="allow") is True
         assert await engine.refresh_revision() != before
         await engine.delete_policy("modern")
+    finally:
+        await engine.close()
 
 
 async def test_undefined_decision_is_deny(opa: OpaProcess, rego_copy: Path) -> None:
