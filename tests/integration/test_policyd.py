@@ -206,7 +206,7 @@ async def test_opa_down_fails_closed_and_recovers(opa: OpaProcess) -> None:
 async def test_policyd_down_fails_closed_and_recovers(opa: OpaProcess, tmp_path: Path) -> None:
     target = f"unix:{tmp_path / 'policyd.sock'}"
     sql = "SELECT id FROM payments WHERE id = 4"
-    async with PolicyClient(target, deadline=0.5) as c:
+    async with PolicyClient(target, deadline=2.0) as c:
         async with policyd(opa.url, listen=target):
             assert (tmp_path / "policyd.sock").stat().st_mode & 0o777 == 0o660
             await until(lambda: _true(c.cache.enabled), "the revision stream")
