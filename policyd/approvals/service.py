@@ -192,7 +192,13 @@ class ApprovalManager:
 
     async def decide(self, token: str, approval_id: str, approve: bool,
                      reason: str) -> ApprovalRecord:
-        approver = await self.authenticate(token)
+        return await self.decide_as(await self.authenticate(token), approval_id, approve,
+                                    reason)
+
+    async def decide_as(self, approver: Identity, approval_id: str, approve: bool,
+                        reason: str) -> ApprovalRecord:
+        """:meth:`decide` for a caller that authenticated the approver itself
+        (e.g. a console session): same rules, audit event and notification."""
         if not reason.strip():
             raise InvalidRequest("a reason is required: every approval and denial says why")
         try:
