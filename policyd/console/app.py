@@ -100,25 +100,28 @@ def _templates() -> Jinja2Templates:
     return Jinja2Templates(env=env)
 
 
+def _cross_origin(request: Request) -> bool:
+    """True when a browser says the request comes from another site.
+
+    Hosts are compared without the scheme: behind a TLS-terminating proxy the
+    console sees http while the browser says https. ``Origin: null`` (sandboxed
+    frames, privacy-stripped requests) counts as foreign. No header at all is
+    a non-browser client; the CSRF token still guards those."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if not origin:
+        return False
+    if origin == "null":
+        return True
+    return urlsplit(origin).netloc != urlsplit(str(request.base_url)).netloc
+
+
 class _Hardening(BaseHTTPMiddleware):
     """Security headers on every answer; cross-origin POSTs refused."""
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            origin = request.headers.get("origin") or request.headers.get("referer")
-            if origin and origin != "null":
-                here = urlsplit(str(request.base_url))
-                there = urlsplit(origin)
-                if (there.scheme, there.netloc) != (here.scheme, here.netloc):
-                    response: Response = PlainTextResponse(
-                        "cross-origin request refused", status_code=403
-                    )
-                else:
-                    response = await call_next(request)
-            elif origin == "null":
-                response = PlainTextResponse("cross-origin request refused", status_code=403)
-            else:
-                response = await call_next(request)
+        response: Response
+        if request.method not in ("GET", "HEAD") and _cross_origin(request):
+            response = PlainTextResponse("cross-origin request refused", status_code=403)
         else:
             response = await call_next(request)
         for name, value in _SECURITY_HEADERS.items():
