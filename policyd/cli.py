@@ -20,6 +20,7 @@ def serve(
     revision_interval: float = typer.Option(1.0, help="seconds between policy revision polls"),
     policy_dir: Path | None = typer.Option(  # noqa: B008
         None, help="the folder OPA watches, if visible here: cheaper revision polling"),
+    metrics_addr: str = typer.Option("", help="HOST:PORT for /metrics, /healthz, /readyz"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve PolicyService (Decide, DecideConnect, WatchRevision) and gRPC health."""
@@ -29,7 +30,17 @@ def serve(
     configure(log_level)
     server = PolicyServer(listen, opa_url, opa_deadline=opa_deadline,
                           revision_interval=revision_interval, policy_dir=policy_dir)
-    asyncio.run(server.serve_forever())
+    exposition = None
+    if metrics_addr:
+        from pgwarden.metrics import serve as serve_metrics
+
+        # ready: OPA answers; a policyd without OPA refuses every statement.
+        exposition = serve_metrics(metrics_addr, ready=lambda: server.engine.ready)
+    try:
+        asyncio.run(server.serve_forever())
+    finally:
+        if exposition is not None:
+            exposition.close()
 
 
 @app.command("input")

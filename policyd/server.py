@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import Counter, Histogram
 
 from pgwarden._proto import policy_pb2 as pb
 from pgwarden._proto import policy_pb2_grpc as pb_grpc
@@ -32,6 +34,15 @@ from policyd.opa import CONNECT_PACKAGE, STATEMENT_PACKAGE, OpaEngine, OpaUnavai
 from tap.hooks import Verdict
 
 log = structlog.get_logger("policyd")
+
+DECISIONS = Counter("policyd_decisions", "Statement decisions taken by policyd, by verdict.",
+                    ["verdict"], namespace="pgwarden")
+OPA_SECONDS = Histogram("policyd_opa_seconds", "OPA REST query time for one decision.",
+                        namespace="pgwarden",
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+OPA_UNAVAILABLE = Counter("policyd_opa_unavailable",
+                          "Decisions refused because OPA did not answer (fail closed).",
+                          namespace="pgwarden")
 
 SERVICE_NAME = "pgwarden.policy.v1.PolicyService"
 
@@ -76,16 +87,21 @@ class PolicyService(pb_grpc.PolicyServiceServicer):
         analysis = self.analyses.get(req.sql, req.session.search_path, role, req.params)
         params_read = dec.params_read(analysis)
         revision = self.engine.revision
+        started = time.perf_counter()
         try:
             doc = await self.engine.query(STATEMENT_PACKAGE, dec.statement_input(req, analysis))
         except OpaUnavailable as exc:
+            OPA_UNAVAILABLE.inc()
+            DECISIONS.labels(verdict="deny").inc()
             decision = dec.deny(f"policy engine unavailable ({exc}); statement refused",
                                 sqlstate=dec.UNAVAILABLE_SQLSTATE, revision=revision,
                                 analysis=analysis.summary())
             self._log(req.session.session_id, decision.decision_id, decision.verdict,
                       revision, analysis, opa="unavailable")
             return decision_to_pb(decision, params_read=params_read, cacheable=False)
+        OPA_SECONDS.observe(time.perf_counter() - started)
         decision = dec.from_document(doc, revision=revision, analysis=analysis)
+        DECISIONS.labels(verdict=decision.verdict.value).inc()
         self._log(req.session.session_id, decision.decision_id, decision.verdict, revision,
                   analysis)
         cacheable = decision.verdict is not Verdict.HOLD and not (

@@ -267,3 +267,17 @@ async def test_logs_and_decisions_never_hold_a_pan(opa: OpaProcess,
             assert pan not in repr(d)
     out = capsys.readouterr()
     assert pan not in out.out and pan not in out.err
+
+
+async def test_decisions_are_counted(opa: OpaProcess) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(verdict: str) -> float:
+        value = REGISTRY.get_sample_value("pgwarden_policyd_decisions_total",
+                                          {"verdict": verdict})
+        return value or 0.0
+
+    async with policyd(opa.url) as server, client(server.target) as c:
+        before = count("deny")
+        await c.decide(req("DROP DATABASE shop"))
+        assert count("deny") == before + 1
