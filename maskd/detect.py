@@ -103,20 +103,22 @@ _TO_INT = bytes.maketrans(_DIGITS, bytes(range(10)))
 _DOUBLED = bytes.maketrans(_DIGITS, bytes([0, 2, 4, 6, 8, 1, 3, 5, 7, 9]))
 _SEPARATORS = b" -"
 _SEP_CODES = frozenset(_SEPARATORS)
-# A separated run: groups joined by exactly one space or dash.
-# A separated run of at least 13 digits: the leftmost match starts at the
-# run's first digit and, being greedy, ends at its last, so matches are
-# exactly the maximal runs that are long enough (shorter ones never match).
-_RUN13 = re.compile(rb"[0-9](?:[ -]?[0-9]){12,}")
-# Necessary condition for a plain PAN, checked in C before any Python work:
-# some group start (no digit before it) with an issuer's first digit (2-6)
-# followed by at least 12 more digits, single separators allowed. The
-# lookbehind sits after the first character so the engine keeps its fast
-# scan for the leading character class.
-_PREFILTER = re.compile(rb"[2-6](?<![0-9].)(?:[ -]?[0-9]){12,}")
+# Regular expressions with only character-class repeats (one C loop each in
+# CPython's engine; a repeated group costs several times more per digit).
+#
+# Necessary condition for a plain PAN, checked before any Python work: a
+# group start (no digit before it) with an issuer's first digit (2-6) and at
+# least 12 more digits-or-separators after it. Loose (double separators
+# pass), so a match only means "look closer". The lookbehind sits after the
+# first character so the engine keeps its fast scan for the leading class.
+_PREFILTER = re.compile(rb"[2-6](?<![0-9].)[0-9 -]{12,}")
 # The same without the boundary: sound on framed data (DataRow bodies),
 # where a length byte may be an ASCII digit right before a value.
-PREFILTER_LOOSE = re.compile(rb"[2-6](?:[ -]?[0-9]){12,}")
+PREFILTER_LOOSE = re.compile(rb"[2-6][0-9 -]{12,}")
+# Regions of digits and separators long enough to hold a separated run of
+# 13+ digits, and the exact separated runs inside them.
+_REGION = re.compile(rb"[0-9][0-9 -]{12,}")
+_RUNS = re.compile(rb"[0-9]+(?:[ -][0-9]+)*")
 # RE2 (linear time, no per-position backtracking) for scanning a whole
 # batch joined into one buffer; RE2 has no lookbehind, so the boundary is
 # consumed and group 1 is the candidate.
@@ -197,11 +199,14 @@ def _run_candidates(run: bytes, base: int, out: list[tuple[int, int]]) -> None:
 def _plain_spans(data: bytes,
                  exclude: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
-    for m in _RUN13.finditer(data):
-        s, e = m.span()
-        if exclude and any(s < xe and xs < e for xs, xe in exclude):
-            continue
-        _run_candidates(m.group(), s, out)
+    for region in _REGION.finditer(data):
+        for m in _RUNS.finditer(data, region.start(), region.end()):
+            s, e = m.span()
+            if e - s < MIN_DIGITS:
+                continue
+            if exclude and any(s < xe and xs < e for xs, xe in exclude):
+                continue
+            _run_candidates(m.group(), s, out)
     return out
 
 
@@ -434,7 +439,7 @@ def mask_bytes(data: bytes, style: str = "last4", mask: bytes = MASK_CHAR, json:
         if not json and style == "last4":
             quick = _one_run(data, m, _mask_table(mask))
             if quick is not None:
-                return quick, 1
+                return (quick, 1) if quick is not data else (data, 0)
         if not json:
             spans = _plain_spans(data)
             if not spans:
@@ -456,21 +461,41 @@ def mask_bytes(data: bytes, style: str = "last4", mask: bytes = MASK_CHAR, json:
 
 
 def _one_run(data: bytes, m: re.Match[bytes], table: bytes) -> bytes | None:
-    """The common case in one go: the first prefilter match is a whole
-    separated run that is one PAN ending in four digits, and nothing after
-    it could be another. Returns the masked value, or None for the general
-    path. (The match is greedy, so it ends where the run ends; it is the
-    whole run unless a separator and a digit come right before it.)"""
-    s, e = m.span()
+    """The common cases in one go, from the first prefilter match ``m``:
+
+    * it is a whole separated run that is one PAN ending in four digits and
+      nothing after it could be another: returns the masked value;
+    * it is a whole run that is not a PAN, has no window of 13+ digits
+      inside it, and nothing after it could be a PAN: returns ``data``
+      itself (nothing to mask; "order 523456 2026-11-05" ends here);
+    * anything else: None, the caller takes the general path.
+
+    The match is greedy over digits and separators, so it ends where the
+    run ends; it is the whole run unless a separator and a digit come right
+    before it, or it holds doubled separators."""
+    s = m.start()
     if s >= 2 and data[s - 1] in _SEP_CODES and 48 <= data[s - 2] <= 57:
         return None
-    digits = m.group().translate(None, _SEPARATORS)
-    if (len(digits) > MAX_DIGITS or digits[:4] not in _PREFIX4
-            or (sum(digits[-1::-2].translate(_TO_INT))
-                + sum(digits[-2::-2].translate(_DOUBLED))) % 10
-            or not data[e - 4:e].isdigit() or _PREFILTER.search(data, e) is not None):
+    run = m.group().rstrip(_SEPARATORS)
+    if b"  " in run or b"--" in run or b" -" in run or b"- " in run:
         return None
-    return data[:s] + data[s:e - 4].translate(table) + data[e - 4:]
+    e = s + len(run)
+    digits = run.translate(None, _SEPARATORS)
+    n = len(digits)
+    if (MIN_DIGITS <= n <= MAX_DIGITS and digits[:4] in _PREFIX4
+            and (sum(digits[-1::-2].translate(_TO_INT))
+                 + sum(digits[-2::-2].translate(_DOUBLED))) % 10 == 0):
+        if data[e - 4:e].isdigit() and _PREFILTER.search(data, e) is None:
+            return data[:s] + data[s:e - 4].translate(table) + data[e - 4:]
+        return None
+    if n != len(run):  # separated: could a proper window reach 13 digits?
+        first = min(i for i in (run.find(b" "), run.find(b"-")) if i >= 0)
+        last = len(run) - 1 - max(run.rfind(b" "), run.rfind(b"-"))
+        if n > MAX_DIGITS or n - min(first, last) >= MIN_DIGITS:
+            return None
+    if _PREFILTER.search(data, e) is not None:
+        return None
+    return data
 
 
 def candidate_indexes(values: Sequence[bytes | None], *, framed: bool = False) -> list[int]:
