@@ -161,6 +161,8 @@ class Spool:
     def append(self, events_json: list[str]) -> tuple[int, int]:
         """Append events (already JSON text); return their first and last number."""
         with self._lock:
+            if self._fd < 0:
+                raise SpoolError(f"spool {self.path} is closed")
             first = self.last_n + 1
             data = "".join(
                 f'{{"n":{first + i},"e":{text}}}\n' for i, text in enumerate(events_json)

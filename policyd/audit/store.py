@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from policyd.audit.scrub import scrub_event
 
 DEFAULT_URL = "sqlite:///.run/audit.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATION_LOCK = 0x70677761  # "pgwa": advisory lock key for migrations
+_MIGRATING = threading.Lock()
 
 
 def store_url(url: str | None = None) -> str:
@@ -79,14 +82,30 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(sa_url, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    # A store that stops answering must surface as an outage, not a hang:
+    # bounded connect time and TCP keepalives on the audit connections.
+    return create_engine(
+        sa_url,
+        pool_pre_ping=True,
+        pool_size=2,
+        max_overflow=2,
+        connect_args={"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 30,
+                      "keepalives_interval": 10, "keepalives_count": 3},
+    )
 
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply the Alembic migrations to the store at ``url``."""
     engine = make_engine(url)
     try:
-        with engine.begin() as conn:
+        # Alembic keeps its context in module globals: one migration per
+        # process at a time, whatever the database does.
+        with _MIGRATING, engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Several replicas starting at once: one migrates, the others
+                # wait and then find the store at head. (SQLite: BEGIN
+                # IMMEDIATE already serialises.)
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             cfg = Config()
             cfg.set_main_option("script_location", str(MIGRATIONS))
             cfg.attributes["connection"] = conn
