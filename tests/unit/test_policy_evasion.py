@@ -56,7 +56,7 @@ def respell(sql: str, data: st.DataObject) -> str:
 
 
 @pytest.mark.parametrize("entry", BLOCKED, ids=lambda c: c.id)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_disguises_do_not_hide_blocked_statements(entry: Any, data: st.DataObject) -> None:
     sql = respell(entry.sql, data)
