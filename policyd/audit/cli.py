@@ -421,3 +421,49 @@ def audit_prune(
         f"pruned {result.deleted} records older than {result.cutoff}; "
         f"chain now starts at seq {result.first_kept_seq}"
     )
+
+
+@audit_app.command("ship")
+def audit_ship(
+    spool: Annotated[Path, typer.Option("--spool", help="Spool path the producer writes.")],
+    store: StoreOpt = None,
+    policyd: Annotated[
+        str | None,
+        typer.Option("--policyd", help="Ship to policyd's AuditSink (host:port) instead."),
+    ] = None,
+    writer_id: Annotated[
+        str | None, typer.Option("--writer-id", help="Default: derived from the spool path.")
+    ] = None,
+    key: KeyOpt = None,
+    checkpoints: CheckpointsOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 1000,
+) -> None:
+    """Ship a spool written by ``AuditWriter(ship=False)`` (the tap, say) into
+    the store, in its own process, until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    from policyd.audit.sinks import GrpcSink, Sink
+    from policyd.audit.writer import SpoolShipper, default_writer_id, store_sink
+
+    wid = writer_id or default_writer_id(spool)
+    sink: Sink = (
+        GrpcSink(policyd)
+        if policyd
+        else store_sink(store, signing_key=key, checkpoint_file=checkpoints, writer_id=wid)
+    )
+    shipper = SpoolShipper(spool, sink, writer_id=wid, batch_size=batch_size)
+
+    def stop(_sig: int, _frame: object) -> None:
+        shipper.stopping.set()
+        shipper.notify()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    typer.echo(f"shipping {spool} as {wid}", err=True)
+    runner = threading.Thread(target=shipper.run, name="audit-shipper")
+    runner.start()
+    while runner.is_alive():
+        runner.join(0.5)
+    shipper.close()
+    typer.echo(f"stopped after {shipper.stats.stored} events", err=True)

@@ -205,3 +205,47 @@ def test_one_writer_per_spool(tmp_path: Path) -> None:
             raise AssertionError("a second writer opened the same spool")
     finally:
         w.close()
+
+
+def test_separate_shipper_process_stores_exactly_once_across_kill_9(tmp_path: Path) -> None:
+    """The producer only spools (ship=False); `pgwarden audit ship` stores in
+    its own process. Killing the shipper with SIGKILL and starting another
+    stores each event once, in order."""
+    import time
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    producer = AuditWriter(url, tmp_path / "spool.jsonl", ship=False, segment_bytes=4000,
+                           signing_key=tmp_path / "key", checkpoint_file=tmp_path / "cp.jsonl")
+    producer.start()
+    argv = [sys.executable, "-c", "from policyd.audit.cli import audit_app; audit_app()",
+            "ship", "--spool", str(tmp_path / "spool.jsonl"), "--store", url,
+            "--key", str(tmp_path / "key"), "--checkpoints", str(tmp_path / "cp.jsonl"),
+            "--batch-size", "20"]
+
+    def stored() -> int:
+        try:
+            with AuditStore(url) as st, st.engine.connect() as c:
+                return int(c.execute(text("SELECT count(*) FROM audit_statements")).scalar_one())
+        except Exception:
+            return 0
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while stored() < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    first = subprocess.Popen(argv, cwd=REPO)
+    for k in range(10):
+        assert producer.submit(stmts("p", 10, start=k * 10 + 1))
+    wait_for(30)
+    first.kill()  # SIGKILL, possibly mid-batch
+    first.wait()
+    for k in range(10, 20):
+        assert producer.submit(stmts("p", 10, start=k * 10 + 1))
+    producer.close()
+    second = subprocess.Popen(argv, cwd=REPO)
+    wait_for(200)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=60) == 0
+    assert statement_order(url) == [("p", i) for i in range(1, 201)]
+    assert len(list(tmp_path.glob("spool.jsonl.0*"))) <= 2  # stored segments deleted
