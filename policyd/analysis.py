@@ -1131,6 +1131,10 @@ class _Statement:
         ``negated``: under an odd number of NOTs; ``disjunctive``: under an
         OR (or a NOT, which turns AND into OR), so the term alone does not
         bound the result. A policy may only rely on a bound that is neither.
+        Every other column reference of the WHERE (in a function, a CASE, an
+        IS NULL, the value side of a comparison, ...) is recorded too, as op
+        ``ref`` with an unknown value, negated and disjunctive: a rule on
+        that column then stays conservative.
         """
         if isinstance(node, list):
             for item in node:
@@ -1146,50 +1150,9 @@ class _Statement:
             for arg in b.get("args", []):
                 self._comparisons(arg, scope, negated=inner_neg, disjunctive=inner_or)
             return
-        if "A_Expr" in node:
-            a = node["A_Expr"]
-            kind = a.get("kind", "")
-            op_names = _strings(a.get("name"))
-            op = op_names[-1] if op_names else ""
-            lexpr, rexpr = a.get("lexpr", {}), a.get("rexpr", {})
-            if kind == "AEXPR_OP" and op in _COMPARISON_OPS:
-                if _is_column(lexpr):
-                    self._comparison(lexpr, op, rexpr, scope, negated, disjunctive)
-                elif _is_column(rexpr):
-                    self._comparison(rexpr, _FLIPPED.get(op, op), lexpr, scope, negated,
-                                     disjunctive)
-                else:
-                    # expression on both sides: report the columns with an
-                    # unknown value so a rule on them stays conservative.
-                    for side in (lexpr, rexpr):
-                        for ref in _column_refs(side):
-                            self._comparison({"ColumnRef": ref}, op, {}, scope, negated,
-                                             disjunctive)
-                return
-            if kind in ("AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM",
-                        "AEXPR_NOT_BETWEEN_SYM") and _is_column(lexpr):
-                bounds = rexpr.get("List", {}).get("items", [])
-                neg = negated ^ ("NOT" in kind)
-                if len(bounds) == 2:
-                    sym = "SYM" in kind  # BETWEEN SYMMETRIC: either bound may be the upper
-                    self._comparison(lexpr, ">=", bounds[0], scope, neg, disjunctive or neg,
-                                     known=not sym)
-                    self._comparison(lexpr, "<=", bounds[1], scope, neg, disjunctive or neg,
-                                     known=not sym)
-                return
-            if kind == "AEXPR_IN" and _is_column(lexpr):
-                neg = negated ^ (op == "<>")
-                items = rexpr.get("List", {}).get("items", [])
-                for item in items:
-                    self._comparison(lexpr, "=", item, scope, neg,
-                                     disjunctive or neg or len(items) > 1)
-                if not items:  # IN (subquery) arrives as a SubLink, not here
-                    self._comparison(lexpr, "=", {}, scope, neg, True)
-                return
-            if kind in ("AEXPR_OP_ANY", "AEXPR_OP_ALL"):
-                if _is_column(lexpr):
-                    self._comparison(lexpr, op, {}, scope, negated, True)
-                return
+        if "A_Expr" in node and self._known_comparison(node["A_Expr"], scope, negated,
+                                                       disjunctive):
+            return
         if "SubLink" in node:
             link = node["SubLink"]
             test = link.get("testexpr")
@@ -1198,12 +1161,86 @@ class _Statement:
                 op_names = _strings(link.get("operName"))
                 self._comparison(test, op_names[-1] if op_names else "=", {}, scope,
                                  negated, True)
+            elif test is not None:
+                self._refs(test, scope)
+            return  # the subquery's own WHERE is analysed in its own scope
+        if "SelectStmt" in node:
             return
-        if "NullTest" in node or "BooleanTest" in node or "SelectStmt" in node:
-            return  # a subquery's own WHERE is analysed in its own scope
+        if "ColumnRef" in node:
+            if _is_column(node):
+                self._comparison(node, "ref", {}, scope, True, True)
+            return
+        # Anything else (function, CASE, IS NULL, IS TRUE, cast, ...): what is
+        # inside does not bound the result the way it reads.
         for value in node.values():
             if isinstance(value, (dict, list)):
-                self._comparisons(value, scope, negated=negated, disjunctive=disjunctive)
+                self._comparisons(value, scope, negated=True, disjunctive=True)
+
+    def _known_comparison(self, a: Node, scope: _Scope, negated: bool,
+                          disjunctive: bool) -> bool:
+        """Record an A_Expr the analysis understands; False for any other."""
+        kind = a.get("kind", "")
+        op_names = _strings(a.get("name"))
+        op = op_names[-1] if op_names else ""
+        lexpr, rexpr = a.get("lexpr", {}), a.get("rexpr", {})
+        if kind == "AEXPR_OP" and op in _COMPARISON_OPS:
+            if _is_column(lexpr):
+                self._comparison(lexpr, op, rexpr, scope, negated, disjunctive)
+                self._refs(rexpr, scope)
+            elif _is_column(rexpr):
+                self._comparison(rexpr, _FLIPPED.get(op, op), lexpr, scope, negated,
+                                 disjunctive)
+                self._refs(lexpr, scope)
+            else:
+                self._refs(lexpr, scope)
+                self._refs(rexpr, scope)
+            return True
+        if not _is_column(lexpr):
+            return False
+        if kind in ("AEXPR_BETWEEN", "AEXPR_NOT_BETWEEN", "AEXPR_BETWEEN_SYM",
+                    "AEXPR_NOT_BETWEEN_SYM"):
+            bounds = rexpr.get("List", {}).get("items", [])
+            if len(bounds) != 2:
+                return False
+            neg = negated ^ ("NOT" in kind)
+            sym = "SYM" in kind  # BETWEEN SYMMETRIC: either bound may be the upper
+            self._comparison(lexpr, ">=", bounds[0], scope, neg, disjunctive or neg,
+                             known=not sym)
+            self._comparison(lexpr, "<=", bounds[1], scope, neg, disjunctive or neg,
+                             known=not sym)
+            self._refs(bounds, scope)
+            return True
+        if kind == "AEXPR_IN":
+            neg = negated ^ (op == "<>")
+            items = rexpr.get("List", {}).get("items", [])
+            if not items:
+                return False
+            for item in items:
+                self._comparison(lexpr, "=", item, scope, neg,
+                                 disjunctive or neg or len(items) > 1)
+            self._refs(items, scope)
+            return True
+        if kind in ("AEXPR_OP_ANY", "AEXPR_OP_ALL"):
+            self._comparison(lexpr, op, {}, scope, negated, True)
+            self._refs(rexpr, scope)
+            return True
+        return False
+
+    def _refs(self, node: Any, scope: _Scope) -> None:
+        """Columns inside a value expression: recorded as unknown ``ref`` terms."""
+        if isinstance(node, list):
+            for item in node:
+                self._refs(item, scope)
+        elif isinstance(node, dict):
+            if "ColumnRef" in node:
+                if _is_column(node):
+                    self._comparison(node, "ref", {}, scope, True, True)
+                return
+            if "SelectStmt" in node or "SubLink" in node:
+                return  # analysed in its own scope
+            for value in node.values():
+                if isinstance(value, (dict, list)):
+                    self._refs(value, scope)
 
     def _comparison(self, col: Node, op: str, other: Node, scope: _Scope,
                     negated: bool, disjunctive: bool, *, known: bool = True) -> None:
@@ -1243,15 +1280,6 @@ def _is_column(node: Node) -> bool:
     while "TypeCast" in node:
         node = node["TypeCast"].get("arg", {})
     return "ColumnRef" in node and "A_Star" not in node["ColumnRef"]["fields"][-1]
-
-
-def _column_refs(node: Any) -> list[Node]:
-    found: list[Node] = []
-    for key, value in _walk_items(node):
-        if key == "ColumnRef" and isinstance(value, dict) and "A_Star" not in value[
-                "fields"][-1]:
-            found.append(value)
-    return found
 
 
 def _walk_items(node: Any) -> list[tuple[str, Any]]:
