@@ -83,15 +83,16 @@ def start_governed(stack: st.LocalStack) -> st.ServiceContribution:
     st.wait_for_port(opa_port, proc=opa)
 
     policyd_port = st.free_port()
+    config = write_config(stack, policyd_port=policyd_port, tap_listen=f"{st.HOST}:0")
     policyd = st.spawn("policyd", [*_policyd_command(), "serve", "--listen",
                                    f"{st.HOST}:{policyd_port}", "--opa-url",
                                    f"http://{st.HOST}:{opa_port}", "--policy-dir",
-                                   str(repo / "rego")], workdir / "policyd.log")
+                                   str(repo / "rego"), "--config", str(config)],
+                       workdir / "policyd.log")
     policyd.ports["grpc"] = policyd_port
     contribution.procs.append(policyd)
     st.wait_for_port(policyd_port, proc=policyd)
 
-    config = write_config(stack, policyd_port=policyd_port, tap_listen=f"{st.HOST}:0")
     ports: dict[str, int] = {}
     for mode in st.TAP_MODES:
         port = st.free_port()

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    import grpc
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -21,6 +26,9 @@ def serve(
     policy_dir: Path | None = typer.Option(  # noqa: B008
         None, help="the folder OPA watches, if visible here: cheaper revision polling"),
     metrics_addr: str = typer.Option("", help="HOST:PORT for /metrics, /healthz, /readyz"),
+    config: Path | None = typer.Option(  # noqa: B008
+        None, help="pgwarden YAML: with it policyd also hosts the approval service "
+        "(approvals in the audit store, approvers' tokens checked against `identity`)"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve PolicyService (Decide, DecideConnect, WatchRevision) and gRPC health."""
@@ -28,8 +36,10 @@ def serve(
     from policyd.server import PolicyServer
 
     configure(log_level)
+    extra = [_approval_service(config)] if config is not None else []
     server = PolicyServer(listen, opa_url, opa_deadline=opa_deadline,
-                          revision_interval=revision_interval, policy_dir=policy_dir)
+                          revision_interval=revision_interval, policy_dir=policy_dir,
+                          extra_services=extra)
     exposition = None
     if metrics_addr:
         from pgwarden.metrics import serve as serve_metrics
@@ -41,6 +51,36 @@ def serve(
     finally:
         if exposition is not None:
             exposition.close()
+
+
+def _approval_service(config_path: Path) -> Callable[[grpc.aio.Server], None]:
+    """Host ApprovalService next to PolicyService, from the pgwarden config."""
+    from pgwarden.config import ConfigError, load
+    from policyd.approvals.service import add_to_server
+    from policyd.approvals.settings import ApprovalSettings
+    from policyd.audit.writer import AuditWriter
+    from policyd.identity import IdentitySettings, TokenValidator
+
+    try:
+        cfg = load(config_path)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+    if cfg.identity is None or cfg.tap.audit is None:
+        raise typer.BadParameter("the approval service needs `identity` and `tap.audit` sections",
+                                 param_hint="--config")
+    audit = cfg.tap.audit
+    audit.spool_dir.mkdir(parents=True, exist_ok=True)
+    writer = AuditWriter(audit.url, audit.spool_dir / "policyd.spool", component="policyd",
+                         fail_closed=audit.on_spool_failure == "refuse",
+                         signing_key=audit.signing_key_file, checkpoint_file=audit.checkpoint_file)
+    settings = ApprovalSettings()
+    validator = TokenValidator(IdentitySettings.model_validate(cfg.identity))
+
+    def add(server: grpc.aio.Server) -> None:
+        writer.start()
+        add_to_server(server, settings.store(audit.url), writer, validator,
+                      notifier=settings.notifier())
+    return add
 
 
 @app.command("input")

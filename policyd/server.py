@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +182,11 @@ class PolicyServer:
     """policyd as an object tests and the CLI start and stop."""
 
     def __init__(self, listen: str, opa_url: str, *, opa_deadline: float = 0.5,
-                 revision_interval: float = 1.0, policy_dir: Path | None = None) -> None:
+                 revision_interval: float = 1.0, policy_dir: Path | None = None,
+                 extra_services: list[Callable[[grpc.aio.Server], None]] | None = None) -> None:
         self.listen = listen
+        # Other services policyd hosts on the same server (approvals, ...).
+        self.extra_services = list(extra_services or [])
         self.engine = OpaEngine(opa_url, deadline=opa_deadline,
                                 revision_interval=revision_interval, policy_dir=policy_dir)
         self.service = PolicyService(self.engine)
@@ -206,6 +209,8 @@ class PolicyServer:
             self.service, self.server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
+        for add in self.extra_services:
+            add(self.server)
         self.port = self.server.add_insecure_port(self.listen)
         if not self.listen.startswith("unix:") and self.port == 0:
             raise OSError(f"policyd could not listen on {self.listen}")
