@@ -84,15 +84,14 @@ async def _open(stack: Any, mode: str, app_name: str, sslmode: str) -> asyncpg.C
 # driver (inline) is enough for the TLS variant; it keeps the module's time
 # (1000 SCRAM logins per run) reasonable.
 @pytest.mark.parametrize(
-    "sslmode",
+    ("mode", "sslmode"),  # overrides the conftest's `mode` parametrisation
     [
-        pytest.param("disable", id="plain"),
-        pytest.param("require", id="tls"),
+        pytest.param("inline", "disable", id="inline-plain"),
+        pytest.param("extproc", "disable", id="extproc-plain"),
+        pytest.param("inline", "require", id="inline-tls"),
     ],
 )
 async def test_thousand_idle_sessions(stack: Any, mode: str, sslmode: str) -> None:
-    if sslmode == "require" and mode != "inline":
-        pytest.skip("the TLS variant runs on the inline driver only (shared TLS code)")
     _check_capacity(stack)
     pid = stack.tap_pids[mode]
     app_name = f"pgw-idle-{mode}-{uuid.uuid4().hex[:6]}"
