@@ -111,7 +111,7 @@ derived_columns contains o.position if {
 	some o in s.outputs
 	o.kind == "expression"
 	some src in o.sources
-	src in cls.pan_columns
+	cls.is_column(src, "pan")
 }
 
 derived_columns contains o.position if {

@@ -24,4 +24,12 @@ test_pan_columns_of_customers if {
 	cls.pan_columns_of(f.rel("public.customers", "read", ["id"], true)) == {"public.customers.card_number"}
 }
 
+test_is_column if {
+	cls.is_column("public.customers.cvv", "sad")
+	not cls.is_column("public.customers.cvv", "pan")
+	not cls.is_column("customers.cvv", "sad")
+}
+
+test_table_columns if cls.table_columns("public.customers", "pan") == {"card_number"}
+
 test_is_table if cls.is_table(f.rel("public.payments", "write", [], true), "public.payments")
