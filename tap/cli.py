@@ -18,8 +18,14 @@ from typing import Annotated
 
 import typer
 
-from tap import protocol as pg
-from tap.runtime import Runtime, TapSettings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tap.runtime import Runtime, TapSettings
+
+# Kept in sync with tap.protocol.DEFAULT_MAX_MESSAGE; not imported so that
+# `pgwarden --help` does not load the tap.
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -45,6 +51,8 @@ def _split(addr: str) -> tuple[str, int]:
 def _dev_settings(tls_cert: str | None, tls_key: str | None, require_tls: bool,
                   upstream_sslmode: str, upstream_ca: str | None, upstream_hostname: str | None,
                   max_message_size: int) -> TapSettings:
+    from tap.runtime import TapSettings
+
     if bool(tls_cert) != bool(tls_key):
         raise typer.BadParameter("--tls-cert and --tls-key go together")
     if require_tls and not tls_cert:
@@ -54,7 +62,7 @@ def _dev_settings(tls_cert: str | None, tls_key: str | None, require_tls: bool,
                        upstream_hostname=upstream_hostname, max_message_size=max_message_size)
 
 
-RuntimeFactory = Callable[[AsyncExitStack], Awaitable[Runtime]]
+RuntimeFactory = Callable[[AsyncExitStack], Awaitable["Runtime"]]
 
 
 def _runtime_factory(config_path: Path | None, dev: TapSettings, listen: str | None = None,
@@ -63,6 +71,8 @@ def _runtime_factory(config_path: Path | None, dev: TapSettings, listen: str | N
     ``listen``/``upstream`` from the command line override the file's."""
     if config_path is None:
         async def dev_runtime(_: AsyncExitStack) -> Runtime:
+            from tap.runtime import Runtime
+
             runtime = Runtime(settings=dev)
             runtime.log.warning("development_mode", detail="no --config: client credentials are "
                                 "passed through and every statement is allowed")
@@ -109,7 +119,7 @@ def inline(
     config: Config = None,
     tls_cert: TlsCert = None, tls_key: TlsKey = None, require_tls: RequireTls = False,
     upstream_sslmode: UpSsl = "disable", upstream_ca: UpCa = None,
-    upstream_hostname: UpHost = None, max_message_size: MaxMsg = pg.DEFAULT_MAX_MESSAGE,
+    upstream_hostname: UpHost = None, max_message_size: MaxMsg = DEFAULT_MAX_MESSAGE,
     log_level: LogLevel = "info",
 ) -> None:
     """Accept PostgreSQL connections (behind Envoy's tcp_proxy) and own the upstream."""
@@ -143,7 +153,7 @@ def extproc(
     config: Config = None,
     tls_cert: TlsCert = None, tls_key: TlsKey = None, require_tls: RequireTls = False,
     upstream_sslmode: UpSsl = "disable", upstream_ca: UpCa = None,
-    upstream_hostname: UpHost = None, max_message_size: MaxMsg = pg.DEFAULT_MAX_MESSAGE,
+    upstream_hostname: UpHost = None, max_message_size: MaxMsg = DEFAULT_MAX_MESSAGE,
     log_level: LogLevel = "info",
 ) -> None:
     """Serve Envoy's network ext_proc stream; Envoy's tcp_proxy owns the upstream."""

@@ -7,7 +7,5 @@ holds, and every read of that evidence is itself recorded (PCI DSS 10.2.1.3).
 Run it with ``pgwarden console serve``; see docs/console.md.
 """
 
-from policyd.console.app import create_app
-from policyd.console.settings import ConsoleSettings
-
-__all__ = ["ConsoleSettings", "create_app"]
+# The app lives in policyd.console.app; this package imports nothing so that
+# the `pgwarden` command starts quickly.

@@ -140,3 +140,9 @@ def test_reader_never_raises_anything_but_protocol_error(data: bytes) -> None:
         reader.feed(data)
     except pg.ProtocolError:
         pass
+
+
+def test_cli_default_message_limit_matches_the_protocol_module() -> None:
+    from tap import cli
+
+    assert cli.DEFAULT_MAX_MESSAGE == pg.DEFAULT_MAX_MESSAGE
