@@ -14,11 +14,9 @@ import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tap.runtime import Runtime, TapSettings
