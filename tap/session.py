@@ -1098,10 +1098,13 @@ _SLOW_TYPES = frozenset(b"ENAKvR")
 
 
 def _hint_for(d: Decision) -> str:
+    if d.approval_id or d.sqlstate.startswith("PW"):
+        # The approval service's reasons already say how to get it approved
+        # or retried; the hint points at them.
+        return (f"approval {d.approval_id}: see the reason above for how to have it approved "
+                "or to retry" if d.approval_id else "see the reason above")
     if d.verdict is Verdict.HOLD:
-        return ("this statement needs a human approval; ask an approver to run "
-                f"`pgwarden approvals approve {d.approval_id}`" if d.approval_id
-                else "this statement needs a human approval")
+        return "this statement needs a human approval"
     return "ask your security team if you need this access; the refusal is recorded"
 
 
