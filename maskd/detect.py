@@ -505,7 +505,9 @@ def candidate_indexes(values: Sequence[bytes | None], *, framed: bool = False) -
     hide digits in escapes or hex and are always returned. ``framed=True``
     for values that are protocol frames (DataRow bodies): the scan then
     does not rely on the byte before a digit run. The rest is certain: a
-    value not returned holds no PAN."""
+    value not returned holds no PAN. When candidates turn out to be the
+    majority, every index is returned (the caller's per-value filters are
+    then cheaper than more RE2 matches)."""
     parts = [b"" if v is None else v for v in values]
     buf = b"\x00".join(parts)
     if len(buf) - len(buf.translate(None, _DIGITS)) < MIN_DIGITS:
@@ -514,7 +516,12 @@ def candidate_indexes(values: Sequence[bytes | None], *, framed: bool = False) -
     found: set[int] = set()
     pattern = _BATCH_LOOSE if framed else _BATCH
     for m in pattern.finditer(buf):
-        found.add(bisect_right(ends, m.start(1)))
+        i = bisect_right(ends, m.start(1))
+        found.add(i)
+        if len(found) > 32 and len(found) * 4 > i:
+            # Most values are candidates (a PAN column without a rule): each
+            # RE2 match costs more Python than the per-value filters do.
+            return list(range(len(parts)))
     pos = buf.find(b"\\")
     while pos >= 0:
         i = bisect_right(ends, pos)
