@@ -247,6 +247,13 @@ def render_transcript(lines: list[dict[str, Any]]) -> str:
                 if x
             )
             out.append(f"  decision: {ln['verdict']} because {why}" + (f" ({ref})" if ref else ""))
+            analysis = ln.get("analysis") or {}
+            touched = ", ".join(analysis.get("relations") or [])
+            if touched or analysis.get("commands"):
+                out.append(
+                    f"  touches:  {touched or '-'}"
+                    + (f" ({', '.join(analysis['commands'])})" if analysis.get("commands") else "")
+                )
             counts = _fmt_counts(ln)
             if counts:
                 out.append(f"  result:   {counts}")

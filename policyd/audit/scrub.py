@@ -190,6 +190,8 @@ def scrub_event(event: Event) -> Event:
             "params": params,
             "error_message": scrub_text(event.error_message),
             "reasons": [scrub_text(r) for r in event.reasons],
+            # a parse error in the analysis can quote the statement
+            "analysis": _scrub_json(event.analysis),
         }
         if event.recorded_rows is not None:
             rows, truncated = scrub_rows(event.recorded_rows, MAX_RECORDED_ROWS)

@@ -41,6 +41,7 @@ def session_events(sid: str, subject: str = "agent-7", t0: datetime | None = Non
                           client_addr="10.0.0.5", database="payments", upstream_role="app_ro"),
         StatementEvent(session_id=sid, statement_seq=1, sql="SELECT pan FROM cards", ts=t0,
                        verdict="allow", command_tag="SELECT 2", rows_returned=2,
+                       analysis={"commands": ["SELECT"], "relations": ["public.cards:read"]},
                        masked_counts={"public.cards.pan": 2},
                        recorded_rows=[["XXXXXXXXXXXX1111"], ["XXXXXXXXXXXX4444"]]),
         StatementEvent(session_id=sid, statement_seq=2, sql="DROP DATABASE payments", ts=t0,

@@ -67,6 +67,7 @@ def test_replay_text_shows_identity_decisions_counts_rows_errors(env: str) -> No
     assert "subject=agent-7" in t and "groups=fraud" in t and "10.0.0.5" in t
     assert "#1 (simple) ALLOW" in t and "SELECT 2 · 2 rows returned · masked public.cards.pan=2" in t
     assert "| XXXXXXXXXXXX1111" in t
+    assert "touches:  public.cards:read (SELECT)" in t
     assert "#2 (simple) DENY" in t and "because prohibited statement" in t
     assert "error:    42501" in t
     assert "approval ap-1 approved for #3 by alice" in t

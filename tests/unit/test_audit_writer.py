@@ -152,6 +152,7 @@ def test_no_pan_token_or_password_reaches_store_spool_or_checkpoints(tmp_path: P
                        sql="ALTER USER app PASSWORD $1", params=[PASSWORD], path="extended"),
         StatementEvent(session_id="x", statement_seq=5, verdict="allow",
                        sql=f"SELECT dblink_connect('host=db password={PASSWORD}')",
+                       analysis={"error": f'syntax error at or near "{PANS[1]}"'},
                        error_sqlstate="22P02",
                        error_message=f'invalid input syntax: "{PANS[0]}" token {JWT}'),
         GatewayEvent(action="policy_reload", detail={"note": f"saw {PANS[1]}"}),
