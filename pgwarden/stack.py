@@ -374,6 +374,35 @@ def _reachable_by_others(path: Path) -> bool:
     return True
 
 
+_OWNER_FILE = "workdir"
+
+
+def gc_service_homes() -> list[Path]:
+    """Remove /tmp/pgwarden-<hash> homes left by runs that died without cleaning
+    up (a killed pytest, a failed start): their workdir is gone and no
+    PostgreSQL runs in them. Returns what was removed."""
+    removed = []
+    for base in Path(tempfile.gettempdir()).glob("pgwarden-" + "[0-9a-f]" * 12):
+        owner = base / _OWNER_FILE
+        try:
+            workdir = Path(owner.read_text().strip()) if owner.is_file() else None
+        except OSError:
+            continue
+        if workdir is None:
+            # Older layout without an owner file: only if nothing was touched lately.
+            if time.time() - base.stat().st_mtime < 3600:
+                continue
+        elif workdir.exists():
+            continue
+        pidfile = base / "pg" / "data" / "postmaster.pid"
+        with contextlib.suppress(OSError, ValueError):
+            if psutil.pid_exists(int(pidfile.read_text().split()[0])):
+                continue
+        shutil.rmtree(base, ignore_errors=True)
+        removed.append(base)
+    return removed
+
+
 def service_home(workdir: Path, name: str) -> Path:
     """A directory for a process that runs as :func:`service_user`.
 
@@ -391,6 +420,8 @@ def service_home(workdir: Path, name: str) -> Path:
     else:
         digest = hashlib.sha256(str(workdir).encode()).hexdigest()[:12]
         home = Path(tempfile.gettempdir()) / f"pgwarden-{digest}" / name
+        home.parent.mkdir(parents=True, exist_ok=True)
+        (home.parent / _OWNER_FILE).write_text(str(workdir))
         if not link.is_symlink():
             if link.exists():
                 shutil.rmtree(link)
@@ -1007,16 +1038,24 @@ def start_stack(
     envoy: bool = True,
     services: bool = True,
     extra_tap_args: Sequence[str] = (),
+    ephemeral: bool = False,
 ) -> LocalStack:
     """Start PostgreSQL (seeded), registered services, both taps and one Envoy
     serving the inline, ext_proc and tcp-baseline listeners. On any failure
-    everything started so far is stopped before the error propagates."""
+    everything started so far is stopped before the error propagates (and,
+    when ``ephemeral``, the data directory removed: tests and benchmarks)."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
+    gc_service_homes()
     certs = ensure_certs(certs_dir or workdir / "certs")
     secrets_ = Secrets.load_or_create(workdir)
-    pg = start_postgres(workdir, certs, settings=pg_settings)
+    try:
+        pg = start_postgres(workdir, certs, settings=pg_settings)
+    except BaseException:
+        if ephemeral:
+            _remove_home(service_home(workdir, "pg"))
+        raise
     stack = LocalStack(workdir, certs, pg, secrets_, ports={"postgres": pg.port})
     stack.add(pg.proc)
     try:
@@ -1064,7 +1103,7 @@ def start_stack(
                 stack.ports["gateway_inline"] = int(str(values["GATEWAY_INLINE_PORT"]))
                 stack.ports["gateway_extproc"] = int(str(values["GATEWAY_EXTPROC_PORT"]))
     except BaseException:
-        stop_stack(stack)
+        stop_stack(stack, remove_data=ephemeral)
         raise
     return stack
 
@@ -1074,10 +1113,15 @@ def stop_stack(stack: LocalStack, *, remove_data: bool = False) -> None:
     for proc in reversed(list(stack.procs.values())):
         stop(proc)
     if remove_data:
-        home = stack.postgres.home
-        shutil.rmtree(home, ignore_errors=True)
-        if home.parent.name.startswith("pgwarden-"):
-            shutil.rmtree(home.parent, ignore_errors=True)
+        _remove_home(stack.postgres.home)
+
+
+def _remove_home(home: Path) -> None:
+    shutil.rmtree(home, ignore_errors=True)
+    if home.parent.name.startswith("pgwarden-") and home.parent.parent == Path(
+        tempfile.gettempdir()
+    ):
+        shutil.rmtree(home.parent, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- state files
@@ -1144,7 +1188,7 @@ def up(workdir: Path = DEFAULT_WORKDIR) -> tuple[dict[str, str], bool]:
 @contextlib.contextmanager
 def running_stack(workdir: Path, **kwargs: Any) -> Iterator[LocalStack]:
     """``with running_stack(tmp) as s:`` for scripts (bench, ad-hoc checks)."""
-    stack = start_stack(workdir, **kwargs)
+    stack = start_stack(workdir, ephemeral=True, **kwargs)
     try:
         yield stack
     finally:

@@ -37,7 +37,7 @@ Stack = LocalStack
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    running = start_stack(tmp_path_factory.mktemp("stack"))
+    running = start_stack(tmp_path_factory.mktemp("stack"), ephemeral=True)
     try:
         yield running
     finally:
