@@ -308,6 +308,11 @@ def test_protocol_3_2_request_is_negotiated_down(stack: Any, mode: str, sslmode:
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT 'negotiated'").fetchone() == ("negotiated",)
         assert conn.pgconn.protocol_version == 3
+        # PostgreSQL 15 answered NegotiateProtocolVersion: the session runs 3.0.
+        assert conn.pgconn.full_protocol_version == 30000
+        # Cancel keys are the 4-byte kind then; a cancel still works.
+        conn.cancel_safe()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_direct_tls_negotiation(stack: Any, mode: str) -> None:

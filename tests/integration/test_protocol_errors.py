@@ -201,7 +201,8 @@ class Target:
         self.password = str(params.get("password") or stack.passwords[self.user])
         self.pid = stack.tap_pids[mode]
         self.app_name = f"pgw-raw-{uuid.uuid4().hex[:8]}"
-        self.tap_log: Path = stack.procs[f"tap-{mode}"].log
+        # The log file of the process whose pid the stack reports for this mode.
+        self.tap_log: Path = next(p.log for p in stack.procs.values() if p.pid == self.pid)
         self.log_mark = self.tap_log.stat().st_size
 
     def wire(self) -> Wire:
