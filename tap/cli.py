@@ -37,6 +37,8 @@ UpCa = Annotated[str | None, typer.Option(help="CA file to verify PostgreSQL's c
 UpHost = Annotated[str | None, typer.Option(help="Host name expected in PostgreSQL's certificate.")]
 MaxMsg = Annotated[int, typer.Option(help="Largest protocol message accepted, in bytes.")]
 LogLevel = Annotated[str, typer.Option(help="debug | info | warning | error")]
+Metrics = Annotated[str | None, typer.Option(
+    help="HOST:PORT for /metrics, /healthz and /readyz (overrides tap.health_listen).")]
 
 
 def _split(addr: str) -> tuple[str, int]:
@@ -93,6 +95,19 @@ def _runtime_factory(config_path: Path | None, dev: TapSettings, listen: str | N
     return configured, config
 
 
+def _health_listen(loaded: object) -> str | None:
+    return getattr(getattr(loaded, "tap", None), "health_listen", None)
+
+
+def _expose(runtime: Runtime, address: str | None) -> None:
+    """/metrics, /healthz, /readyz (readiness false while draining or while
+    the audit trail cannot take events)."""
+    if address:
+        from pgwarden.metrics import serve as serve_metrics
+
+        serve_metrics(address, ready=lambda: runtime.ready)
+
+
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     import uvloop
 
@@ -118,7 +133,7 @@ def inline(
     tls_cert: TlsCert = None, tls_key: TlsKey = None, require_tls: RequireTls = False,
     upstream_sslmode: UpSsl = "disable", upstream_ca: UpCa = None,
     upstream_hostname: UpHost = None, max_message_size: MaxMsg = DEFAULT_MAX_MESSAGE,
-    log_level: LogLevel = "info",
+    log_level: LogLevel = "info", metrics_addr: Metrics = None,
 ) -> None:
     """Accept PostgreSQL connections (behind Envoy's tcp_proxy) and own the upstream."""
     from pgwarden.logs import configure
@@ -140,6 +155,8 @@ def inline(
     async def main(stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
             runtime = await factory(stack)
+            runtime.driver = "inline"
+            _expose(runtime, metrics_addr or _health_listen(loaded))
             await serve(settings, runtime, stop=stop)
 
     _run(main)
@@ -152,7 +169,7 @@ def extproc(
     tls_cert: TlsCert = None, tls_key: TlsKey = None, require_tls: RequireTls = False,
     upstream_sslmode: UpSsl = "disable", upstream_ca: UpCa = None,
     upstream_hostname: UpHost = None, max_message_size: MaxMsg = DEFAULT_MAX_MESSAGE,
-    log_level: LogLevel = "info",
+    log_level: LogLevel = "info", metrics_addr: Metrics = None,
 ) -> None:
     """Serve Envoy's network ext_proc stream; Envoy's tcp_proxy owns the upstream."""
     from pgwarden.logs import configure
@@ -170,6 +187,8 @@ def extproc(
     async def main(stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
             runtime = await factory(stack)
+            runtime.driver = "extproc"
+            _expose(runtime, metrics_addr or _health_listen(loaded))
             await serve(host, port, runtime, stop=stop)
 
     _run(main)

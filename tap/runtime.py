@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
+from pgwarden import metrics
 from tap import protocol as pg
 from tap.actions import NeedAuth
 from tap.hooks import ALLOW_ALL, AuthResult, Decision, StatementRequest, Verdict
@@ -77,6 +79,8 @@ class Runtime:
     audit: Any = None  # tap.audit_sink.AuditSink, or None: events go to the log only
     approvals: Any = None  # policyd.approvals.client.ApprovalClient, or None
     holding: set[str] = field(default_factory=set)  # session ids waiting for approval
+    driver: str = "inline"
+    draining: bool = False
     audit_ok: bool = True
     _tls: ssl.SSLContext | None = None
 
@@ -106,7 +110,9 @@ class Runtime:
         waiting for a human's approval (or its refusal, expiry, a cancel)."""
         if not self.audit_ok:
             return AUDIT_DENY
+        started = time.perf_counter()
         decision = await self.decider(request)
+        metrics.DECISION_LATENCY.labels(source="policyd").observe(time.perf_counter() - started)
         if decision.verdict is not Verdict.HOLD:
             return decision
         if self.approvals is None:
@@ -137,6 +143,7 @@ class Runtime:
 
     def record(self, records: list[dict[str, Any]]) -> bool:
         """Make events durable; False means they are not (fail closed)."""
+        _count(records, self.driver)
         if self.audit is None:
             for r in records:
                 self.emit(r)
@@ -169,9 +176,34 @@ class Runtime:
 
     def session_opened(self, session: Session) -> None:
         self.sessions_open += 1
+        metrics.SESSIONS.labels(driver=self.driver).inc()
+        metrics.SESSIONS_OPENED.labels(driver=self.driver).inc()
 
     def session_closed(self, session: Session) -> None:
         self.sessions_open -= 1
+        metrics.SESSIONS.labels(driver=self.driver).dec()
+
+    @property
+    def ready(self) -> bool:
+        """Readiness: not draining, and statements can be recorded."""
+        return not self.draining and self.audit_ok
 
     async def aclose(self) -> None:
         return None
+
+
+def _count(records: list[dict[str, Any]], driver: str) -> None:
+    """Prometheus series from the session's events (the core has no metrics)."""
+    for r in records:
+        kind = r.get("type")
+        if kind == "statement":
+            metrics.STATEMENTS.labels(verdict=r.get("verdict", "deny")).inc()
+        elif kind == "statement_end":
+            masked = r.get("masked")
+            if masked:
+                for rule, n in masked.get("by_rule", {}).items():
+                    metrics.MASKED_VALUES.labels(rule=rule).inc(n)
+        elif kind == "protocol_error":
+            metrics.PROTOCOL_ERRORS.labels(direction="frontend").inc()
+        elif kind == "fatal" and str(r.get("reason", "")).startswith("upstream"):
+            metrics.PROTOCOL_ERRORS.labels(direction="backend").inc()

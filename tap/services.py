@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from pgwarden import metrics
 from pgwarden.config import PgwardenConfig
 from tap.hooks import Decision, Identity, StatementRequest
 from tap.runtime import AUDIT_DENY, Runtime, TapSettings
@@ -71,7 +72,14 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
     cached = decide_cached if decide_cached is not None else (lambda _r: None)
 
     def guarded(request: StatementRequest) -> Decision | None:
-        return cached(request) if runtime.audit_ok else AUDIT_DENY
+        if not runtime.audit_ok:
+            return AUDIT_DENY
+        found = cached(request)
+        if found is not None:
+            metrics.DECISION_CACHE_HITS.inc()
+        else:
+            metrics.DECISION_CACHE_MISSES.inc()
+        return found
 
     def hooks() -> Hooks:
         return Hooks(decide_cached=guarded, masker_factory=masking)

@@ -354,6 +354,11 @@ class Session:
         return []
 
     @property
+    def busy(self) -> bool:
+        """A statement is in flight (sent and not answered, or being decided)."""
+        return bool(self._expect) or self._waiting is not None
+
+    @property
     def waiting_for_decision(self) -> bool:
         return self._waiting is not None
 

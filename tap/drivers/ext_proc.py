@@ -210,7 +210,13 @@ async def serve(host: str, port: int, runtime: Runtime,
         else:
             await stop.wait()
     finally:
+        # Drain (SIGTERM): health NOT_SERVING so Envoy stops opening streams;
+        # statements in flight finish (bounded) before the server stops.
+        runtime.draining = True
         await health_servicer.enter_graceful_shutdown()
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and any(s.busy for s in servicer.active):
+            await asyncio.sleep(0.05)
         with contextlib.suppress(Exception):
             await server.stop(grace=5)
         runtime.emit({"type": "gateway", "action": "stop", "component": "tap",

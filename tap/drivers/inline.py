@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import cast
 
+from pgwarden import metrics
 from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
 from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
@@ -31,6 +32,7 @@ class InlineSettings:
     upstream_host: str = "127.0.0.1"
     upstream_port: int = 5432
     connect_timeout: float = 10.0
+    drain_seconds: float = 10.0
     sessions: set[ClientSide] = field(default_factory=set)
 
 
@@ -103,6 +105,8 @@ class ClientSide(asyncio.Protocol):
                                        self.settings.upstream_port),
                 self.settings.connect_timeout)
         except (OSError, TimeoutError) as exc:
+            metrics.UPSTREAM_CONNECT_ERRORS.labels(
+                reason="timeout" if isinstance(exc, TimeoutError) else "refused").inc()
             self.runtime.log.warning("upstream_connect_failed", session_id=self.session.config.session_id,
                                      error=exc.__class__.__name__)
             self.run(self.session.terminate(
@@ -256,8 +260,14 @@ async def serve(settings: InlineSettings, runtime: Runtime,
         else:
             await stop.wait()
     finally:
+        # Drain (SIGTERM): no new sessions, not ready for Envoy's checks;
+        # statements in flight finish (bounded), then the rest are told why.
+        runtime.draining = True
         ticker.cancel()
         server.close()
+        deadline = time.monotonic() + settings.drain_seconds
+        while time.monotonic() < deadline and any(c.session.busy for c in settings.sessions):
+            await asyncio.sleep(0.05)
         for s in list(settings.sessions):
             s.run(s.session.terminate("57P01", "the gateway is shutting down", reason="shutdown"))
         with contextlib.suppress(Exception):
