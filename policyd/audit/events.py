@@ -311,3 +311,10 @@ def export_json_schema() -> dict[str, Any]:
         ),
         **schema,
     }
+
+
+if __name__ == "__main__":  # python -m policyd.audit.events > docs/audit-export-schema.json
+    import json
+    import sys
+
+    sys.stdout.write(json.dumps(export_json_schema(), indent=2, sort_keys=True) + "\n")

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_export_schema_doc_is_current() -> None:
     """docs/audit-export-schema.json is what the code emits; regenerate with
-    `python -c 'from policyd.audit.events import export_json_schema ...'`
+    `python -m policyd.audit.events > docs/audit-export-schema.json`
     only together with a schema version decision."""
     doc = json.loads((REPO / "docs" / "audit-export-schema.json").read_text())
     assert doc == json.loads(json.dumps(export_json_schema()))
