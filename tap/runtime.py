@@ -162,8 +162,8 @@ class Runtime:
             self.sink(record)
             return
         kind = record.get("type")
-        if kind in ("statement", "statement_error", "auth"):
-            return  # recorded by the audit sink when one is configured
+        if kind in _NOT_LOGGED:
+            return  # per-statement records belong in the audit store, not the log
         self.log.info(str(kind), **{k: v for k, v in record.items() if k != "type"})
 
     def emit_all(self, actions: list[Any]) -> None:
@@ -190,6 +190,13 @@ class Runtime:
 
     async def aclose(self) -> None:
         return None
+
+
+# Statement-level records (SQL text, errors that may quote values) go to the
+# audit store only: never to the application log, and never per statement on
+# the hot path.
+_NOT_LOGGED = frozenset({"statement", "statement_end", "statement_error", "statement_refused",
+                         "auth", "cancel_request"})
 
 
 def _count(records: list[dict[str, Any]], driver: str) -> None:
