@@ -1210,8 +1210,9 @@ def up_command(
         typer.echo(f"pgwarden up failed: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo("started the local stack" if started else "the local stack is already running")
-    for key in ("PGWARDEN_GATEWAY_DSN", "PGWARDEN_GATEWAY_EXTPROC_DSN",
-                "PGWARDEN_ENVOY_TCP_DSN", "PGWARDEN_UPSTREAM_DSN"):
+    first = ["PGWARDEN_GATEWAY_DSN", "PGWARDEN_GATEWAY_EXTPROC_DSN"]
+    others = sorted(k for k in env if k.endswith("_DSN") and k not in first)
+    for key in [*first, *others]:
         if key in env:
             typer.echo(f"  {key}={env[key]}")
     typer.echo(f"all variables: source {workdir / 'env'}")
