@@ -29,6 +29,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,35 @@ DEFAULT_SPOOL = ".run/audit-spool.jsonl"
 
 
 def default_writer_id(spool_path: str | os.PathLike[str]) -> str:
-    """Stable per spool: the host and a hash of the spool's absolute path, so
-    the appender and a separate shipper agree without configuration."""
-    digest = hashlib.sha256(str(Path(spool_path).resolve()).encode()).hexdigest()[:12]
-    return f"{socket.gethostname()}:{digest}"
+    """The spool's producer id, kept in ``<spool>.id`` beside it.
+
+    It must stay the same for as long as the spool exists — the store
+    deduplicates on ``(writer_id, n)`` — even when the host is renamed (a
+    rescheduled pod on the same volume), and the appender and a separate
+    shipper must agree on it: so it is created once and read back after.
+    """
+    path = Path(str(spool_path) + ".id")
+    for _ in range(50):
+        try:
+            wid = path.read_text().strip()
+        except FileNotFoundError:
+            break
+        if wid:
+            return wid
+        time.sleep(0.01)  # the other side created it and is writing it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(Path(spool_path).resolve()).encode()).hexdigest()[:8]
+    wid = f"{socket.gethostname()}:{digest}:{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return default_writer_id(spool_path)  # created meanwhile by the other side
+    try:
+        os.write(fd, wid.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return wid
 
 
 def store_sink(
