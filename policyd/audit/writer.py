@@ -65,6 +65,8 @@ def default_writer_id(spool_path: str | os.PathLike[str]) -> str:
         if wid:
             return wid
         time.sleep(0.01)  # the other side created it and is writing it
+    else:
+        path.unlink()  # left empty by a crash between create and write: start over
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(str(Path(spool_path).resolve()).encode()).hexdigest()[:8]
     wid = f"{socket.gethostname()}:{digest}:{uuid.uuid4().hex[:8]}"
