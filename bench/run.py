@@ -176,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples: dict[str, dict[str, list[float]]] = {
         "c8": {t: [] for t in TARGETS}, "c1": {t: [] for t in TARGETS}}
     failures: list[str] = []
-    with st.running_stack(workdir, pg_settings=quiet) as stack:
+    # Registered services (the governed stack) are not on the measured paths.
+    with st.running_stack(workdir, pg_settings=quiet, services=False) as stack:
         with psycopg.connect(stack.upstream_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {} OWNER app").format(sql.Identifier(BENCH_DB)))
         bouncer, bouncer_port = start_pgbouncer(stack, workdir)
