@@ -113,6 +113,9 @@ def test_init_loaded_every_row(stack: Any, mode: str, bench_dsn: str) -> None:
         pytest.param(["-S", "-M", "extended"], "tls", id="select-only-extended-tls"),
         pytest.param(["-M", "prepared"], "tls", id="tpcb-prepared-tls"),
         pytest.param(["-S", "-M", "prepared"], "plain", id="select-only-prepared-plain"),
+        # A new connection (startup, SCRAM, Terminate) for every transaction.
+        pytest.param(["-S", "-C"], "tls", id="select-only-reconnect-tls"),
+        pytest.param(["-S", "-C", "-M", "extended"], "plain", id="select-only-reconnect-plain"),
         # Eight sessions at once on two threads: sessions interleave in the tap.
         pytest.param(["-S", "-M", "prepared", "-c", "8", "-j", "2"], "plain", id="select-only-8-clients"),
         pytest.param(["-M", "extended", "-c", "8", "-j", "2"], "tls", id="tpcb-8-clients-tls"),
