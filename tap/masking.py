@@ -106,10 +106,11 @@ class ResultMasker:
         return b"D" + struct.pack("!i", len(masked) + 4) + masked
 
     def _unknown_shape(self, body: bytes) -> bytes:
-        """No RowDescription known for this row (a cached statement executed
-        without Describe that the tap never saw described). Text values are
-        content-scanned; a binary 8-byte or numeric value cannot be read
-        safely without its type, so the row is withheld (fail closed)."""
+        """No RowDescription known for this row. The session asks the server
+        to describe any portal it executes without a known shape, so this is
+        only reached for rows outside an Execute or a simple Query with a
+        RowDescription (not produced by PostgreSQL). Values are
+        content-scanned as text."""
         values = pg.decode_data_row(body)
         changed = False
         out: list[bytes | None] = []

@@ -146,6 +146,7 @@ class _Expect:
     tags: list[str] | None = None
     error: tuple[str, str] | None = None
     maskers: list[ResultMasker] | None = None
+    internal: bool = False  # the tap's own request: its answer is not passed on
 
 
 class Session:
@@ -609,6 +610,13 @@ class Session:
             p = self._portals.get(portal)
             known = self._statements.get(p.statement) if p is not None else None
             stmt = known[1] if known is not None else None
+            if self.hooks.masker_factory is not None and (p is None or p.fields is None):
+                # Rows of a portal whose shape the tap never saw (a statement
+                # executed without Describe): ask the server first, so binary
+                # values are masked by type, never passed unread.
+                describe = pg.Message(b"D", b"P" + portal.encode() + b"\0").encode()
+                self._expect.append(_Expect("D", describe_target=("P", portal), internal=True))
+                self._send_upstream(out, describe)
             self._forward(msg, _Expect("E", stmt=stmt, portal=portal), out)
         elif t == b"D":
             kind = msg.body[:1].decode("latin-1")
@@ -780,8 +788,9 @@ class Session:
             return m.encode()
         if t == b"T":
             fields = pg.decode_row_description(m.body)
+            internal = bool(self._expect) and self._expect[0].internal
             self._row_description(fields)
-            return m.encode()
+            return None if internal else m.encode()
         if t == b"C":
             self._complete_command(m.body[:-1].decode("utf-8", "replace"))
             return m.encode()
@@ -800,7 +809,10 @@ class Session:
             return m.encode()
         if t in (b"1", b"2", b"3", b"n"):
             if t == b"n" and self._expect and self._expect[0].kind == "D":
+                internal = self._expect[0].internal
                 self._describe_done(None)
+                if internal:
+                    return None
             elif self._expect and self._expect[0].kind in "PBCD":
                 self._expect.popleft()
             return m.encode()
@@ -1015,7 +1027,7 @@ class Session:
             elif kind == "P":
                 portal = self._portals.get(name)
                 if portal is not None:
-                    portal.fields = fields
+                    portal.fields = _with_formats(fields, portal.result_formats)
         self._expect.popleft()
 
     def _start_masking(self, stmt: _Statement | None, fields: tuple[pg.Field, ...] | None,

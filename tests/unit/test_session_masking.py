@@ -106,3 +106,25 @@ def test_extended_execute_without_describe_is_still_masked() -> None:
     out = down(s.on_write(msg(b"2") + pg.encode_data_row([PAN]) + msg(b"C", b"SELECT 1\0")
                           + pg.ready_for_query(b"I")))
     assert PAN not in out and b"1111" in out
+
+
+def test_execute_of_an_undescribed_portal_is_described_by_the_tap_first() -> None:
+    """A client that never describes its statement and asks for binary
+    results: the tap describes the portal itself and masks by type; the
+    client never sees the tap's own RowDescription."""
+    s = session()
+    s.on_read(pg.parse_message("s1", "select card_number::int8 from payments") + msg(b"S"))
+    s.on_write(msg(b"1") + pg.ready_for_query(b"I"))
+    bind = msg(b"B", b"\0s1\0\0\0\0\0\0\x01\0\x01")  # one result column, binary
+    sent = b"".join(a.data for a in s.on_read(bind + msg(b"E", b"\0\0\0\0\0") + msg(b"S"))
+                    if isinstance(a, SendUpstream))
+    types = [m.type for m in pg.iter_frames(sent)]
+    assert types == [b"B", b"D", b"E", b"S"]
+    pan = int(PAN).to_bytes(8, "big")
+    reply = (msg(b"2") + row_description(("card_number", 0, 0, 20)) + pg.encode_data_row([pan])
+             + msg(b"C", b"SELECT 1\0") + pg.ready_for_query(b"I"))
+    out = down(s.on_write(reply))
+    frames = list(pg.iter_frames(out))
+    assert [m.type for m in frames] == [b"2", b"D", b"C", b"Z"]
+    value = pg.decode_data_row(frames[1].body)[0]
+    assert value != pan and value is not None

@@ -50,3 +50,34 @@ def test_records_of_a_session_are_stored_scrubbed(tmp_path: Path) -> None:
     dump = "\n".join(str(row) for t in tables for row in con.execute(f'select * from "{t}"'))
     assert "fraud-bot" in dump and "drop database shop" in dump and "SELECT 2" in dump
     assert "expired" in dump and "invalid message length" in dump
+
+
+def test_fast_lines_equal_the_model_path(tmp_path: Path) -> None:
+    """The hot-path JSON of statement records parses to the same event as the
+    pydantic path with scrubbing (ids and times aside)."""
+    from policyd.audit.events import event_to_json, parse_event
+    from policyd.audit.scrub import scrub_event
+
+    writer = AuditWriter(f"sqlite:///{tmp_path / 'a.db'}", tmp_path / "s.spool", ship=False,
+                         signing_key=tmp_path / "k", checkpoint_file=tmp_path / "c")
+    sink = AuditSink(writer)
+    records = [
+        {"type": "statement", "session_id": "s", "seq": 3,
+         "sql": f"alter role x password 'hunter2' -- {PAN}", "path": "parse",
+         "verdict": "deny", "reasons": [f"card {PAN}"], "decision_id": "d",
+         "policy_revision": "r", "approval_id": "ap_1", "analysis": {"note": PAN}},
+        {"type": "statement_end", "session_id": "s", "seq": 3, "rows": 0,
+         "tags": ["UPDATE 2", "INSERT 0 1"], "sqlstate": "23505",
+         "error": f"Key (card_number)=({PAN}) already exists.",
+         "masked": {"values": 1, "by_column": {"c": 1}, "by_rule": {"last4": 1}}},
+    ]
+    for r in records:
+        fast = parse_event(sink.fast_line(r) or "")
+        slow_event = sink.convert(r)
+        assert slow_event is not None
+        slow = parse_event(event_to_json(scrub_event(slow_event)))
+        ignore = {"event_id", "ts", "started_at", "finished_at"}
+        assert ({k: v for k, v in fast.model_dump().items() if k not in ignore}
+                == {k: v for k, v in slow.model_dump().items() if k not in ignore})
+        assert PAN not in (sink.fast_line(r) or "") and "hunter2" not in (sink.fast_line(r) or "")
+    writer.spool.close()
