@@ -1,0 +1,610 @@
+"""Issue 5 through the real governed gateway: no card number ever reaches a
+``fraud-readers`` agent, whatever path the result takes.
+
+Every check runs through Envoy and the governed tap in both driver modes
+(inline, ext_proc) with real clients: psql (simple protocol, text), psycopg 3
+(extended protocol, text and binary results, prepared statements executed
+again without a new Describe), asyncpg (binary protocol, prepared statements
+executed repeatedly) and raw libpq for a BINARY cursor over the simple
+protocol. The seeded ``payments`` table holds Luhn-valid PANs of seven
+brands; the oracle is :func:`maskd.detect.find_pans` / ``contains_pan`` on
+everything a client got (rows, errors, notices, notifications, COPY bytes)
+plus the exact seeded values.
+
+Nothing here prints a PAN or a token: failures name the form, the client and
+counts or offsets, never values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from agent import agent_dsn, audit_url, mint
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from maskd.detect import contains_pan, find_pans
+from pgwarden.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+READER_GROUPS = ["fraud-readers"]
+# 21 rows: ids 1..21 cycle through the seven brands of the seed three times.
+WHERE = "WHERE id <= 21"
+N_ROWS = 21
+MARKER_MERCHANT = "pgwarden masking test: unique probe"
+PSQL_TIMEOUT = 60
+PGWARDEN = str(Path(sys.executable).parent / "pgwarden")
+
+
+# --------------------------------------------------------------------------- the oracle
+
+
+@dataclass(frozen=True, repr=False)
+class Seed:
+    by_id: dict[int, str]  # the rows the forms read (ids 1..21)
+    all_pans: frozenset[str]  # every card number of payments
+
+    def __repr__(self) -> str:  # pytest shows fixture values: never the PANs
+        return f"Seed({len(self.by_id)} rows read, {len(self.all_pans)} card numbers)"
+
+
+@pytest.fixture(scope="module")
+def seed(stack: LocalStack) -> Seed:
+    with psycopg.connect(shop_superuser(stack)) as su:
+        rows = su.execute("SELECT id, card_number FROM payments ORDER BY id").fetchall()
+    by_id = {int(i): str(p) for i, p in rows if int(i) <= N_ROWS}
+    assert len(by_id) == N_ROWS
+    # The seed is what the oracle assumes: Luhn-valid issuer-prefixed PANs.
+    assert all(find_pans(p) for p in by_id.values()), "seeded card numbers are not PANs"
+    return Seed(by_id, frozenset(str(p) for _, p in rows))
+
+
+def shop_superuser(stack: LocalStack) -> str:
+    return make_conninfo(stack.upstream_dsn, dbname="shop")
+
+
+def leaks(seed: Seed, output: str | bytes) -> tuple[int, int, bool]:
+    """(PAN-shaped spans, seeded values found, hidden forms) of one output."""
+    data = output.encode("utf-8", "surrogateescape") if isinstance(output, str) else output
+    text = data.decode("utf-8", "replace")
+    spans = len(find_pans(data))
+    seeded = sum(1 for p in seed.all_pans if p in text)
+    return spans, seeded, contains_pan(data)
+
+
+def assert_no_pan(seed: Seed, output: str | bytes, what: str) -> None:
+    spans, seeded, hidden = leaks(seed, output)
+    assert spans == 0, f"{what}: {spans} Luhn-valid issuer-prefixed digit run(s) in the output"
+    assert seeded == 0, f"{what}: {seeded} seeded card number(s) in the output"
+    assert not hidden, f"{what}: a PAN in a hidden form (JSON escape / bytea hex) in the output"
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass
+class Outcome:
+    """Everything a client showed its user for one statement."""
+
+    ok: bool
+    sqlstate: str = ""
+    # Rows, errors, notices: all of it goes through the oracle, none of it
+    # is ever shown (repr=False: pytest prints values of failed assertions).
+    output: str = field(default="", repr=False)
+    rows: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
+
+
+def reader_token(stack: LocalStack, sub: str = "fraud-bot") -> str:
+    return mint(stack, sub, READER_GROUPS)
+
+
+def psycopg_run(stack: LocalStack, mode: str, sql: str, *, binary: bool,
+                runs: int = 3) -> Outcome:
+    """Run ``sql`` ``runs`` times as a prepared statement (the later runs
+    reuse the cached statement: Bind/Execute without Parse)."""
+    notices: list[str] = []
+    try:
+        with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack),
+                             autocommit=True) as conn:
+            conn.add_notice_handler(lambda d: notices.append(
+                f"{d.message_primary} {d.message_detail} {d.message_hint}"))
+            rows: list[tuple[Any, ...]] = []
+            with conn.cursor(binary=binary) as cur:
+                for _ in range(runs):
+                    cur.execute(sql, prepare=True)
+                    rows += cur.fetchall()
+            return Outcome(True, output=repr(rows) + repr(notices), rows=rows)
+    except psycopg.Error as exc:
+        return Outcome(False, exc.sqlstate or "", f"{exc} {exc.diag.message_detail} "
+                       f"{exc.diag.message_hint} {notices!r}")
+
+
+def asyncpg_kwargs(stack: LocalStack, mode: str, token: str) -> dict[str, Any]:
+    import ssl
+
+    params = conninfo_to_dict(agent_dsn(stack, mode))
+    ctx = ssl.create_default_context(cafile=str(params["sslrootcert"]))
+    return {"host": str(params["host"]), "port": int(str(params["port"])),
+            "user": str(params["user"]), "database": str(params["dbname"]),
+            "password": token, "ssl": ctx, "timeout": 30}
+
+
+async def asyncpg_run(stack: LocalStack, mode: str, sql: str, runs: int = 3) -> Outcome:
+    notices: list[str] = []
+    try:
+        conn = await asyncpg.connect(**asyncpg_kwargs(stack, mode, reader_token(stack)))
+    except asyncpg.PostgresError as exc:
+        return Outcome(False, getattr(exc, "sqlstate", "") or "", str(exc))
+    try:
+        conn.add_log_listener(lambda _c, msg: notices.append(
+            f"{msg.message} {getattr(msg, 'detail', '')} {getattr(msg, 'hint', '')}"))
+        stmt = await conn.prepare(sql)
+        rows: list[tuple[Any, ...]] = []
+        for _ in range(runs):
+            rows += [tuple(r) for r in await stmt.fetch()]
+        return Outcome(True, output=repr(rows) + repr(notices), rows=rows)
+    except asyncpg.PostgresError as exc:
+        return Outcome(False, getattr(exc, "sqlstate", "") or "",
+                       f"{exc} {getattr(exc, 'detail', '')} {getattr(exc, 'hint', '')}"
+                       f" {notices!r}")
+    finally:
+        await conn.close(timeout=10)
+
+
+def psql_env(token: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(PGPASSWORD=token, PGCONNECT_TIMEOUT="15", PGCLIENTENCODING="UTF8",
+               LC_ALL="C.UTF-8", LANG="C.UTF-8")
+    return env
+
+
+def psql_run(stack: LocalStack, mode: str, sql: str, *extra: str) -> Outcome:
+    proc = subprocess.run(
+        ["psql", agent_dsn(stack, mode), "-X", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1",
+         "-v", "VERBOSITY=verbose", *extra, "-c", sql],
+        env=psql_env(reader_token(stack)), capture_output=True, timeout=PSQL_TIMEOUT,
+        check=False,
+    )
+    out = proc.stdout.decode("utf-8", "replace")
+    err = proc.stderr.decode("utf-8", "replace")
+    sqlstate = ""
+    for line in err.splitlines():
+        if line.startswith("ERROR:"):
+            sqlstate = line.split(":", 2)[1].strip() if line.count(":") >= 2 else ""
+    rows = [tuple(line.split("|")) for line in out.splitlines() if line]
+    return Outcome(proc.returncode == 0, sqlstate, out + "\n" + err, rows)
+
+
+CLIENTS = ("psql", "psycopg-text", "psycopg-binary", "asyncpg")
+
+
+async def run_client(client: str, stack: LocalStack, mode: str, sql: str) -> Outcome:
+    if client == "psql":
+        return psql_run(stack, mode, sql)
+    if client == "psycopg-text":
+        return psycopg_run(stack, mode, sql, binary=False)
+    if client == "psycopg-binary":
+        return psycopg_run(stack, mode, sql, binary=True)
+    if client == "asyncpg":
+        return await asyncpg_run(stack, mode, sql)
+    raise AssertionError(client)
+
+
+# --------------------------------------------------------------------------- result rows
+
+
+FORMS = {
+    "plain": f"SELECT id, card_number, cardholder FROM payments {WHERE} ORDER BY id",
+    "alias": f'SELECT card_number AS c, card_number AS "Card Number" FROM payments {WHERE}',
+    "subquery_alias": f"SELECT x.c FROM (SELECT card_number AS c FROM payments {WHERE}) x",
+    "cte": f"WITH t AS (SELECT card_number AS k FROM payments {WHERE}) SELECT k FROM t",
+    "cast_bigint": f"SELECT card_number::bigint AS n FROM payments {WHERE}",
+    "cast_numeric": f"SELECT card_number::numeric AS n, CAST(card_number AS numeric(20, 0)) "
+                    f"FROM payments {WHERE}",
+    "concatenation": f"SELECT 'pan:' || card_number, concat(card_number, '/', id), "
+                     f"card_number || '' FROM payments {WHERE}",
+    "lpad_substring": f"SELECT lpad(substring(card_number from 1 for 6), 6, '0') "
+                      f"|| substring(card_number from 7), "
+                      f"substr(card_number, 1, 8) || substr(card_number, 9) "
+                      f"FROM payments {WHERE}",
+    "digit_by_digit": "SELECT string_agg(substr(p.card_number, i, 1), '' ORDER BY i) "
+                      "FROM payments p CROSS JOIN generate_series(1, 19) i "
+                      "WHERE p.id <= 21 GROUP BY p.id",
+    "json_build_object": f"SELECT json_build_object('c', card_number, 'id', id) "
+                         f"FROM payments {WHERE}",
+    "jsonb_numeric": f"SELECT jsonb_build_object('n', card_number::numeric) "
+                     f"FROM payments {WHERE}",
+    "array_agg": f"SELECT array_agg(card_number ORDER BY id) FROM payments {WHERE}",
+    "string_agg": f"SELECT string_agg(card_number, ',' ORDER BY id) FROM payments {WHERE}",
+    "row_to_json": f"SELECT row_to_json(p) FROM payments p {WHERE}",
+    "json_agg": f"SELECT json_agg(p ORDER BY p.id) FROM payments p {WHERE}",
+}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("form", list(FORMS))
+async def test_no_pan_in_any_result_form(stack: LocalStack, seed: Seed, mode: str,
+                                         client: str, form: str) -> None:
+    outcome = await run_client(client, stack, mode, FORMS[form])
+    what = f"{form} via {client} ({mode})"
+    # Masked as a whole, or refused by the policy: both are acceptable; a
+    # broken result (mask failure, protocol error) is not.
+    assert outcome.ok or outcome.sqlstate == "42501", (
+        f"{what}: failed with SQLSTATE {outcome.sqlstate or '?'}")
+    if outcome.ok:
+        n_rows = len(outcome.rows)
+        assert n_rows > 0, f"{what}: no rows came back"
+    assert_no_pan(seed, outcome.output, what)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_last_four_stay_visible_in_plain_selects(stack: LocalStack, seed: Seed,
+                                                       mode: str, client: str) -> None:
+    outcome = await run_client(
+        client, stack, mode, f"SELECT id, card_number FROM payments {WHERE} ORDER BY id")
+    assert outcome.ok, f"plain select via {client} ({mode}): SQLSTATE {outcome.sqlstate}"
+    n_rows = len(outcome.rows)
+    assert n_rows >= N_ROWS
+    for row in outcome.rows:
+        ident, value = int(row[0]), str(row[1])
+        pan = seed.by_id[ident]
+        same_length = len(value) == len(pan)
+        last4 = value[-4:] == pan[-4:]
+        hidden_digits = sum(ch.isdigit() for ch in value[:-4])
+        assert same_length, f"row {ident} via {client} ({mode}): masked value changed length"
+        assert last4, f"row {ident} via {client} ({mode}): last four digits not kept"
+        assert hidden_digits == 0, (
+            f"row {ident} via {client} ({mode}): {hidden_digits} digit(s) before the last four")
+    assert_no_pan(seed, outcome.output, f"plain select via {client} ({mode})")
+
+
+DERIVED = {
+    "hex": ("encode(card_number::bytea, 'hex')", lambda p: p.encode().hex()),
+    "reverse": ("reverse(card_number)", lambda p: p[::-1]),
+    "translate": ("translate(card_number, '0123456789', 'abcdefghij')",
+                  lambda p: p.translate(str.maketrans("0123456789", "abcdefghij"))),
+}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize("derived", list(DERIVED))
+async def test_derived_values_masked_as_a_whole_or_refused(
+        stack: LocalStack, seed: Seed, mode: str, client: str, derived: str) -> None:
+    expr, real = DERIVED[derived]
+    outcome = await run_client(
+        client, stack, mode, f"SELECT id, {expr} FROM payments {WHERE} ORDER BY id")
+    what = f"{derived} via {client} ({mode})"
+    if not outcome.ok:
+        assert outcome.sqlstate == "42501", f"{what}: neither masked nor refused ({outcome.sqlstate})"
+        assert_no_pan(seed, outcome.output, what)
+        return
+    n_rows = len(outcome.rows)
+    assert n_rows > 0, f"{what}: no rows"
+    for row in outcome.rows:
+        ident, value = int(row[0]), str(row[1])
+        truth = real(seed.by_id[ident])
+        # "As a whole": not the real value, and no 6-character piece of it.
+        pieces = sum(1 for i in range(len(truth) - 5) if truth[i:i + 6] in value)
+        unmasked = value == truth
+        assert not unmasked, f"{what}: row {ident} came back unmasked"
+        assert pieces == 0, f"{what}: row {ident} keeps {pieces} piece(s) of the real value"
+    assert_no_pan(seed, outcome.output, what)
+
+
+def test_binary_cursor_over_simple_protocol(stack: LocalStack, seed: Seed, mode: str) -> None:
+    """DECLARE ... BINARY CURSOR returns binary values through a simple Query
+    (psql's protocol): raw libpq values must hold no PAN either."""
+    with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack)) as conn:
+        pgconn = conn.pgconn
+        raw: list[bytes] = []
+        for sql in (b"BEGIN",
+                    b"DECLARE pgw_bin BINARY CURSOR FOR SELECT id, card_number, "
+                    b"card_number::bigint, card_number::numeric, "
+                    b"json_build_object('c', card_number)::jsonb FROM payments WHERE id <= 21",
+                    b"FETCH ALL FROM pgw_bin", b"CLOSE pgw_bin", b"COMMIT"):
+            res = pgconn.exec_(sql)
+            assert res.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK), (
+                f"{sql[:20]!r} ({mode}): {res.error_field(pq.DiagnosticField.SQLSTATE)!r}")
+            for r in range(res.ntuples):
+                for c in range(res.nfields):
+                    value = res.get_value(r, c)
+                    if value is not None:
+                        raw.append(bytes(value))
+        n_values = len(raw)
+        assert n_values >= N_ROWS * 5, "the binary cursor returned fewer values than asked"
+        for value in raw:
+            assert_no_pan(seed, value, f"binary cursor value ({mode})")
+        # A binary int8 / numeric holding a PAN is a PAN too.
+        for value in raw:
+            if len(value) == 8:
+                is_pan = str(int.from_bytes(value, "big", signed=True)) in seed.all_pans
+                assert not is_pan, f"binary cursor ({mode}): an int8 holds a PAN"
+
+
+# --------------------------------------------------------------------------- COPY
+
+COPY_FORMATS = ("text", "csv", "binary")
+COPY_SQL = ("COPY (SELECT id, card_number, json_build_object('c', card_number), "
+            "card_number::bigint FROM payments WHERE id <= 21 ORDER BY id) TO STDOUT "
+            "(FORMAT {fmt})")
+
+
+def copy_out(stack: LocalStack, mode: str, fmt: str) -> tuple[bytes, str, str]:
+    """(COPY bytes, SQLSTATE or "", error text) as a fraud-readers agent."""
+    data = bytearray()
+    try:
+        with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack),
+                             autocommit=True) as conn, conn.cursor() as cur:
+            with cur.copy(COPY_SQL.format(fmt=fmt)) as copy:
+                for chunk in copy:
+                    data += chunk
+        return bytes(data), "", ""
+    except psycopg.Error as exc:
+        return bytes(data), exc.sqlstate or "", f"{exc} {exc.diag.message_detail}"
+
+
+@pytest.mark.parametrize("fmt", COPY_FORMATS)
+def test_copy_to_stdout_never_leaks(stack: LocalStack, seed: Seed, mode: str,
+                                    fmt: str) -> None:
+    data, sqlstate, error = copy_out(stack, mode, fmt)
+    what = f"COPY {fmt} ({mode})"
+    assert sqlstate in ("", "42501"), f"{what}: failed with {sqlstate}"
+    assert_no_pan(seed, data, what)
+    assert_no_pan(seed, error, what + " error")
+
+
+@pytest.mark.parametrize("fmt", COPY_FORMATS)
+def test_copy_to_stdout_is_served_masked(stack: LocalStack, seed: Seed, mode: str,
+                                         fmt: str) -> None:
+    """Issue 5 lists COPY (...) TO STDOUT in all formats among the paths a
+    fraud-readers agent takes and that must come back masked (last four
+    kept), not only be refused."""
+    data, sqlstate, _ = copy_out(stack, mode, fmt)
+    assert sqlstate == "", f"COPY {fmt} ({mode}) as fraud-readers refused: SQLSTATE {sqlstate}"
+    assert_no_pan(seed, data, f"COPY {fmt} ({mode})")
+    text = data.decode("latin-1")
+    kept = sum(1 for p in seed.by_id.values() if p[-4:] in text)
+    assert kept == N_ROWS, f"COPY {fmt} ({mode}): last four visible for {kept}/{N_ROWS} rows"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_out_of_range_cast_error_is_masked(stack: LocalStack, seed: Seed, mode: str) -> None:
+    """A fraud-reader can make PostgreSQL quote a PAN in an error message."""
+    for sql in ("SELECT card_number::int FROM payments WHERE id = 1",
+                "SELECT card_number::smallint FROM payments WHERE id = 2",
+                "SELECT card_number::date FROM payments WHERE id = 3"):
+        for binary in (False, True):
+            outcome = psycopg_run(stack, mode, sql, binary=binary, runs=1)
+            assert not outcome.ok, f"{sql[:30]!r} ({mode}) unexpectedly succeeded"
+            assert_no_pan(seed, outcome.output, f"error of {sql[:30]!r} ({mode})")
+        outcome = psql_run(stack, mode, sql)
+        assert not outcome.ok
+        assert_no_pan(seed, outcome.output, f"psql error of {sql[:30]!r} ({mode})")
+
+
+@pytest.fixture(scope="module")
+def unique_probe(stack: LocalStack) -> Iterator[str]:
+    """No column of the demo schema that holds a PAN is UNIQUE (payments and
+    customers only have their id primary keys), so a unique violation cannot
+    quote a card number as seeded. A partial unique index on
+    payments(card_number) restricted to one marker merchant makes one possible
+    without touching any other row or test; removed afterwards."""
+    with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+        su.execute("CREATE UNIQUE INDEX IF NOT EXISTS pgwarden_masking_unique_probe "
+                   f"ON payments (card_number) WHERE merchant = '{MARKER_MERCHANT}'")
+    try:
+        yield MARKER_MERCHANT
+    finally:
+        with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+            su.execute("DELETE FROM payments WHERE merchant = %s", (MARKER_MERCHANT,))
+            su.execute("DROP INDEX IF EXISTS pgwarden_masking_unique_probe")
+
+
+@pytest.mark.parametrize("protocol", ["extended", "simple"])
+def test_unique_violation_detail_is_masked(stack: LocalStack, seed: Seed, mode: str,
+                                           unique_probe: str, protocol: str) -> None:
+    """fraud-readers may only read, so a payments-writers agent inserts a
+    duplicate (in a transaction that is rolled back: no row stays)."""
+    pan = seed.by_id[1]
+    token = mint(stack, "payments-bot", ["payments-writers"])
+    insert = ("INSERT INTO payments (card_number, cardholder, amount, merchant) "
+              "VALUES (%s, 'Unique Probe', 1.00, %s)")
+    with psycopg.connect(agent_dsn(stack, mode), password=token) as conn:
+        cur: psycopg.Cursor[Any] = (conn.cursor() if protocol == "extended"
+                                    else psycopg.ClientCursor(conn))
+        cur.execute(insert, (pan, unique_probe))
+        with pytest.raises(psycopg.errors.UniqueViolation) as caught:
+            cur.execute(insert, (pan, unique_probe))
+        conn.rollback()
+        exc = caught.value
+        shown = f"{exc} {exc.diag.message_primary} {exc.diag.message_detail} " \
+                f"{exc.diag.message_hint} {exc.diag.constraint_name}"
+        assert_no_pan(seed, shown, f"unique violation ({protocol}, {mode})")
+        detail = exc.diag.message_detail or ""
+        names_column = "card_number" in detail
+        keeps_last4 = pan[-4:] in detail
+        assert names_column, "the detail should still name the key column"
+        assert keeps_last4, "the masked key should keep its last four digits"
+        # The session stays usable after the error.
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# --------------------------------------------------------------------------- notices
+
+
+@pytest.fixture(scope="module")
+def notice_function(stack: LocalStack) -> Iterator[str]:
+    """A function that RAISEs a NOTICE quoting its argument (message, detail
+    and hint). Created by the superuser; executable by everyone."""
+    name = "pgwarden_masking_notice_probe"
+    with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+        su.execute(f"""
+            CREATE OR REPLACE FUNCTION public.{name}(p text) RETURNS int
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE NOTICE 'card %', p USING DETAIL = 'detail ' || p, HINT = 'hint ' || p;
+                RETURN 1;
+            END $$""")
+        su.execute(f"GRANT EXECUTE ON FUNCTION public.{name}(text) TO PUBLIC")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+            su.execute(f"DROP FUNCTION IF EXISTS public.{name}(text)")
+
+
+def test_do_block_is_refused_or_its_notice_masked(stack: LocalStack, seed: Seed,
+                                                  mode: str) -> None:
+    sql = ("DO $$DECLARE c text; BEGIN SELECT card_number INTO c FROM payments WHERE id = 1; "
+           "RAISE NOTICE 'card %', c; END$$")
+    for binary in (False, True):
+        outcome = psycopg_run(stack, mode, sql, binary=binary, runs=1)
+        assert outcome.ok or outcome.sqlstate == "42501", outcome.sqlstate
+        assert_no_pan(seed, outcome.output, f"DO block ({mode})")
+    outcome = psql_run(stack, mode, sql)
+    assert_no_pan(seed, outcome.output, f"DO block via psql ({mode})")
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_raise_notice_from_a_function_is_masked(
+        stack: LocalStack, seed: Seed, mode: str, client: str, notice_function: str) -> None:
+    """The policy refuses DO for fraud-readers; a function call it lets
+    through passes a seeded PAN to RAISE NOTICE (message, DETAIL, HINT)."""
+    outcome = await run_client(
+        client, stack, mode,
+        f"SELECT {notice_function}(card_number) FROM payments WHERE id <= 3")
+    what = f"RAISE NOTICE via {client} ({mode})"
+    assert outcome.ok or outcome.sqlstate == "42501", f"{what}: SQLSTATE {outcome.sqlstate}"
+    assert_no_pan(seed, outcome.output, what)
+    if outcome.ok:
+        arrived = "card " in outcome.output
+        assert arrived, f"{what}: the notice did not reach the client"
+
+
+# --------------------------------------------------------------------------- NOTIFY
+
+
+def _notify_later(stack: LocalStack, channel: str, payloads: list[str], delay: float) -> None:
+    def fire() -> None:
+        time.sleep(delay)
+        with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+            for payload in payloads:
+                su.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+    threading.Thread(target=fire, daemon=True).start()
+
+
+def _payloads(seed: Seed) -> list[str]:
+    visa_like = seed.by_id[3]
+    spaced = " ".join(visa_like[i:i + 4] for i in range(0, len(visa_like), 4))
+    return [f"refund card {seed.by_id[1]} ok",
+            json.dumps({"card": seed.by_id[2], "amount": 12}),
+            f"spaced {spaced} end"]
+
+
+def test_notify_payload_is_masked_psycopg(stack: LocalStack, seed: Seed, mode: str) -> None:
+    channel = f"pgw_mask_{uuid.uuid4().hex[:8]}"
+    payloads = _payloads(seed)
+    with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack),
+                         autocommit=True) as conn:
+        conn.execute(f"LISTEN {channel}")
+        _notify_later(stack, channel, payloads, 0.5)
+        got = [n.payload for n in conn.notifies(timeout=30, stop_after=len(payloads))]
+    n_got = len(got)
+    assert n_got == len(payloads), f"{n_got}/{len(payloads)} notifications arrived"
+    for i, payload in enumerate(got):
+        assert_no_pan(seed, payload, f"notification {i} ({mode})")
+    shape_kept = got[0].startswith("refund card ") and got[0].endswith(seed.by_id[1][-4:] + " ok")
+    assert shape_kept, f"notification ({mode}): text around the masked PAN or its last four lost"
+    amount_kept = json.loads(got[1]).get("amount") == 12
+    assert amount_kept, f"notification ({mode}): the JSON payload should stay valid JSON"
+
+
+async def test_notify_payload_is_masked_asyncpg(stack: LocalStack, seed: Seed,
+                                                mode: str) -> None:
+    import asyncio
+
+    channel = f"pgw_mask_{uuid.uuid4().hex[:8]}"
+    payloads = _payloads(seed)
+    got: list[str] = []
+    done = asyncio.Event()
+
+    def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
+        got.append(payload)
+        if len(got) == len(payloads):
+            done.set()
+
+    conn = await asyncpg.connect(**asyncpg_kwargs(stack, mode, reader_token(stack)))
+    try:
+        await conn.add_listener(channel, on_notify)
+        _notify_later(stack, channel, payloads, 0.5)
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        await conn.close(timeout=10)
+    n_got = len(got)
+    assert n_got == len(payloads), f"{n_got}/{len(payloads)} notifications arrived"
+    for i, payload in enumerate(got):
+        assert_no_pan(seed, payload, f"notification {i} via asyncpg ({mode})")
+
+
+# --------------------------------------------------------------------------- dba
+
+
+def _pgwarden(*args: str, store: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PGWARDEN, *args, "--store", store], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_dba_sees_unmasked_data_and_it_is_recorded(stack: LocalStack, seed: Seed,
+                                                   mode: str) -> None:
+    sub = f"dba-{mode}-{uuid.uuid4().hex[:8]}"
+    sql = "SELECT id, card_number FROM payments WHERE id <= 3 ORDER BY id"
+    with psycopg.connect(agent_dsn(stack, mode), password=mint(stack, sub, ["dba"]),
+                         autocommit=True) as conn:
+        rows = conn.execute(sql).fetchall()
+    unmasked = [str(r[1]) == seed.by_id[int(r[0])] for r in rows]
+    n_rows, n_raw = len(rows), unmasked.count(True)
+    del rows  # raw PANs: nothing a failure report may show
+    assert n_rows == 3 and n_raw == 3, (
+        f"dba ({mode}): {n_raw} of {n_rows} values are the stored PAN")
+
+    store = audit_url(stack)
+    deadline = time.monotonic() + 60
+    transcript = ""
+    while time.monotonic() < deadline:
+        listed = _pgwarden("sessions", "list", "--sub", sub, "--format", "json", store=store)
+        assert listed.returncode == 0, listed.stderr[-500:]
+        sessions = json.loads(listed.stdout or "[]")
+        if sessions:
+            replay = _pgwarden("replay", sessions[-1]["session_id"], store=store)
+            assert replay.returncode == 0, replay.stderr[-500:]
+            transcript = replay.stdout
+            if sql in transcript and "rows returned" in transcript:
+                break
+        time.sleep(1)
+    # Booleans only: a transcript that failed to mask must not be printed.
+    has_sql, allowed = sql in transcript, "ALLOW" in transcript
+    who = "groups=dba" in transcript and "role=dba_role" in transcript
+    counted = "3 rows returned" in transcript
+    assert has_sql, f"dba ({mode}): the statement is not in the replay"
+    assert allowed, f"dba ({mode}): the replay does not show the statement allowed"
+    assert who, f"dba ({mode}): the replay does not show the dba identity and role"
+    assert counted, f"dba ({mode}): the replay does not show the 3 rows returned"
+    # The evidence itself never holds the raw PANs the dba saw.
+    assert_no_pan(seed, transcript, f"replay of the dba session ({mode})")
