@@ -74,6 +74,9 @@ class AuditSinkConfig(_Strict):
     # "refuse": when neither the store nor the spool can take an event, new
     # statements are refused (PCI DSS 10.7.2). "allow" is for development only.
     on_spool_failure: Literal["refuse", "allow"] = "refuse"
+    # Where the tap's spool is shipped: to policyd's audit sink service
+    # (store writes off the tap's CPU), or straight into the store.
+    ship_to: Literal["policyd", "store"] = "policyd"
 
 
 class TapConfig(_Strict):

@@ -77,9 +77,19 @@ def _approval_service(config_path: Path) -> Callable[[grpc.aio.Server], None]:
     validator = TokenValidator(IdentitySettings.model_validate(cfg.identity))
 
     def add(server: grpc.aio.Server) -> None:
+        from policyd.audit.service import add_to_server as add_audit_sink
+        from policyd.audit.store import AuditStore
+        from policyd.audit.writer import store_sink
+
         writer.start()
         add_to_server(server, settings.store(audit.url), writer, validator,
                       notifier=settings.notifier())
+        # The taps ship their spools here: one process owns the store writes
+        # and signs the checkpoints, off the taps' CPU.
+        checkpointer = store_sink(audit.url, signing_key=audit.signing_key_file,
+                                  checkpoint_file=audit.checkpoint_file,
+                                  writer_id="policyd-sink").checkpointer
+        add_audit_sink(server, AuditStore(audit.url), checkpointer)
     return add
 
 

@@ -172,10 +172,17 @@ def _audit_sink(config: PgwardenConfig, stack: AsyncExitStack) -> Any:
     audit = config.tap.audit
     assert audit is not None
     audit.spool_dir.mkdir(parents=True, exist_ok=True)
+    sink = None
+    if audit.ship_to == "policyd" and config.tap.policyd is not None:
+        from policyd.audit.sinks import GrpcSink
+
+        # Store writes (validation, hashing, inserts) happen in policyd's
+        # process; the tap only appends to its spool and ships it.
+        sink = GrpcSink(config.tap.policyd.target)
     writer = AuditWriter(
         audit.url, audit.spool_dir / f"tap-{config.tap.listen.replace(':', '_')}.spool",
         fail_closed=audit.on_spool_failure == "refuse", component="tap",
-        signing_key=audit.signing_key_file, checkpoint_file=audit.checkpoint_file)
+        signing_key=audit.signing_key_file, checkpoint_file=audit.checkpoint_file, sink=sink)
     writer.start()
     stack.callback(writer.close)
     return AuditSink(writer, instance=f"{socket.gethostname()}:{config.tap.listen}")
