@@ -1,0 +1,517 @@
+"""Policy enforcement through the real governed gateway (issue 3, "How it must
+be checked").
+
+Every refusal is checked the way a user and an auditor would: the client gets
+SQLSTATE 42501, the connection stays usable, and PostgreSQL's own log
+(log_statement=all) never shows the refused text. The tap sends a marker
+(``pgwarden_refused_<nonce>``) in the refused statement's place; that marker
+may appear in the log, the statement may not.
+
+Most refusals are tried as ``dba``, the group allowed everything but the
+always-blocked list, so a refusal there is the block list at work and not
+the default deny. Tricks that only matter for a restricted group (search_path,
+CTEs with DML, user functions) are tried as ``fraud-readers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+
+from agent import MODES, agent_dsn, mint, policyd_target
+from pgwarden.stack import ROOT, LocalStack
+
+pytestmark = pytest.mark.integration
+
+CONNECT_TIMEOUT = 30
+LOG_WAIT = 20.0
+GROUP = {"dba": ["dba"], "reader": ["fraud-readers"], "writer": ["payments-writers"]}
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def token_for(stack: LocalStack, who: str) -> str:
+    return mint(stack, unique(f"policy-{who}"), GROUP[who])
+
+
+def connect(stack: LocalStack, mode: str, who: str, **params: Any) -> psycopg.Connection[Any]:
+    dsn = agent_dsn(stack, mode, connect_timeout=CONNECT_TIMEOUT, **params)
+    return psycopg.connect(dsn, password=token_for(stack, who), autocommit=True)
+
+
+def probe(stack: LocalStack, conn: psycopg.Connection[Any], mark: int) -> str:
+    """Run an allowed statement with a unique text and wait until PostgreSQL's
+    log shows it: proof that the log covers the window we inspect (an absent
+    statement means something only if a present one shows up)."""
+    tag = uuid.uuid4().hex
+    text = f"SELECT 'probe-{tag}' AS probe"
+    assert conn.execute(text).fetchone() == (f"probe-{tag}",)
+    deadline = time.monotonic() + LOG_WAIT
+    while time.monotonic() < deadline:
+        log = stack.pg_log_since(mark)
+        if text in log:
+            return log
+        time.sleep(0.2)
+    raise AssertionError("PostgreSQL's log does not show an allowed statement: cannot prove "
+                         "anything about refused ones")
+
+
+def assert_never_reached(stack: LocalStack, conn: psycopg.Connection[Any], mark: int,
+                         *texts: str) -> None:
+    log = probe(stack, conn, mark)
+    for text in texts:
+        assert text not in log, f"PostgreSQL saw a refused statement: {text!r}"
+
+
+def assert_refused(exc: BaseException) -> None:
+    assert isinstance(exc, psycopg.errors.InsufficientPrivilege), repr(exc)
+    assert exc.sqlstate == "42501"
+
+
+@pytest.fixture
+def merchant_tag(stack: LocalStack) -> Iterator[str]:
+    """A merchant name that marks rows a test tries to insert (cleaned up)."""
+    tag = unique("pgwarden-policy-test")
+    yield tag
+    with psycopg.connect(stack.upstream_dsn, dbname="shop", autocommit=True) as admin:
+        admin.execute("DELETE FROM payments WHERE merchant = %s", (tag,))
+
+
+def payments_with(stack: LocalStack, tag: str) -> int:
+    with psycopg.connect(stack.upstream_dsn, dbname="shop") as admin:
+        row = admin.execute("SELECT count(*) FROM payments WHERE merchant = %s",
+                            (tag,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def insert_sql(tag: str) -> str:
+    return ("INSERT INTO payments (card_number, cardholder, amount, merchant) "
+            f"VALUES ('tok_not_a_pan', 'Policy Test', 1.00, '{tag}')")
+
+
+# --------------------------------------------------------------------------- allowed
+
+
+ALLOWED = [
+    ("reader", "SELECT id, amount FROM payments WHERE id <= 5 ORDER BY id", 5),
+    ("reader", "SELECT count(*) FROM payments WHERE amount < 100", 1),
+    ("reader", "SELECT id, card_number FROM payments ORDER BY id LIMIT 3", 3),
+    ("writer", "SELECT 1", 1),
+    ("dba", "SELECT id, name FROM customers ORDER BY id LIMIT 2", 2),
+]
+
+
+@pytest.mark.parametrize(("who", "sql", "rows"), ALLOWED, ids=[f"{w}-{i}" for i, (w, _, _)
+                                                                 in enumerate(ALLOWED)])
+def test_allowed_statements_work(stack: LocalStack, mode: str, who: str, sql: str,
+                                 rows: int) -> None:
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, who) as conn:
+        assert len(conn.execute(sql).fetchall()) == rows
+        log = probe(stack, conn, mark)
+    assert sql in log
+
+
+def test_allowed_write_for_payments_writers(stack: LocalStack, mode: str,
+                                            merchant_tag: str) -> None:
+    with connect(stack, mode, "writer") as conn:
+        assert conn.execute(insert_sql(merchant_tag)).rowcount == 1
+    assert payments_with(stack, merchant_tag) == 1
+
+
+# --------------------------------------------------------------------------- always blocked
+
+
+ALWAYS_BLOCKED = [
+    "DROP DATABASE shop",
+    "DROP DATABASE IF EXISTS pgwarden_scratch",
+    "ALTER ROLE fraud_reader SUPERUSER",
+    "ALTER USER app WITH PASSWORD 'not-a-real-password'",
+    "CREATE ROLE pgwarden_evil LOGIN",
+    "CREATE USER pgwarden_evil2",
+    "DROP ROLE payments_writer",
+    "DROP USER IF EXISTS app",
+    "GRANT ALL ON payments TO fraud_reader",
+    "GRANT dba_role TO fraud_reader",
+    "REVOKE SELECT ON payments FROM fraud_reader",
+    "COPY payments TO PROGRAM 'cat > /tmp/pgwarden-stolen'",
+    "COPY (SELECT 1) TO PROGRAM 'id'",
+    "COPY payments FROM PROGRAM 'echo 1'",
+    "SELECT pg_read_file('/etc/passwd')",
+    "SELECT pg_read_binary_file('/etc/passwd')",
+    "SELECT pg_ls_dir('.')",
+    "SELECT lo_import('/etc/passwd')",
+    "SELECT lo_export(12345, '/tmp/pgwarden-lo')",
+    "ALTER SYSTEM SET log_statement = 'none'",
+    "ALTER SYSTEM RESET ALL",
+    "CREATE FUNCTION pgwarden_py() RETURNS int LANGUAGE plpython3u AS $$ return 1 $$",
+    "CREATE OR REPLACE FUNCTION pgwarden_c() RETURNS int LANGUAGE c AS 'libc', 'getpid'",
+    "DO $$ BEGIN PERFORM 1; END $$",
+    "DO LANGUAGE plpgsql $$ BEGIN EXECUTE 'DROP DATABASE shop'; END $$",
+]
+
+
+@pytest.mark.parametrize("sql", ALWAYS_BLOCKED)
+def test_always_blocked_never_reaches_postgres(stack: LocalStack, mode: str, sql: str) -> None:
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, "dba") as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(sql)
+        assert_refused(info.value)
+        message = str(info.value)
+        assert "blocked" in message, message
+        # The refusal names the decision an auditor can look up.
+        assert "decision " in (info.value.diag.message_detail or ""), info.value.diag.message_detail
+        # The connection stays usable.
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+        assert_never_reached(stack, conn, mark, sql)
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+def test_refusal_inside_transaction_fails_it_on_both_sides(stack: LocalStack, mode: str,
+                                                           merchant_tag: str) -> None:
+    refused = "SELECT pg_read_file('/etc/passwd')"
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, "dba") as conn:
+        conn.execute("BEGIN")
+        conn.execute(insert_sql(merchant_tag))
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(refused)
+        assert_refused(info.value)
+        assert conn.info.transaction_status == TransactionStatus.INERROR
+        # The server agrees: its transaction is aborted too.
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction) as failed:
+            conn.execute("SELECT 1")
+        assert failed.value.sqlstate == "25P02"
+        conn.execute("ROLLBACK")
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        assert_never_reached(stack, conn, mark, refused)
+    assert payments_with(stack, merchant_tag) == 0
+
+
+def test_commit_after_refusal_rolls_back(stack: LocalStack, mode: str,
+                                         merchant_tag: str) -> None:
+    with connect(stack, mode, "dba") as conn:
+        conn.execute("BEGIN")
+        conn.execute(insert_sql(merchant_tag))
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("GRANT ALL ON payments TO fraud_reader")
+        assert_refused(info.value)
+        cur = conn.execute("COMMIT")
+        assert cur.statusmessage == "ROLLBACK"
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+    assert payments_with(stack, merchant_tag) == 0
+
+
+def test_multi_statement_query_with_one_refused_runs_none(stack: LocalStack, mode: str,
+                                                          merchant_tag: str) -> None:
+    insert = insert_sql(merchant_tag)
+    multi = f"{insert}; SELECT pg_ls_dir('.'); SELECT 1"
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, "dba") as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(multi)  # no parameters: one simple-protocol Query message
+        assert_refused(info.value)
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        assert_never_reached(stack, conn, mark, insert, "pg_ls_dir")
+    assert payments_with(stack, merchant_tag) == 0
+
+
+# --------------------------------------------------------------------------- extended protocol
+
+
+def test_extended_protocol_refusal_psycopg_prepared(stack: LocalStack, mode: str) -> None:
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, "dba") as conn:
+        for _ in range(2):  # twice: a refused Parse must leave no half-prepared state
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute("SELECT pg_read_file(%s)", ("/etc/passwd",), prepare=True)
+            assert_refused(info.value)
+        assert conn.execute("SELECT %s::int + 1", (41,), prepare=True).fetchone() == (42,)
+        assert conn.execute("SELECT %s::int + 1", (1,), prepare=True).fetchone() == (2,)
+        assert_never_reached(stack, conn, mark, "pg_read_file")
+
+
+def _asyncpg_kwargs(stack: LocalStack, mode: str, token: str) -> dict[str, Any]:
+    import ssl
+
+    parts = conninfo_to_dict(agent_dsn(stack, mode))
+    ctx = ssl.create_default_context(cafile=str(stack.certs.ca))
+    return {"host": parts["host"], "port": int(parts["port"]), "user": "agent",
+            "database": parts["dbname"], "password": token, "ssl": ctx,
+            "timeout": CONNECT_TIMEOUT}
+
+
+def test_extended_protocol_refusal_asyncpg(stack: LocalStack, mode: str) -> None:
+    token = token_for(stack, "dba")
+    mark = stack.pg_log_mark()
+
+    async def run() -> None:
+        conn = await asyncpg.connect(**_asyncpg_kwargs(stack, mode, token))
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.prepare("SELECT pg_ls_dir($1)")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetch("SELECT lo_import($1)", "/etc/passwd")
+            async with conn.transaction():
+                assert await conn.fetchval("SELECT $1::int * 2", 21) == 42
+            stmt = await conn.prepare("SELECT count(*) FROM payments WHERE id <= $1")
+            assert await stmt.fetchval(3) == 3
+        finally:
+            await conn.close(timeout=10)
+
+    asyncio.run(run())
+    with connect(stack, mode, "dba") as conn:
+        assert_never_reached(stack, conn, mark, "pg_ls_dir", "lo_import")
+
+
+def test_pipelined_batch_skips_to_sync(stack: LocalStack, mode: str, merchant_tag: str) -> None:
+    insert = insert_sql(merchant_tag)
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, "dba") as conn:
+        with pytest.raises(psycopg.Error) as info:
+            with conn.pipeline():
+                conn.execute("SELECT %s::int", (1,))
+                conn.execute("SELECT pg_read_file(%s)", ("/etc/passwd",))
+                conn.execute(insert)
+                conn.execute("SELECT %s::int", (3,))
+        assert_refused(info.value)
+        assert conn.info.transaction_status == TransactionStatus.IDLE
+        # After the Sync the connection works, pipelined or not.
+        with conn.pipeline():
+            cur = conn.execute("SELECT %s::int", (7,))
+        assert cur.fetchone() == (7,)
+        assert_never_reached(stack, conn, mark, "pg_read_file", merchant_tag)
+    assert payments_with(stack, merchant_tag) == 0
+
+
+# --------------------------------------------------------------------------- evasion corpus
+
+
+@dataclass(frozen=True)
+class Evasion:
+    name: str
+    who: str
+    sql: str
+    never: tuple[str, ...] = ()  # fragments PostgreSQL must not see besides the whole text
+
+
+EVASIONS = [
+    # comments and layout
+    Evasion("block-comment", "dba", "/* harmless */ DROP /* really */ DATABASE shop"),
+    Evasion("line-comment", "dba", "-- just a comment\nDROP DATABASE shop"),
+    Evasion("nested-comment", "dba", "/* a /* nested */ comment */ ALTER ROLE app SUPERUSER"),
+    Evasion("whitespace", "dba", "ALTER\n\tSYSTEM\n  SET\twork_mem = '1MB'"),
+    # case and quoting games
+    Evasion("mixed-case", "dba", "dRoP dAtAbAsE shop"),
+    Evasion("quoted-database", "dba", 'DROP DATABASE "shop"'),
+    Evasion("upper-function", "dba", "SELECT PG_READ_FILE('/etc/passwd')"),
+    Evasion("quoted-function", "dba", "SELECT \"pg_read_file\"('/etc/passwd')"),
+    Evasion("quoted-role", "dba", 'ALTER ROLE "fraud_reader" WITH "superuser"'),
+    Evasion("copy-program-lower", "dba", "copy (select 1) to program 'id'"),
+    Evasion("copy-server-file", "dba", "COPY payments TO '/tmp/pgwarden-copy'"),
+    # schema-qualified and search_path tricks
+    Evasion("qualified-read-file", "dba", "SELECT pg_catalog.pg_read_file('/etc/passwd')"),
+    Evasion("quoted-qualified", "dba", 'SELECT "pg_catalog"."pg_ls_dir"(\'.\')'),
+    Evasion("function-in-from", "dba", "SELECT * FROM pg_read_file('/etc/passwd') AS f"),
+    Evasion("function-in-subquery", "dba",
+            "SELECT (SELECT pg_ls_dir('.') LIMIT 1) AS x"),
+    Evasion("binary-file", "dba", "SELECT pg_read_binary_file('/etc/passwd', 0, 10)"),
+    Evasion("lo-import-oid", "dba", "SELECT lo_import('/etc/passwd', 424242)"),
+    Evasion("search-path-shadow", "reader", "SET search_path = public, pg_catalog"),
+    Evasion("search-path-then-read", "reader",
+            "SET search_path TO public, pg_catalog; SELECT pg_read_file('/etc/passwd')"),
+    Evasion("set-config-search-path", "reader",
+            "SELECT set_config('search_path', 'public, pg_catalog', false)"),
+    Evasion("set-role", "reader", "SET ROLE dba_role"),
+    Evasion("set-role-dba", "dba", "SET ROLE postgres"),
+    Evasion("session-authorization", "dba", "SET SESSION AUTHORIZATION postgres"),
+    Evasion("set-config-role", "reader", "SELECT set_config('role', 'dba_role', false)"),
+    # multi-statement
+    Evasion("multi-trailing", "dba", "SELECT 1; DROP DATABASE shop"),
+    Evasion("multi-leading", "dba", "CREATE ROLE pgwarden_sneaky; SELECT 1"),
+    Evasion("multi-grant", "dba", "SELECT 1;GRANT dba_role TO fraud_reader;SELECT 2"),
+    # CTEs with DML
+    Evasion("cte-delete", "reader",
+            "WITH gone AS (DELETE FROM payments WHERE id = 1 RETURNING id) SELECT * FROM gone"),
+    Evasion("cte-update", "reader",
+            "WITH x AS (UPDATE payments SET amount = 0 WHERE id = 2 RETURNING id) "
+            "SELECT count(*) FROM x"),
+    Evasion("cte-insert", "reader",
+            "WITH x AS (INSERT INTO payments (card_number, cardholder, amount, merchant) "
+            "VALUES ('t', 't', 1, 'evasion') RETURNING id) SELECT id FROM x"),
+    Evasion("select-into", "reader",
+            "SELECT id INTO pgwarden_copy FROM payments WHERE id < 10"),
+    # SQL-level PREPARE / EXECUTE
+    Evasion("prepare-forbidden", "dba", "PREPARE pw_read(text) AS SELECT pg_read_file($1)"),
+    Evasion("prepare-execute", "dba",
+            "PREPARE pw_ls(text) AS SELECT pg_ls_dir($1); EXECUTE pw_ls('.')"),
+    Evasion("execute-unknown", "dba", "EXECUTE pgwarden_prepared_elsewhere('x')"),
+    Evasion("reader-prepare-write", "reader",
+            "PREPARE pw_del AS DELETE FROM payments WHERE id = 1"),
+    # functions wrapping forbidden actions / dynamic SQL
+    Evasion("sql-function-wrapper", "dba",
+            "CREATE FUNCTION pgwarden_wrap(p text) RETURNS text LANGUAGE sql "
+            "AS $$ SELECT pg_read_file(p) $$"),
+    Evasion("plpgsql-function-wrapper", "dba",
+            "CREATE FUNCTION pgwarden_wrap2() RETURNS void LANGUAGE plpgsql "
+            "AS $$ BEGIN EXECUTE 'ALTER ROLE app SUPERUSER'; END $$"),
+    Evasion("user-function-call", "reader", "SELECT public.pgwarden_wrapped_read('/etc/passwd')"),
+    Evasion("query-to-xml", "dba",
+            "SELECT query_to_xml('SELECT pg_read_file(''/etc/passwd'')', true, true, '')"),
+    Evasion("do-dynamic", "dba",
+            "DO $body$ BEGIN EXECUTE 'GR' || 'ANT dba_role TO fraud_reader'; END $body$"),
+    Evasion("call-procedure", "reader", "CALL public.pgwarden_missing_proc()"),
+    # unicode escapes
+    Evasion("unicode-function", "dba", 'SELECT U&"pg_read\\005ffile"(\'/etc/passwd\')'),
+    Evasion("unicode-qualified", "dba",
+            'SELECT U&"pg\\005fcatalog".U&"pg\\005fls\\005fdir"(\'.\')'),
+    Evasion("unicode-uescape", "dba",
+            "SELECT U&\"pg!005fread!005ffile\" UESCAPE '!' ('/etc/passwd')"),
+    Evasion("unicode-role", "dba", 'ALTER ROLE U&"\\0061pp" SUPERUSER'),
+]
+
+
+@pytest.fixture(scope="module")
+def wrapper_function(stack: LocalStack) -> Iterator[None]:
+    """A user function that wraps a forbidden one, made by the superuser, so
+    the reader's call of it is a real wrapper (refused as an unknown function)."""
+    with psycopg.connect(stack.upstream_dsn, dbname="shop", autocommit=True) as admin:
+        admin.execute("SET log_statement = 'none'")
+        admin.execute("CREATE OR REPLACE FUNCTION public.pgwarden_wrapped_read(p text) "
+                      "RETURNS text LANGUAGE sql AS $$ SELECT pg_read_file(p) $$")
+        admin.execute("GRANT EXECUTE ON FUNCTION public.pgwarden_wrapped_read(text) "
+                      "TO fraud_reader")
+    yield
+    with psycopg.connect(stack.upstream_dsn, dbname="shop", autocommit=True) as admin:
+        admin.execute("DROP FUNCTION IF EXISTS public.pgwarden_wrapped_read(text)")
+
+
+@pytest.mark.parametrize("case", EVASIONS, ids=[e.name for e in EVASIONS])
+def test_evasion_refused_and_never_reaches_postgres(stack: LocalStack, mode: str, case: Evasion,
+                                                    wrapper_function: None) -> None:
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, case.who) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(case.sql)
+        assert_refused(info.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert_never_reached(stack, conn, mark, case.sql, *case.never)
+
+
+@pytest.mark.parametrize("case", [e for e in EVASIONS if ";" not in e.sql and
+                                  not e.sql.startswith(("PREPARE", "EXECUTE", "SET", "CALL"))],
+                         ids=lambda e: e.name)
+def test_evasion_in_parse_message_refused(stack: LocalStack, mode: str, case: Evasion,
+                                          wrapper_function: None) -> None:
+    """The same text as an extended-protocol Parse (psycopg prepare=True)."""
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, case.who) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(case.sql.replace("%", "%%"), (), prepare=True)
+        assert_refused(info.value)
+        assert conn.execute("SELECT %s::int", (5,), prepare=True).fetchone() == (5,)
+        assert_never_reached(stack, conn, mark, case.sql, *case.never)
+
+
+# --------------------------------------------------------------------------- approval hold
+
+
+def _rules() -> dict[str, Any]:
+    data = json.loads((ROOT / "rego" / "pgwarden_data" / "rules.json").read_text())
+    return dict(data["rules"])
+
+
+def _approvals(stack: LocalStack, token: str) -> list[dict[str, Any]]:
+    env = dict(os.environ, PGWARDEN_TOKEN=token)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "pgwarden"), "approvals", "list", "--json",
+         "--policyd", policyd_target(stack)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout)["approvals"])
+
+
+def _wait_approval(stack: LocalStack, token: str, subject: str,
+                   status: str) -> dict[str, Any] | None:
+    deadline = time.monotonic() + 30
+    seen: dict[str, Any] | None = None
+    while time.monotonic() < deadline:
+        mine = [a for a in _approvals(stack, token) if a["subject"] == subject]
+        if mine:
+            seen = mine[0]
+            if seen["status"] == status:
+                return seen
+        time.sleep(0.5)
+    return seen
+
+
+def test_large_amount_read_is_held_and_cancel_ends_it(stack: LocalStack, mode: str) -> None:
+    hold = float(_rules()["approval"]["hold_seconds"])
+    assert hold > 5, "the hold is too short to cancel during it"
+    held_sql = "SELECT * FROM payments WHERE amount > 10000"
+    subject = unique("fraud-hold")
+    approver = mint(stack, unique("approver"), ["approvers"])
+    mark = stack.pg_log_mark()
+    conn = psycopg.connect(agent_dsn(stack, mode, connect_timeout=CONNECT_TIMEOUT),
+                           password=mint(stack, subject, ["fraud-readers"]), autocommit=True)
+    try:
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["rows"] = conn.execute(held_sql).fetchall()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        # The statement waits for a human: a pending request names it.
+        pending = _wait_approval(stack, approver, subject, "pending")
+        assert pending is not None and pending["status"] == "pending", pending
+        assert "amount" in pending["statement"] and "10000" in pending["statement"]
+        time.sleep(2)
+        assert worker.is_alive(), f"the held statement ended before any approval: {outcome}"
+        conn.cancel_safe(timeout=10)
+        worker.join(30)  # bounded: a cancel must not wait for the hold to run out
+        assert not worker.is_alive(), "a cancel during the hold did not end the statement"
+        assert "rows" not in outcome, "a held statement ran without an approval"
+        assert isinstance(outcome.get("error"), psycopg.Error), outcome
+        after = _wait_approval(stack, approver, subject, "cancelled")
+        assert after is not None and after["status"] == "cancelled", after
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert_never_reached(stack, conn, mark, held_sql)
+    finally:
+        conn.close()
