@@ -281,3 +281,14 @@ async def test_decisions_are_counted(opa: OpaProcess) -> None:
         before = count("deny")
         await c.decide(req("DROP DATABASE shop"))
         assert count("deny") == before + 1
+
+
+async def test_other_services_can_be_hosted(opa: OpaProcess) -> None:
+    hosted: list[object] = []
+    server = PolicyServer("127.0.0.1:0", opa.url)
+    server.register(hosted.append)
+    await server.start()
+    try:
+        assert hosted == [server.server]
+    finally:
+        await server.stop(grace=0)
