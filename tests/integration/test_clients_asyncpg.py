@@ -200,7 +200,7 @@ async def test_transactions_and_errors(conns: list[asyncpg.Connection]) -> None:
                     await conn.fetchval("SELECT 1 / 0")
             except asyncpg.DivisionByZeroError as exc:
                 seen.append(exc.sqlstate)
-        seen.append(await conn.fetch("SELECT v FROM tx ORDER BY v"))
+        seen.append([tuple(r) for r in await conn.fetch("SELECT v FROM tx ORDER BY v")])
         for bad, exc_type in [
             ("SELECT * FROM no_such_table_pgwarden", asyncpg.UndefinedTableError),
             ("SELEC 1", asyncpg.PostgresSyntaxError),
@@ -208,8 +208,6 @@ async def test_transactions_and_errors(conns: list[asyncpg.Connection]) -> None:
             with pytest.raises(exc_type) as info:
                 await conn.fetch(bad)
             seen.append((info.value.sqlstate, info.value.message))
-        with pytest.raises(asyncpg.DataError):
-            await conn.fetchval("SELECT $1::int", "not an int")
         with pytest.raises(asyncpg.InvalidTextRepresentationError):
             await conn.fetchval("SELECT $1::text::int", "not an int")
         messages: list[str] = []
@@ -217,12 +215,7 @@ async def test_transactions_and_errors(conns: list[asyncpg.Connection]) -> None:
         await conn.execute("DO $$ BEGIN RAISE NOTICE 'notice %', 1; END $$")
         seen.append(messages)
         seen.append(await conn.fetchval("SELECT 'usable after errors'"))
-        results.append(
-            [
-                [tuple(r) for r in s] if isinstance(s, list) and s and isinstance(s[0], asyncpg.Record) else s
-                for s in seen
-            ]
-        )
+        results.append(seen)
     assert results[1] == results[0]
     assert results[0][0] == ("23505", "tx_pkey")
     assert results[0][2] == [(1,), (3,)]
