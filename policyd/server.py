@@ -193,12 +193,6 @@ class PolicyServer:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._health_task: asyncio.Task[None] | None = None
-        self._registrations: list[Callable[[grpc.aio.Server], object]] = []
-
-    def register(self, add_to_server: Callable[[grpc.aio.Server], object]) -> None:
-        """Host another service on policyd's gRPC server (approvals, audit sink):
-        ``add_to_server(server)`` runs in start(), before the server starts."""
-        self._registrations.append(add_to_server)
 
     @property
     def target(self) -> str:
@@ -215,8 +209,6 @@ class PolicyServer:
             self.service, self.server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
-        for add_to_server in self._registrations:
-            add_to_server(self.server)
         for add in self.extra_services:
             add(self.server)
         self.port = self.server.add_insecure_port(self.listen)

@@ -285,8 +285,7 @@ async def test_decisions_are_counted(opa: OpaProcess) -> None:
 
 async def test_other_services_can_be_hosted(opa: OpaProcess) -> None:
     hosted: list[object] = []
-    server = PolicyServer("127.0.0.1:0", opa.url)
-    server.register(hosted.append)
+    server = PolicyServer("127.0.0.1:0", opa.url, extra_services=[hosted.append])
     await server.start()
     try:
         assert hosted == [server.server]
