@@ -286,7 +286,14 @@ def spawn(
         created = float(psutil.Process(popen.pid).create_time())
     except psutil.Error:
         created = 0.0
-    return Proc(name, popen.pid, log, stop_signal, created, popen=popen)
+    proc = Proc(name, popen.pid, log, stop_signal, created, popen=popen)
+    _spawned.append(proc)
+    return proc
+
+
+# Every process spawned by this interpreter, so a failed start_stack can stop
+# even those a registered service started before it raised.
+_spawned: list[Proc] = []
 
 
 def stop(proc: Proc, timeout: float = 20.0) -> None:
@@ -1058,6 +1065,7 @@ def start_stack(
         raise
     stack = LocalStack(workdir, certs, pg, secrets_, ports={"postgres": pg.port})
     stack.add(pg.proc)
+    first_spawned = len(_spawned) - 1
     try:
         seed_demo(pg, secrets_)
         if services:
@@ -1103,6 +1111,11 @@ def start_stack(
                 stack.ports["gateway_inline"] = int(str(values["GATEWAY_INLINE_PORT"]))
                 stack.ports["gateway_extproc"] = int(str(values["GATEWAY_EXTPROC_PORT"]))
     except BaseException:
+        # Processes of a service whose starter raised are not in stack.procs.
+        known = {id(p) for p in stack.procs.values()}
+        for orphan in reversed(_spawned[first_spawned:]):
+            if id(orphan) not in known:
+                stop(orphan)
         stop_stack(stack, remove_data=ephemeral)
         raise
     return stack
