@@ -305,6 +305,101 @@ async def test_derived_values_masked_as_a_whole_or_refused(
     assert_no_pan(seed, outcome.output, what)
 
 
+# The same derived values (hex, reversed) reached through paths where the
+# output column is not a plain expression over payments in the statement at
+# hand: a server-side cursor (DECLARE, then FETCH), SQL-level PREPARE/EXECUTE,
+# column aliases in FROM, LATERAL, and a set-returning function whose body
+# the gateway cannot see. Each must be masked as a whole or refused.
+EVASIONS = {
+    "named_cursor": "SELECT id, encode(card_number::bytea, 'hex'), reverse(card_number) "
+                    f"FROM payments {WHERE}",
+    "prepare_execute": "PREPARE pgw_evasion AS SELECT id, encode(card_number::bytea, 'hex'), "
+                       f"reverse(card_number) FROM payments {WHERE}; EXECUTE pgw_evasion",
+    "from_column_aliases": "SELECT i, encode(c::bytea, 'hex'), reverse(c) "
+                           "FROM payments AS p(i, c) WHERE i <= 21",
+    "lateral": "SELECT p.id, l.h, l.r FROM payments p, LATERAL (SELECT "
+               "encode(p.card_number::bytea, 'hex') AS h, reverse(p.card_number) AS r) l "
+               "WHERE p.id <= 21",
+    "opaque_function": "SELECT * FROM pgwarden_masking_probe_rows()",
+}
+EVASION_RUNNERS = {
+    "named_cursor": ("psycopg-named-text", "psycopg-named-binary"),
+    "prepare_execute": ("libpq-simple",),
+}
+
+
+@pytest.fixture(scope="module")
+def probe_rows_function(stack: LocalStack) -> Iterator[str]:
+    """A set-returning SQL function over payments (created by the superuser,
+    as a DBA might): its body is opaque to the gateway's analysis."""
+    name = "pgwarden_masking_probe_rows"
+    with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+        su.execute(f"""
+            CREATE OR REPLACE FUNCTION public.{name}()
+            RETURNS TABLE (id bigint, h text, r text) LANGUAGE sql STABLE AS $$
+                SELECT id, encode(card_number::bytea, 'hex'), reverse(card_number)
+                FROM payments WHERE id <= 21 $$""")
+        su.execute(f"GRANT EXECUTE ON FUNCTION public.{name}() TO PUBLIC")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+            su.execute(f"DROP FUNCTION IF EXISTS public.{name}()")
+
+
+def _evasion_rows(stack: LocalStack, mode: str, runner: str,
+                  sql: str) -> tuple[list[tuple[Any, ...]], str, str]:
+    """(rows, SQLSTATE or "", everything shown) for one runner."""
+    try:
+        with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack)) as conn:
+            if runner == "libpq-simple":
+                res = conn.pgconn.exec_(sql.encode())
+                if res.status != pq.ExecStatus.TUPLES_OK:
+                    state = res.error_field(pq.DiagnosticField.SQLSTATE) or b""
+                    msg = res.error_message or b""
+                    return [], state.decode(), msg.decode("utf-8", "replace")
+                rows = [tuple((res.get_value(r, c) or b"").decode("utf-8", "replace")
+                              for c in range(res.nfields)) for r in range(res.ntuples)]
+            elif runner.startswith("psycopg-named"):
+                with conn.cursor(name="pgw_evasion_cursor",
+                                 binary=runner.endswith("binary")) as cur:
+                    cur.execute(sql)
+                    rows = cur.fetchall()
+            else:
+                with conn.cursor(binary=runner.endswith("binary")) as cur:
+                    cur.execute(sql)
+                    rows = cur.fetchall()
+            conn.rollback()
+            return rows, "", repr(rows)
+    except psycopg.Error as exc:
+        return [], exc.sqlstate or "", f"{exc} {exc.diag.message_detail}"
+
+
+@pytest.mark.parametrize("path", list(EVASIONS))
+def test_derived_values_through_other_paths_masked_or_refused(
+        stack: LocalStack, seed: Seed, mode: str, path: str,
+        probe_rows_function: str) -> None:
+    runners = EVASION_RUNNERS.get(path, ("psycopg-text", "psycopg-binary", "libpq-simple"))
+    for runner in runners:
+        rows, sqlstate, shown = _evasion_rows(stack, mode, runner, EVASIONS[path])
+        what = f"{path} via {runner} ({mode})"
+        assert_no_pan(seed, shown, what)
+        if sqlstate:
+            assert sqlstate == "42501", f"{what}: neither masked nor refused ({sqlstate})"
+            continue
+        n_rows = len(rows)
+        assert n_rows == N_ROWS, f"{what}: {n_rows} rows"
+        exposed = {"hex": 0, "reverse": 0}
+        for row in rows:
+            pan = seed.by_id[int(row[0])]
+            for kind, value in (("hex", str(row[1])), ("reverse", str(row[2]))):
+                truth = DERIVED[kind][1](pan)
+                if value == truth or any(truth[i:i + 6] in value for i in range(len(truth) - 5)):
+                    exposed[kind] += 1
+        assert exposed == {"hex": 0, "reverse": 0}, (
+            f"{what}: derived values came back (partly) unmasked, rows per kind: {exposed}")
+
+
 def test_binary_cursor_over_simple_protocol(stack: LocalStack, seed: Seed, mode: str) -> None:
     """DECLARE ... BINARY CURSOR returns binary values through a simple Query
     (psql's protocol): raw libpq values must hold no PAN either."""
