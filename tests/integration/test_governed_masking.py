@@ -493,6 +493,32 @@ def test_out_of_range_cast_error_is_masked(stack: LocalStack, seed: Seed, mode: 
         assert_no_pan(seed, outcome.output, f"psql error of {sql[:30]!r} ({mode})")
 
 
+ERROR_DERIVED = {
+    "hex_int": ("encode(card_number::bytea, 'hex')::int", "hex"),
+    "hex_date": ("encode(card_number::bytea, 'hex')::date", "hex"),
+    "reverse_date": ("reverse(card_number)::date", "reverse"),
+    "reverse_json": ("('{\"r\": ' || reverse(card_number) || 'x}')::json", "reverse"),
+}
+
+
+@pytest.mark.parametrize("form", list(ERROR_DERIVED))
+def test_derived_values_quoted_in_errors_are_masked(stack: LocalStack, seed: Seed, mode: str,
+                                                    form: str) -> None:
+    """PostgreSQL quotes the offending value in a cast error: a derived value
+    (hex, reversed PAN) there is as good as the PAN itself."""
+    expr, kind = ERROR_DERIVED[form]
+    exposed = 0
+    for ident in range(1, 8):  # one row of each brand
+        outcome = psycopg_run(stack, mode, f"SELECT {expr} FROM payments WHERE id = {ident}",
+                              binary=False, runs=1)
+        assert not outcome.ok, f"{form} ({mode}): the failing cast succeeded"
+        assert_no_pan(seed, outcome.output, f"{form} error ({mode})")
+        truth = DERIVED[kind][1](seed.by_id[ident])
+        if any(truth[i:i + 12] in outcome.output for i in range(len(truth) - 11)):
+            exposed += 1
+    assert exposed == 0, f"{form} ({mode}): {exposed}/7 error messages quote the derived value"
+
+
 @pytest.fixture(scope="module")
 def unique_probe(stack: LocalStack) -> Iterator[str]:
     """No column of the demo schema that holds a PAN is UNIQUE (payments and
