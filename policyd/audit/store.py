@@ -59,6 +59,27 @@ def _sqlalchemy_url(url: str) -> str:
     return url
 
 
+def _ensure_wal(cur: Any) -> None:
+    """Switch the file to WAL once (the mode persists in the file). The switch
+    needs the file to itself; another process opening it at the same moment
+    gets SQLITE_BUSY without the busy handler, so retry for a while."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        mode = cur.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() == "wal":
+            return
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def make_engine(url: str) -> Engine:
     sa_url = make_url(_sqlalchemy_url(url))
     if sa_url.get_backend_name() == "sqlite":
@@ -72,9 +93,11 @@ def make_engine(url: str) -> Engine:
             # the chain head must be locked before it is read.
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
+            # Wait for other writers before anything else: policyd and the
+            # taps open the store at the same moment when a stack starts.
             cur.execute("PRAGMA busy_timeout=30000")
+            _ensure_wal(cur)
+            cur.execute("PRAGMA synchronous=FULL")
             cur.close()
 
         @event.listens_for(engine, "begin")
