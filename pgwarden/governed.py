@@ -117,6 +117,18 @@ def start_governed(stack: st.LocalStack) -> st.ServiceContribution:
     envoy.ports["extproc"] = int(str(values["GATEWAY_EXTPROC_PORT"]))
     contribution.procs.append(envoy)
 
+    console_port = st.free_port()
+    console = st.spawn("console", [st.tap_command()[0], "console", "serve", "--listen",
+                                   f"{st.HOST}:{console_port}", "--store",
+                                   f"sqlite:///{workdir / 'audit.db'}", "--identity-config",
+                                   str(config), "--key",
+                                   str(workdir / "identity" / "audit-signing.key"),
+                                   "--checkpoints", str(workdir / "audit-checkpoints.jsonl")],
+                       workdir / "console.log")
+    console.ports["http"] = console_port
+    contribution.procs.append(console)
+    st.wait_for_port(console_port, proc=console)
+
     def agent_dsn(port: int) -> str:
         return make_conninfo("", host="localhost", port=port, dbname="shop", user="agent",
                              sslmode="verify-full", sslrootcert=str(stack.certs.ca))
@@ -126,6 +138,7 @@ def start_governed(stack: st.LocalStack) -> st.ServiceContribution:
         "PGWARDEN_AGENT_EXTPROC_DSN": agent_dsn(envoy.ports["extproc"]),
         "PGWARDEN_CONFIG": str(config),
         "PGWARDEN_POLICYD": f"{st.HOST}:{policyd_port}",
+        "PGWARDEN_CONSOLE_URL": f"http://{st.HOST}:{console_port}/",
         "PGWARDEN_OPA_URL": f"http://{st.HOST}:{opa_port}",
         "PGWARDEN_AUDIT_URL": f"sqlite:///{workdir / 'audit.db'}",
         "PGWARDEN_IDENTITY_DIR": str(workdir / "identity"),
