@@ -69,7 +69,9 @@ def probe(stack: LocalStack, conn: psycopg.Connection[Any], mark: int) -> str:
     """Run an allowed statement with a unique text and wait until PostgreSQL's
     log shows it: proof that the log covers the window we inspect (an absent
     statement means something only if a present one shows up)."""
-    tag = uuid.uuid4().hex
+    # Letters only: a long digit run can pass the Luhn check by chance and be
+    # masked as a PAN (rightly).
+    tag = uuid.uuid4().hex.translate(str.maketrans("0123456789", "ghijklmnop"))
     text = f"SELECT 'probe-{tag}' AS probe"
     assert conn.execute(text).fetchone() == (f"probe-{tag}",)
     deadline = time.monotonic() + LOG_WAIT
@@ -400,6 +402,59 @@ EVASIONS = [
     Evasion("unicode-uescape", "dba",
             "SELECT U&\"pg!005fread!005ffile\" UESCAPE '!' ('/etc/passwd')"),
     Evasion("unicode-role", "dba", 'ALTER ROLE U&"\\0061pp" SUPERUSER'),
+    # forbidden calls hidden in other statement shapes
+    Evasion("explain-analyze-delete", "reader", "EXPLAIN ANALYZE DELETE FROM payments WHERE id = 1"),
+    Evasion("explain-analyze-read-file", "dba",
+            "EXPLAIN ANALYZE SELECT pg_read_file('/etc/passwd')"),
+    Evasion("copy-query-read-file", "dba", "COPY (SELECT pg_read_file('/etc/passwd')) TO STDOUT"),
+    Evasion("ctas-read-file", "dba",
+            "CREATE TABLE pgwarden_loot AS SELECT pg_read_file('/etc/passwd') AS f"),
+    Evasion("values-ls-dir", "dba", "VALUES (pg_ls_dir('.'))"),
+    Evasion("lo-roundtrip", "dba",
+            "SELECT lo_export(lo_import('/etc/passwd'), '/tmp/pgwarden-lo2')"),
+    Evasion("lateral-ls-dir", "dba", "SELECT f FROM (VALUES (1)) v, LATERAL pg_ls_dir('.') AS f"),
+    Evasion("cast-read-file", "dba", "SELECT CAST(pg_read_file('/etc/passwd') AS text)"),
+    Evasion("recursive-cte-read-file", "dba",
+            "WITH RECURSIVE r(x) AS (SELECT pg_read_file('/etc/passwd') UNION SELECT x FROM r) "
+            "SELECT * FROM r LIMIT 1"),
+    Evasion("cursor-ls-dir", "dba",
+            "BEGIN; DECLARE pw_c CURSOR FOR SELECT pg_ls_dir('.'); COMMIT"),
+    Evasion("copy-from-server-file", "dba", "COPY payments FROM '/etc/passwd'"),
+    Evasion("drop-database-force", "dba", "DROP DATABASE IF EXISTS shop WITH (FORCE)"),
+    Evasion("plperlu", "dba",
+            "CREATE FUNCTION pgwarden_pl() RETURNS int LANGUAGE plperlu AS 'return 1'"),
+    Evasion("do-upper-language", "dba", "DO LANGUAGE PLPGSQL $$ BEGIN NULL; END $$"),
+    Evasion("load-library", "dba", "LOAD 'auto_explain'"),
+    # synonyms of role and grant statements
+    Evasion("create-group", "dba", "CREATE GROUP pgwarden_grp"),
+    Evasion("alter-group-add-user", "dba", "ALTER GROUP dba_role ADD USER fraud_reader"),
+    Evasion("alter-default-privileges", "dba",
+            "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO fraud_reader"),
+    Evasion("set-role-equals", "dba", "SET role = 'postgres'"),
+    Evasion("set-local-role", "dba", "BEGIN; SET LOCAL ROLE postgres; COMMIT"),
+    Evasion("set-config-role-dba", "dba", "SELECT set_config('role', 'postgres', false)"),
+    Evasion("set-config-session-auth", "dba",
+            "SELECT pg_catalog.set_config('session_authorization', 'postgres', false)"),
+    # writes and DDL a reader may not run, whatever the spelling
+    Evasion("reader-merge", "reader",
+            "MERGE INTO payments p USING (SELECT 1 AS id) s ON p.id = s.id "
+            "WHEN MATCHED THEN DELETE"),
+    Evasion("reader-truncate", "reader", "TRUNCATE payments"),
+    Evasion("reader-truncate-only", "reader", "TRUNCATE ONLY public.payments RESTART IDENTITY"),
+    # sensitive authentication data (CVV) is never read (PCI DSS 3.3.1)
+    Evasion("cvv-column", "dba", "SELECT cvv FROM customers WHERE id = 1"),
+    Evasion("cvv-star", "dba", "SELECT * FROM customers WHERE id = 1"),
+    Evasion("cvv-quoted", "dba", 'SELECT "cvv" FROM public."customers" WHERE id = 1'),
+    Evasion("cvv-unicode", "dba", 'SELECT U&"\\0063vv" FROM customers WHERE id = 1'),
+    Evasion("cvv-whole-row", "dba", "SELECT c FROM customers c WHERE c.id = 1"),
+    Evasion("cvv-row-to-json", "dba", "SELECT row_to_json(c) FROM customers c WHERE c.id = 1"),
+    Evasion("cvv-composite-field", "dba", "SELECT (c).cvv FROM customers c WHERE c.id = 1"),
+    Evasion("cvv-subquery", "dba",
+            "SELECT s.v FROM (SELECT cvv AS v FROM customers WHERE id = 1) s"),
+    Evasion("cvv-cte", "dba", "WITH c AS (SELECT * FROM customers) SELECT cvv FROM c WHERE id = 1"),
+    Evasion("cvv-aggregate", "dba", "SELECT string_agg(cvv, ',') FROM customers WHERE id < 3"),
+    Evasion("cvv-copy", "dba", "COPY customers (cvv) TO STDOUT"),
+    Evasion("cvv-copy-all", "dba", "COPY customers TO STDOUT"),
 ]
 
 
@@ -513,5 +568,71 @@ def test_large_amount_read_is_held_and_cancel_ends_it(stack: LocalStack, mode: s
         assert after is not None and after["status"] == "cancelled", after
         assert conn.execute("SELECT 1").fetchone() == (1,)
         assert_never_reached(stack, conn, mark, held_sql)
+    finally:
+        conn.close()
+
+
+# Ways of writing "payments above the approval threshold" (or an unbounded read
+# of a cardholder table): each must be held for a human, never run at once.
+HELD_VARIANTS = [
+    ("exponent", "SELECT * FROM payments WHERE amount > 1e4", None),
+    ("flipped", "SELECT * FROM payments WHERE 10000 < amount", None),
+    ("decimal", "SELECT * FROM payments WHERE amount >= 10000.01", None),
+    ("between", "SELECT * FROM payments WHERE amount BETWEEN 10001 AND 60000", None),
+    ("negated", "SELECT * FROM payments WHERE NOT (amount <= 10000)", None),
+    ("cast", "SELECT * FROM payments WHERE amount::numeric > 10000", None),
+    ("alias", "SELECT p.* FROM payments p WHERE p.amount > 10000", None),
+    ("qualified", "SELECT * FROM public.payments WHERE amount > 10000", None),
+    ("equality", "SELECT * FROM payments WHERE amount = 50000", None),
+    ("in-list", "SELECT * FROM payments WHERE amount IN (50000.00, 20000)", None),
+    ("expression", "SELECT * FROM payments WHERE amount + 0 > 10000", None),
+    ("arithmetic", "SELECT * FROM payments WHERE amount > 5000 * 2", None),
+    ("string", "SELECT * FROM payments WHERE amount > '10000'", None),
+    ("scalar-subquery", "SELECT * FROM payments WHERE amount > (SELECT 10000)", None),
+    ("with-limit", "SELECT * FROM payments WHERE amount > 10000 LIMIT 5", None),
+    ("high-cap", "SELECT * FROM payments WHERE amount > 10000 AND amount < 1000000", None),
+    ("subquery", "SELECT * FROM (SELECT * FROM payments) p WHERE p.amount > 10000", None),
+    ("cte", "WITH p AS (SELECT * FROM payments) SELECT * FROM p WHERE amount > 10000", None),
+    ("function", "SELECT id FROM payments WHERE greatest(amount, 0) > 10000", None),
+    ("parameter", "SELECT * FROM payments WHERE amount > %s", (10000,)),
+    ("unbounded", "SELECT * FROM payments", None),
+]
+
+
+@pytest.mark.parametrize(("sql", "params"), [(s, p) for _, s, p in HELD_VARIANTS],
+                         ids=[n for n, _, _ in HELD_VARIANTS])
+def test_large_amount_variants_are_held(stack: LocalStack, mode: str, sql: str,
+                                        params: tuple[Any, ...] | None) -> None:
+    subject = unique("fraud-variant")
+    approver = mint(stack, unique("approver"), ["approvers"])
+    conn = psycopg.connect(agent_dsn(stack, mode, connect_timeout=CONNECT_TIMEOUT),
+                           password=mint(stack, subject, ["fraud-readers"]), autocommit=True)
+    try:
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["rows"] = conn.execute(sql, params).fetchall()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        pending: dict[str, Any] | None = None
+        deadline = time.monotonic() + 30
+        while worker.is_alive() and time.monotonic() < deadline:
+            mine = [a for a in _approvals(stack, approver) if a["subject"] == subject]
+            if mine:
+                pending = mine[0]
+                break
+            time.sleep(0.5)
+        if not worker.is_alive():
+            got = "rows" if "rows" in outcome else repr(outcome.get("error"))
+            raise AssertionError(f"not held for approval: the statement ended at once ({got})")
+        assert pending is not None and pending["status"] == "pending", pending
+        conn.cancel_safe(timeout=10)
+        worker.join(30)
+        assert not worker.is_alive(), "a cancel during the hold did not end the statement"
+        assert "rows" not in outcome, "a held statement ran without an approval"
     finally:
         conn.close()
