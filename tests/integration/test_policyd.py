@@ -211,11 +211,14 @@ async def test_policyd_down_fails_closed_and_recovers(opa: OpaProcess, tmp_path:
             assert (tmp_path / "policyd.sock").stat().st_mode & 0o777 == 0o660
             await until(lambda: _true(c.cache.enabled), "the revision stream")
             assert (await c.decide(req(sql))).verdict is Verdict.ALLOW
-        down = await c.decide(req(sql))
+        # An uncached statement is refused at once; the cache stops answering
+        # as soon as the revision stream reports the loss (a few ms later).
+        down = await c.decide(req("SELECT id FROM payments WHERE id = 5"))
         assert down.verdict is Verdict.DENY
         assert down.sqlstate == UNAVAILABLE_SQLSTATE
         assert down.reasons[0].startswith(UNAVAILABLE_REASON)
-        assert not c.cache.enabled
+        await until(lambda: _true(not c.cache.enabled), "the cache to switch off")
+        assert (await c.decide(req(sql))).verdict is Verdict.DENY
 
         async with policyd(opa.url, listen=target):
             async def allowed_again() -> bool:
