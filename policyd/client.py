@@ -17,7 +17,10 @@ It is dropped whenever the policy revision changes: learnt from every
 decision and pushed by policyd's ``WatchRevision`` stream. While that stream
 is down the cache serves nothing (policyd may have missed a policy change),
 so a policyd outage refuses statements instead of replaying old answers.
-HOLD decisions and decisions taken without OPA are never cached.
+HOLD decisions and decisions taken without OPA are never cached. A policy
+edit therefore reaches a warm cache within policyd's revision poll interval
+(1 s by default) plus one stream message; a policyd outage within the time
+the stream takes to break.
 
 Failure: an RPC error or a deadline gives a DENY with SQLSTATE 58000
 (system_error: external to PostgreSQL, worth retrying later), reason
