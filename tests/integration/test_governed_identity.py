@@ -251,6 +251,21 @@ def _unknown_key(stack: LocalStack, sub: str) -> str:
                       headers={"kid": "no-such-key-" + uuid.uuid4().hex[:8], "typ": "JWT"})
 
 
+def _hmac_key_confusion(stack: LocalStack, sub: str) -> str:
+    """HS256 signed with the issuer's *public* key as the shared secret: the
+    classic key-confusion forgery anyone holding the JWKS could make."""
+    jwk = issuer(stack).public_jwks()["keys"][-1]
+    header = {"alg": "HS256", "typ": "JWT", "kid": jwk["kid"]}
+    return jwt.api_jws.encode(json.dumps(_claims(stack, sub)).encode(), jwk["x"].encode(),
+                              algorithm="HS256", headers=header)
+
+
+def _missing_exp(stack: LocalStack, sub: str) -> str:
+    claims = _claims(stack, sub)
+    del claims["exp"]
+    return issuer(stack).sign(claims)
+
+
 def _garbage(_stack: LocalStack, _sub: str) -> str:
     return "this-is-not-a-token-" + uuid.uuid4().hex
 
@@ -265,6 +280,8 @@ BAD_TOKENS: dict[str, tuple[Callable[[LocalStack, str], str], str]] = {
     "unsigned_alg_none": (_unsigned, "unsigned"),
     "unknown_kid": (_unknown_key, "unknown_key"),
     "garbage": (_garbage, "malformed"),
+    "hmac_key_confusion": (_hmac_key_confusion, "disallowed_alg"),
+    "missing_exp": (_missing_exp, "missing_claim"),
 }
 
 # Words that would tell an attacker why the token failed.
@@ -432,3 +449,43 @@ def test_groups_change_the_outcome(stack: LocalStack, mode: str, merchant_tag: s
         cur = conn.execute(insert)
         assert cur.rowcount == 1
     assert _payments_with(stack, merchant_tag) == 1
+
+
+# --------------------------------------------------------------------------- who decides the role
+
+
+def test_client_cannot_choose_its_role(stack: LocalStack, mode: str) -> None:
+    """The startup user name and ``options`` are the client's wish, not its
+    role: the gateway logs in as the role the policy maps the groups to."""
+    token = mint(stack, unique("fraud-bot"), ["fraud-readers"])
+    with connect(stack, mode, token, user="dba_role",
+                 options="-c role=dba_role -c search_path=pg_temp,public") as conn:
+        assert conn.execute("SELECT current_user, session_user").fetchone() == \
+            ("fraud_reader", "fraud_reader")
+        row = conn.execute("SELECT current_setting('search_path')").fetchone()
+        assert row is not None and "pg_temp" not in row[0]
+
+
+@pytest.mark.parametrize(("groups", "dbname"), [
+    (["approvers"], "shop"),
+    ([], "shop"),
+    (["fraud-readers"], "postgres"),
+], ids=["approvers-may-not-query", "no-groups", "database-not-granted"])
+def test_connect_decision_refuses_with_28000(stack: LocalStack, mode: str,
+                                             groups: list[str], dbname: str) -> None:
+    token = mint(stack, unique("no-entry"), groups)
+    parts = dsn_parts(stack, mode)
+
+    async def attempt() -> BaseException:
+        try:
+            conn = await asyncpg.connect(
+                host=parts["host"], port=int(parts["port"]), user="agent", database=dbname,
+                password=token, ssl=client_ssl_context(stack), timeout=CONNECT_TIMEOUT)
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        await conn.close()
+        raise AssertionError(f"{groups} connected to {dbname}")
+
+    exc = asyncio.run(attempt())
+    assert isinstance(exc, asyncpg.PostgresError), repr(exc)
+    assert exc.sqlstate == "28000", (exc.sqlstate, str(exc))
