@@ -192,6 +192,11 @@ class Session:
         self._inspect_server = False  # slow path needed for server messages
         self._close_after = False  # the server sent a FATAL: close once it is passed on
         self.last_activity = 0.0  # driver's clock, set by touch()
+        # PostgreSQL 15 does not report search_path changes, yet the analysis
+        # resolves unqualified names with it: follow successful SETs (a change
+        # inside a transaction block counts once the block commits).
+        self.search_path = '"$user", public'
+        self._txn_search_path: str | None = None
         # Set by the driver: abandon a pending decision (a hold) on client cancel.
         self.on_cancel_requested: Callable[[], None] | None = None
         self._late_events: list[Action] = []  # completion events found while framing
@@ -377,6 +382,7 @@ class Session:
             application_name=self.server_params.get(
                 "application_name", self.params.get("application_name", "")),
             tls=self.client_tls is not None,
+            search_path=self._txn_search_path or self.search_path,
             transaction_status=self.transaction_status,
         )
 
@@ -965,6 +971,8 @@ class Session:
         if not expect:
             return
         head = expect[0]
+        if tag in ("SET", "RESET", "COMMIT", "ROLLBACK") or tag.startswith("DISCARD"):
+            self._follow_search_path(tag, head.stmt)
         if head.tags is None:
             head.tags = [tag]
         else:
@@ -973,6 +981,33 @@ class Session:
             self._end_execute()
         else:
             self._masker = None
+
+    def _follow_search_path(self, tag: str, stmt: _Statement | None) -> None:
+        if tag == "COMMIT":
+            if self._txn_search_path is not None:
+                self.search_path = self._txn_search_path
+            self._txn_search_path = None
+            return
+        if tag == "ROLLBACK":
+            self._txn_search_path = None
+            return
+        if tag.startswith("DISCARD"):
+            self.search_path, self._txn_search_path = '"$user", public', None
+            return
+        if stmt is None:
+            return
+        value: str | None = None
+        for st in stmt.decision.analysis.get("statements", []):
+            if st.get("setting") == "search_path" and not st.get("is_local"):
+                path = st.get("search_path")
+                value = ", ".join(f'"{p}"' if p != "$user" else '"$user"' for p in path) \
+                    if path else '"$user", public'
+        if value is None:
+            return
+        if self.transaction_status == "T":
+            self._txn_search_path = value
+        else:
+            self.search_path = value
 
     def _end_execute(self) -> None:
         e = self._expect.popleft()

@@ -317,3 +317,31 @@ def test_cancel_request_reaches_a_session_waiting_for_its_decision() -> None:
     c = Session(SessionConfig(session_id="c"), None, registry)
     c.on_read(pg.encode_cancel(gw_pid, gw_key))
     assert called == [True]
+
+
+def _set_search_path(s: Session, sql: str, path: list[str], tag_status: bytes = b"I") -> None:
+    analysis = {"statements": [{"setting": "search_path", "search_path": path, "is_local": False}]}
+    s.hooks.decide_cached = lambda r: Decision(verdict=Verdict.ALLOW, analysis=analysis)
+    s.on_read(pg.simple_query(sql))
+    s.on_write(msg(b"C", b"SET\0") + pg.ready_for_query(tag_status))
+    s.hooks.decide_cached = lambda r: ALLOW_ALL
+
+
+def test_search_path_changes_are_followed_for_later_decisions() -> None:
+    seen: list[str] = []
+    s, _ = ready_session(Hooks(decide_cached=lambda r: ALLOW_ALL))
+    _set_search_path(s, "set search_path = shadow, public", ["shadow", "public"])
+    s.hooks.decide_cached = lambda r: seen.append(r.session.search_path) or ALLOW_ALL  # type: ignore[func-returns-value]
+    s.on_read(pg.simple_query("select * from payments"))
+    assert seen == ['"shadow", "public"']
+
+
+def test_search_path_set_in_a_rolled_back_block_is_forgotten() -> None:
+    s, _ = ready_session()
+    s.on_read(pg.simple_query("begin"))
+    s.on_write(msg(b"C", b"BEGIN\0") + pg.ready_for_query(b"T"))
+    _set_search_path(s, "set search_path = shadow", ["shadow"], b"T")
+    assert s.info().search_path == '"shadow"'
+    s.on_read(pg.simple_query("rollback"))
+    s.on_write(msg(b"C", b"ROLLBACK\0") + pg.ready_for_query(b"I"))
+    assert s.info().search_path == '"$user", public'
