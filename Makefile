@@ -32,13 +32,15 @@ proto: setup
 # The gate covers the packages (CONVENTIONS: ruff + mypy --strict on them) and the
 # infrastructure scripts; test modules are linted by their authors (`ruff check tests`).
 lint: setup
-	$(VENV)/bin/ruff check $(PACKAGES) scripts bench tests/conftest.py tests/integration/conftest.py
+	$(VENV)/bin/ruff check $(PACKAGES) scripts bench tests
 	$(VENV)/bin/mypy $(addprefix -p ,$(PACKAGES))
 	@if [ -n "$$(find rego -name '*.rego' 2>/dev/null | head -n1)" ]; then \
 		echo "opa fmt/check/test rego/"; \
 		$(OPA) fmt --list --fail rego; \
 		$(OPA) check --strict rego; \
 		$(OPA) test rego; \
+		$(OPA) test rego --coverage --threshold 90 > .cache/opa-coverage.json \
+			|| { echo "opa test: coverage of rego/ is below 90% (report: .cache/opa-coverage.json)"; exit 1; }; \
 	else echo "no .rego files yet: skipping opa checks"; fi
 
 test: setup lint
