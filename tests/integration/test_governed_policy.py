@@ -636,3 +636,75 @@ def test_large_amount_variants_are_held(stack: LocalStack, mode: str, sql: str,
         assert "rows" not in outcome, "a held statement ran without an approval"
     finally:
         conn.close()
+
+
+# --------------------------------------------------------------------------- session settings
+
+
+# With standard_conforming_strings off, the server reads a backslash in '...'
+# as an escape; the gateway's parser must not read the same text differently.
+# The server then sees: SELECT <literal "' || ">, pg_ls_dir(chr(46)) AS x --'
+# whereas a parser assuming the setting on sees one harmless string.
+SCS_SMUGGLE = "SELECT '\\' || ', pg_ls_dir(chr(46)) AS x --'"
+SCS_SMUGGLE_READER = ("SELECT '\\' || ', (SELECT string_agg(card_number, chr(44)) "
+                      "FROM payments) AS x --'")
+
+
+@pytest.mark.parametrize(("who", "smuggled"), [("dba", SCS_SMUGGLE),
+                                               ("reader", SCS_SMUGGLE_READER)],
+                         ids=["dba-file-access", "reader-unbounded-read"])
+def test_string_escape_setting_cannot_smuggle_a_statement(stack: LocalStack, mode: str,
+                                                          who: str, smuggled: str) -> None:
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, who) as conn:
+        refused = 0
+        try:
+            conn.execute("SET standard_conforming_strings = off")
+        except psycopg.errors.InsufficientPrivilege:
+            refused += 1
+        try:
+            row = conn.execute(smuggled).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            refused += 1
+        else:
+            raise AssertionError("the smuggled statement ran and returned a row of "
+                                 f"{len(row or ())} columns")
+        assert refused >= 1
+        assert_never_reached(stack, conn, mark, smuggled)
+
+
+# In GBK, 0xbf 0x5c is one character; a parser that reads the bytes as UTF-8
+# sees an invalid byte and then a backslash that escapes the closing quote, so
+# for it the rest of the text is inside the string. The server (GBK) ends the
+# string after that character and runs what follows.
+GBK_CHAR = b"\xbf\x5c".decode("gbk")
+GBK_TAIL = {
+    "dba": " , pg_ls_dir(chr(46)) AS x --'",
+    "reader": " , (SELECT string_agg(card_number, chr(44)) FROM payments) AS x --'",
+}
+
+
+@pytest.mark.parametrize("how", ["startup", "set"])
+@pytest.mark.parametrize("who", ["dba", "reader"])
+def test_client_encoding_cannot_smuggle_a_statement(stack: LocalStack, mode: str, who: str,
+                                                    how: str) -> None:
+    smuggled = f"SELECT E'{GBK_CHAR}'{GBK_TAIL[who]}"
+    mark = stack.pg_log_mark()
+    params = {"client_encoding": "GBK"} if how == "startup" else {}
+    try:
+        conn = connect(stack, mode, who, **params)
+    except psycopg.OperationalError:
+        return  # refusing a client encoding the gateway cannot read is fail-closed
+    with conn:
+        try:
+            if how == "set":
+                conn.execute("SET client_encoding = 'GBK'")
+            assert conn.info.encoding == "gbk"
+            row = conn.execute(smuggled).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            pass
+        else:
+            raise AssertionError("the smuggled statement ran and returned a row of "
+                                 f"{len(row or ())} columns")
+        conn.execute("RESET client_encoding")
+        assert_never_reached(stack, conn, mark, GBK_TAIL[who][3:-4])
