@@ -176,6 +176,7 @@ class Held:
     finished: float = 0.0
     cards: list[str] = field(default_factory=list, repr=False)
     sqlstate: str = ""
+    error: str = ""  # exception class the client raised, if any
     message: str = field(default="", repr=False)
     ok: bool = False
     conn: psycopg.Connection[Any] | None = field(default=None, repr=False)
@@ -232,7 +233,10 @@ def start_psycopg(stack: LocalStack, mode: str, sub: str, *, autocommit: bool = 
             held.ok = True
         except psycopg.Error as exc:
             held.sqlstate = exc.sqlstate or ""
+            held.error = type(exc).__name__
             held.message = f"{exc} {exc.diag.message_detail or ''} {exc.diag.message_hint or ''}"
+        except Exception as exc:  # reported by the test, not lost in the thread
+            held.error = type(exc).__name__
         finally:
             held.finished = time.monotonic()
 
@@ -290,7 +294,11 @@ def test_held_statement_runs_after_cli_approval_with_masked_rows(
     assert rec.statement == HELD_SQL
     assert "10000" in rec.reason, "the request should say why it is held"
     assert rec.database == "shop"
-    time.sleep(1.0)
+    # Other sessions, even of the same agent, are not held meanwhile.
+    with psycopg.connect(agent_dsn(stack, mode), password=mint(stack, sub, READERS),
+                         autocommit=True) as other:
+        got = other.execute("SELECT id FROM payments WHERE id = 1").fetchall()
+    assert got == [(1,)], "another session was affected by the hold"
     assert held.waiting, f"{client} ({mode}) did not wait for the approval"
 
     approved = approvals_cli(stack, "approve", rec.approval_id, "--reason", "fraud case 4711",
@@ -337,6 +345,79 @@ def test_denied_statement_fails_with_pw001_and_the_approval_id(
         conn.rollback()
         assert conn.execute("SELECT 1").fetchone() == (1,), "the connection should stay usable"
         conn.commit()
+
+
+def test_parameterised_statement_is_held_and_runs_with_its_values(
+        stack: LocalStack, expected: Expected, mode: str, cleanup: list[Held]) -> None:
+    """Extended protocol with a Bind value: the request shows the text with
+    its placeholder, and what runs after the approval is that statement with
+    the values the client sent."""
+    sub = unique_sub("params")
+    conn = psycopg.connect(agent_dsn(stack, mode), password=mint(stack, sub, READERS),
+                           autocommit=True)
+    held = Held("psycopg", sub, conn=conn)
+    cleanup.append(held)
+
+    def run() -> None:
+        try:
+            cur = conn.execute("SELECT card_number FROM payments WHERE amount > %s", (10000,))
+            held.cards = [str(r[0]) for r in cur.fetchall()]
+            held.ok = True
+        except psycopg.Error as exc:
+            held.sqlstate = exc.sqlstate or ""
+        finally:
+            held.finished = time.monotonic()
+
+    held._thread = threading.Thread(target=run, daemon=True)
+    held._thread.start()
+    rec = wait_pending(stack, sub)
+    assert "$1" in rec.statement, "the request should show the statement as sent"
+    approved = approvals_cli(stack, "approve", rec.approval_id, "--reason", "param check",
+                             token=approver_token(stack))
+    assert approved.returncode == 0, approved.stderr
+    held.join(60)
+    assert held.ok, f"({mode}) failed after approval: SQLSTATE {held.sqlstate}"
+    assert_masked_rows(expected, held.cards, f"parameterised ({mode})")
+
+
+def test_messages_after_a_held_statement_wait_their_turn(
+        stack: LocalStack, expected: Expected, mode: str, cleanup: list[Held]) -> None:
+    """Pipelined after the held statement, a harmless query is answered only
+    after it, in order."""
+    sub = unique_sub("pipeline")
+    conn = psycopg.connect(agent_dsn(stack, mode), password=mint(stack, sub, READERS),
+                           autocommit=True)
+    held = Held("psycopg", sub, conn=conn)
+    cleanup.append(held)
+    after: list[Any] = []
+
+    def run() -> None:
+        try:
+            with conn.pipeline():
+                first = conn.execute(HELD_SQL)
+                second = conn.execute("SELECT 'after the hold'")
+            names = [d.name for d in first.description or ()]
+            col = names.index("card_number")
+            held.cards = [str(r[col]) for r in first.fetchall()]
+            after.extend(second.fetchall())
+            held.ok = True
+        except psycopg.Error as exc:
+            held.sqlstate = exc.sqlstate or ""
+        finally:
+            held.finished = time.monotonic()
+
+    held._thread = threading.Thread(target=run, daemon=True)
+    held._thread.start()
+    rec = wait_pending(stack, sub)
+    time.sleep(1.0)
+    assert held.waiting and not after, "the pipelined query was answered during the hold"
+    approved = approvals_cli(stack, "approve", rec.approval_id, "--reason", "pipeline check",
+                             token=approver_token(stack))
+    assert approved.returncode == 0, approved.stderr
+    held.join(60)
+    assert held.ok, f"({mode}) pipeline failed after approval: SQLSTATE {held.sqlstate}"
+    assert_masked_rows(expected, held.cards, f"pipelined held statement ({mode})")
+    assert after == [("after the hold",)]
 
 
 # --------------------------------------------------------------------------- approvers
@@ -430,7 +511,9 @@ def test_late_approval_grants_exactly_one_identical_retry(
 
     for mode, held in helds.items():
         held.join(hold + 90)
-        assert held.sqlstate == "PW002", f"{mode}: SQLSTATE {held.sqlstate!r} after the hold, not PW002"
+        assert held.sqlstate == "PW002", (
+            f"{mode}: {held.error or 'no error'} with SQLSTATE {held.sqlstate!r} after the hold "
+            f"({held.finished - held.started:.0f}s), not PW002")
         assert recs[mode].approval_id in held.message, f"{mode}: approval id not in the message"
         assert record(stack, recs[mode].approval_id).status.value == "expired"
 
@@ -442,15 +525,39 @@ def test_late_approval_grants_exactly_one_identical_retry(
 
     for mode, held in helds.items():
         assert held.conn is not None
+        # A different statement does not use the grant: it is held on its own.
+        other = Held("psycopg", held.sub)
+        other_done = threading.Event()
+
+        def run_other(conn: psycopg.Connection[Any] = held.conn, out: Held = other,
+                      done: threading.Event = other_done) -> None:
+            try:
+                conn.execute(HELD_SQL + " AND amount < 40000").fetchall()
+                out.ok = True
+            except psycopg.Error as exc:
+                out.sqlstate = exc.sqlstate or ""
+            finally:
+                done.set()
+
+        threading.Thread(target=run_other, daemon=True).start()
+        different = wait_pending(stack, held.sub, exclude=frozenset({recs[mode].approval_id}))
+        assert not other_done.is_set(), f"{mode}: a different statement used the late grant"
+        deny_quietly(stack, different.approval_id)
+        assert other_done.wait(60) and other.sqlstate == "PW001"
+        assert record(stack, recs[mode].approval_id).status.value == "approved", (
+            f"{mode}: the late grant was spent by a different statement")
+
         # The identical statement, same identity, same connection: runs at once.
         retry = start_psycopg(stack, mode, held.sub, conn=held.conn)
         retry.join(60)
         assert retry.ok, f"{mode}: the late-approved retry failed: SQLSTATE {retry.sqlstate}"
         assert_masked_rows(expected, retry.cards, f"{mode} late-approved retry")
+        assert record(stack, recs[mode].approval_id).status.value == "spent"
 
         # The grant is spent: the next identical statement is held again.
         again = start_psycopg(stack, mode, held.sub, conn=held.conn)
-        fresh = wait_pending(stack, held.sub, exclude=frozenset({recs[mode].approval_id}))
+        fresh = wait_pending(stack, held.sub,
+                             exclude=frozenset({recs[mode].approval_id, different.approval_id}))
         assert again.waiting, f"{mode}: the second retry was not held"
         deny_quietly(stack, fresh.approval_id)
         again.join(60)
