@@ -18,6 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -708,3 +711,99 @@ def test_client_encoding_cannot_smuggle_a_statement(stack: LocalStack, mode: str
                                  f"{len(row or ())} columns")
         conn.execute("RESET client_encoding")
         assert_never_reached(stack, conn, mark, GBK_TAIL[who][3:-4])
+
+
+# --------------------------------------------------------------------------- FunctionCall
+
+
+def _read_message(tls: Any) -> tuple[bytes, bytes]:
+    def exactly(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = tls.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("the gateway closed the connection")
+            buf += chunk
+        return buf
+
+    head = exactly(5)
+    (length,) = struct.unpack("!i", head[1:])
+    return head[:1], exactly(length - 4)
+
+
+def _until_ready(tls: Any) -> list[tuple[bytes, bytes]]:
+    seen = []
+    while True:
+        kind, body = _read_message(tls)
+        seen.append((kind, body))
+        if kind == b"Z":
+            return seen
+
+
+def _error_fields(body: bytes) -> dict[str, str]:
+    fields = {}
+    for part in body.split(b"\0"):
+        if part:
+            fields[part[:1].decode()] = part[1:].decode(errors="replace")
+    return fields
+
+
+def _raw_login(stack: LocalStack, mode: str, token: str, app: str) -> Any:
+    """A hand-written client: psycopg and asyncpg cannot send a FunctionCall."""
+    parts = conninfo_to_dict(agent_dsn(stack, mode))
+    sock = socket.create_connection((parts["host"], int(parts["port"])), timeout=30)
+    sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+    assert sock.recv(1) == b"S"
+    ctx = ssl.create_default_context(cafile=str(stack.certs.ca))
+    tls = ctx.wrap_socket(sock, server_hostname=parts["host"])
+    params = b"".join(k + b"\0" + v + b"\0" for k, v in (
+        (b"user", b"agent"), (b"database", b"shop"), (b"application_name", app.encode())))
+    body = struct.pack("!i", 196608) + params + b"\0"
+    tls.sendall(struct.pack("!i", len(body) + 4) + body)
+    kind, auth = _read_message(tls)
+    assert kind == b"R" and struct.unpack("!i", auth[:4])[0] == 3, (kind, auth)  # cleartext
+    secret = token.encode() + b"\0"
+    tls.sendall(b"p" + struct.pack("!i", len(secret) + 4) + secret)
+    kinds = [k for k, _ in _until_ready(tls)]
+    assert b"E" not in kinds, kinds
+    return tls
+
+
+def _function_call(oid: int, arg: bytes) -> bytes:
+    body = (struct.pack("!i", oid) + struct.pack("!hh", 1, 0) + struct.pack("!h", 1)
+            + struct.pack("!i", len(arg)) + arg + struct.pack("!h", 0))
+    return b"F" + struct.pack("!i", len(body) + 4) + body
+
+
+def _simple_query(sql: str) -> bytes:
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!i", len(body) + 4) + body
+
+
+@pytest.mark.parametrize("who", ["dba", "reader"])
+def test_function_call_message_is_decided_too(stack: LocalStack, mode: str, who: str) -> None:
+    """The fastpath FunctionCall names a function by OID: lo_import of a server
+    file must be refused like the SQL call is, and never reach the server."""
+    with psycopg.connect(stack.upstream_dsn, dbname="shop") as admin:
+        row = admin.execute("SELECT 'pg_catalog.lo_import(text)'::regprocedure::oid::int").fetchone()
+    assert row is not None
+    oid = int(row[0])
+    app = unique("raw-fn")
+    mark = stack.pg_log_mark()
+    tls = _raw_login(stack, mode, token_for(stack, who), app)
+    try:
+        tls.sendall(_function_call(oid, b"/etc/passwd"))
+        reply = _until_ready(tls)
+        errors = [_error_fields(b) for k, b in reply if k == b"E"]
+        assert errors and errors[0].get("C") == "42501", (reply, errors)
+        assert reply[-1] == (b"Z", b"I")
+        tls.sendall(_simple_query("SELECT 6 * 7"))
+        reply = _until_ready(tls)
+        assert any(k == b"D" and b"42" in b for k, b in reply), reply
+        tls.sendall(b"X" + struct.pack("!i", 4))
+    finally:
+        tls.close()
+    log = stack.pg_log_since(mark)
+    mine = [line for line in log.splitlines() if f"/{app} " in line]
+    assert any("SELECT 6 * 7" in line for line in mine), "the log does not cover the session"
+    assert not any("fastpath" in line or "lo_import" in line for line in mine), mine
