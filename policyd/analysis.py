@@ -194,6 +194,12 @@ class Analysis:
             "functions": sorted({
                 f'{f["schema"]}.{f["name"]}' for s in self.statements for f in s["functions"]
             }),
+            # For the tap: decide again at Bind when the SQL has parameters,
+            # and follow search_path changes for later statements.
+            "params_used": list(self.params_used),
+            "search_path_set": next(
+                (list(s.get("search_path") or []) for s in reversed(self.statements)
+                 if s.get("setting") == "search_path" and not s.get("is_local")), None),
         }
 
 

@@ -115,6 +115,11 @@ class Runtime:
         metrics.DECISION_LATENCY.labels(source="policyd").observe(time.perf_counter() - started)
         if decision.verdict is not Verdict.HOLD:
             return decision
+        if (request.path == "parse" and request.params is None
+                and decision.analysis.get("params_used")):
+            # Held only because the Bind values are not known yet: the session
+            # prepares it and asks again with the values at each Bind.
+            return decision
         if self.approvals is None:
             return replace(decision, verdict=Verdict.DENY, reasons=(
                 *decision.reasons, "this statement needs a human approval, and no approval "

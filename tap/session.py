@@ -125,6 +125,9 @@ class _Statement:
     tags: list[str] = field(default_factory=list)
     error: dict[str, str] | None = None
     masked: int = 0
+    # Held at Parse only because its parameters were unknown: prepared, and
+    # each Bind is decided with the actual values.
+    decide_at_bind: bool = False
 
 
 @dataclass(slots=True)
@@ -132,6 +135,7 @@ class _Portal:
     statement: str
     result_formats: tuple[int, ...]
     fields: tuple[pg.Field, ...] | None = None
+    stmt: _Statement | None = None  # the Bind-time decision, when there was one
 
 
 @dataclass(slots=True)
@@ -185,6 +189,7 @@ class Session:
         self._expect: deque[_Expect] = deque()
         self._markers: dict[str, _Statement] = {}
         self._statements: dict[str, tuple[str, _Statement, tuple[pg.Field, ...] | None]] = {}
+        self._param_types: dict[str, tuple[int, ...]] = {}
         self._portals: dict[str, _Portal] = {}
         self._simple_fields: tuple[pg.Field, ...] | None = None
         self._masker: ResultMasker | None = None
@@ -609,13 +614,21 @@ class Session:
             self._decide(msg, self._request(parse.query, "parse", parse.name), out)
         elif t == b"B":
             bind = pg.decode_bind(msg.body)
+            known = self._statements.get(bind.statement)
+            if known is not None and known[1].decide_at_bind:
+                request = replace(self._request(known[0], "parse", bind.statement),
+                                  params=_param_texts(bind,
+                                                      self._param_types.get(bind.statement, ())))
+                self._decide(msg, request, out)
+                return
             self._bind(bind)
             self._forward(msg, _Expect("B"), out)
         elif t == b"E":
             portal, _ = pg.cstring(msg.body, 0)
             p = self._portals.get(portal)
             known = self._statements.get(p.statement) if p is not None else None
-            stmt = known[1] if known is not None else None
+            stmt = p.stmt if p is not None and p.stmt is not None else (
+                known[1] if known is not None else None)
             if self.hooks.masker_factory is not None and (p is None or p.fields is None):
                 # Rows of a portal whose shape the tap never saw (a statement
                 # executed without Describe): ask the server first, so binary
@@ -672,14 +685,30 @@ class Session:
                out: list[Action]) -> None:
         self._seq += 1
         stmt = _Statement(self._seq, request.sql, request.path, decision)
-        self._event(out, "statement", seq=stmt.seq, sql=request.sql, path=request.path,
-                    verdict=decision.verdict.value, reasons=list(decision.reasons),
-                    decision_id=decision.decision_id, policy_revision=decision.policy_revision,
-                    approval_id=decision.approval_id)
+        deferred = (msg.type == b"P" and decision.verdict is Verdict.HOLD
+                    and bool(decision.analysis.get("params_used")))
+        if not deferred:  # a deferred Parse is recorded with each Bind's decision
+            self._event(out, "statement", seq=stmt.seq, sql=request.sql, path=request.path,
+                        verdict=decision.verdict.value, reasons=list(decision.reasons),
+                        decision_id=decision.decision_id,
+                        policy_revision=decision.policy_revision,
+                        approval_id=decision.approval_id)
+        t = msg.type
+        if deferred:
+            stmt.decide_at_bind = True
+            parse = pg.decode_parse(msg.body)
+            self._statements[parse.name] = (parse.query, stmt, None)
+            self._param_types[parse.name] = parse.param_types
+            self._forward(msg, _Expect("P"), out)
+            return
         if decision.verdict is not Verdict.ALLOW:
             self._refuse(msg, stmt, out)
             return
-        t = msg.type
+        if t == b"B":
+            bind = pg.decode_bind(msg.body)
+            self._bind(bind, stmt)
+            self._forward(msg, _Expect("B"), out)
+            return
         if t == b"Q":
             self._forward(msg, _Expect("Q", stmt=stmt), out)
         elif t == b"P":
@@ -700,16 +729,22 @@ class Session:
             self._statements.pop(parse.name, None)
             self._send_upstream(out, pg.parse_message(parse.name, marker))
             self._expect.append(_Expect("P", stmt=stmt))
+        elif msg.type == b"B":
+            # A Bind refused with its values: a Parse of the marker under a
+            # name of its own takes its place (it fails, so nothing is
+            # created), and the server skips the rest of the batch to Sync.
+            self._send_upstream(out, pg.parse_message(marker, marker))
+            self._expect.append(_Expect("P", stmt=stmt))
         else:
             # Query and FunctionCall: one complete cycle ending in ReadyForQuery.
             self._send_upstream(out, pg.simple_query(marker))
             self._expect.append(_Expect("Q", stmt=stmt))
 
-    def _bind(self, bind: pg.Bind) -> None:
+    def _bind(self, bind: pg.Bind, stmt: _Statement | None = None) -> None:
         known = self._statements.get(bind.statement)
         fields = known[2] if known else None
         self._portals[bind.portal] = _Portal(bind.statement, bind.result_formats,
-                                             _with_formats(fields, bind.result_formats))
+                                             _with_formats(fields, bind.result_formats), stmt)
 
     def _forward(self, msg: pg.Message, expect: _Expect, out: list[Action]) -> None:
         self._expect.append(expect)
@@ -996,14 +1031,10 @@ class Session:
             return
         if stmt is None:
             return
-        value: str | None = None
-        for st in stmt.decision.analysis.get("statements", []):
-            if st.get("setting") == "search_path" and not st.get("is_local"):
-                path = st.get("search_path")
-                value = ", ".join(f'"{p}"' if p != "$user" else '"$user"' for p in path) \
-                    if path else '"$user", public'
-        if value is None:
+        path = stmt.decision.analysis.get("search_path_set")
+        if path is None:
             return
+        value = ", ".join(f'"{p}"' for p in path) if path else '"$user", public'
         if self.transaction_status == "T":
             self._txn_search_path = value
         else:
@@ -1158,6 +1189,53 @@ def _hint_for(d: Decision) -> str:
     if d.verdict is Verdict.HOLD:
         return "this statement needs a human approval"
     return "ask your security team if you need this access; the refusal is recorded"
+
+
+def _param_texts(bind: pg.Bind, types: tuple[int, ...] = ()) -> tuple[str | None, ...]:
+    """Bind values as the policy sees them, in PostgreSQL's text form.
+
+    Binary values of the common scalar types (declared in Parse) are decoded;
+    any other binary value is given as hex, which the policy cannot compare
+    and this pack treats as unknown (conservatively)."""
+    formats = bind.param_formats
+    out: list[str | None] = []
+    for i, value in enumerate(bind.params):
+        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        if value is None:
+            out.append(None)
+        elif fmt == 0:
+            out.append(value.decode("utf-8", "replace"))
+        else:
+            out.append(_binary_text(value, types[i] if i < len(types) else 0))
+    return tuple(out)
+
+
+def _binary_text(value: bytes, oid: int) -> str:
+    import struct as _struct
+
+    try:
+        if oid in (20, 21, 23) and len(value) in (2, 4, 8):
+            return str(int.from_bytes(value, "big", signed=True))
+        if oid == 700 and len(value) == 4:
+            return repr(_struct.unpack("!f", value)[0])
+        if oid == 701 and len(value) == 8:
+            return repr(_struct.unpack("!d", value)[0])
+        if oid == 16 and len(value) == 1:
+            return "true" if value[0] else "false"
+        if oid in (25, 1043, 1042, 19):
+            return value.decode("utf-8", "replace")
+        if oid == 1700:
+            from maskd.styles import decode_numeric
+
+            decoded = decode_numeric(value)
+            # Only whole numbers: dropping a fraction could understate a value
+            # the policy compares (a fraction stays "unknown", conservatively).
+            if decoded is not None and decoded[2] == 0:
+                whole, negative, _scale = decoded
+                return f"{'-' if negative else ''}{whole}"
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return "\\x" + value.hex()
 
 
 def _u32(body: bytes, pos: int) -> tuple[int]:

@@ -320,7 +320,7 @@ def test_cancel_request_reaches_a_session_waiting_for_its_decision() -> None:
 
 
 def _set_search_path(s: Session, sql: str, path: list[str], tag_status: bytes = b"I") -> None:
-    analysis = {"statements": [{"setting": "search_path", "search_path": path, "is_local": False}]}
+    analysis = {"search_path_set": path}
     s.hooks.decide_cached = lambda r: Decision(verdict=Verdict.ALLOW, analysis=analysis)
     s.on_read(pg.simple_query(sql))
     s.on_write(msg(b"C", b"SET\0") + pg.ready_for_query(tag_status))
@@ -345,3 +345,48 @@ def test_search_path_set_in_a_rolled_back_block_is_forgotten() -> None:
     s.on_read(pg.simple_query("rollback"))
     s.on_write(msg(b"C", b"ROLLBACK\0") + pg.ready_for_query(b"I"))
     assert s.info().search_path == '"$user", public'
+
+
+def test_parameter_dependent_hold_is_decided_again_at_bind_with_the_values() -> None:
+    asked: list[tuple[str | None, ...] | None] = []
+
+    def decide(r: StatementRequest) -> Decision | None:
+        asked.append(r.params)
+        if r.params is None:
+            return Decision(verdict=Verdict.HOLD, analysis={"params_used": [1]})
+        if r.params == ("5",):
+            return ALLOW_ALL
+        return Decision(verdict=Verdict.DENY, reasons=("too large",), decision_id="d-9")
+
+    s, _ = ready_session(Hooks(decide_cached=decide))
+    sent = up(s.on_read(pg.parse_message("s1", "select id from payments where amount < $1")
+                        + msg(b"S")))
+    assert [m.type for m in pg.iter_frames(sent)] == [b"P", b"S"]  # prepared, nothing runs
+    s.on_write(msg(b"1") + pg.ready_for_query(b"I"))
+
+    def bind(value: bytes) -> bytes:
+        return msg(b"B", b"\0s1\0\0\0\0\x01" + struct.pack("!i", len(value)) + value + b"\0\0")
+
+    ok = up(s.on_read(bind(b"5") + msg(b"E", b"\0\0\0\0\0") + msg(b"S")))
+    assert [m.type for m in pg.iter_frames(ok)] == [b"B", b"E", b"S"]
+    s.on_write(msg(b"2") + msg(b"C", b"SELECT 0\0") + pg.ready_for_query(b"I"))
+    refused = list(pg.iter_frames(up(s.on_read(bind(b"20000") + msg(b"E", b"\0\0\0\0\0")
+                                               + msg(b"S")))))
+    assert [m.type for m in refused] == [b"P", b"E", b"S"]
+    marker = pg.decode_parse(refused[0].body).query
+    assert marker.startswith("pgwarden_refused_")
+    out = list(pg.iter_frames(down(s.on_write(
+        pg.error_response("42601", f'syntax error at or near "{marker}"')
+        + pg.ready_for_query(b"I")))))
+    assert pg.decode_fields(out[0].body)["C"] == "42501" and out[-1].type == b"Z"
+    assert asked == [None, ("5",), ("20000",)]
+
+
+def test_binary_bind_values_reach_the_policy_as_text() -> None:
+    from tap.session import _param_texts
+
+    bind = pg.Bind("", "s", (1,), (struct.pack("!q", 20000), struct.pack("!i", -5), b"\x01",
+                                    b"abc"), ())
+    assert _param_texts(bind, (20, 23, 16, 25)) == ("20000", "-5", "true", "abc")
+    # An unknown binary type stays opaque (the policy treats it as unknown).
+    assert _param_texts(bind, (0, 0, 0, 0))[0] == "\\x0000000000004e20"
