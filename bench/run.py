@@ -158,6 +158,136 @@ def write_markdown(path: Path, table: str) -> None:
     path.write_text("# Benchmark results\n\n" + table + "\n")
 
 
+GOVERNED = ("envoy_tcp", "gateway_inline", "gateway_extproc")
+GOV_BEGIN = "<!-- bench:governed:begin (written by bench/run.py; edit outside the markers) -->"
+GOV_END = "<!-- bench:governed:end -->"
+POINT_READ = "\\set id random(1, 3000)\nSELECT amount, merchant FROM payments WHERE id = :id;\n"
+MASKED_FETCH = ("SELECT id, card_number, cardholder, amount FROM payments, "
+                "generate_series(1, 67) g LIMIT 200000")
+
+
+def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float | None]],
+                                                       dict[str, object]]:
+    """The product as agents use it: token auth, policy on every statement
+    (decision cache warm), masking, audit spooled before forwarding, TLS on
+    both legs. Baseline: Envoy tcp_proxy straight to PostgreSQL with TLS, as
+    the same database role (fraud_reader) with its password."""
+    import time as _time
+
+    workdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-gov-"))
+    quiet = {"log_statement": "'none'", "log_connections": "off", "log_disconnections": "off"}
+    script = workdir / "point_read.sql"
+    script.write_text(POINT_READ)
+    tps: dict[str, list[float]] = {t: [] for t in GOVERNED}
+    lat: dict[str, list[float]] = {t: [] for t in GOVERNED}
+    fetch: dict[str, list[float]] = {t: [] for t in GOVERNED}
+    with st.running_stack(workdir, pg_settings=quiet) as stack:
+        from psycopg.conninfo import conninfo_to_dict
+
+        from pgwarden.devissuer import ensure_dev_keys
+
+        token = ensure_dev_keys(stack.workdir / "identity").mint(
+            "bench-agent", groups=("fraud-readers",), ttl=7200)
+
+        def agent(key: str) -> str:
+            d = conninfo_to_dict(stack.extra_env[key])
+            return make_conninfo("", **{**d, "password": token, "sslmode": "require"})
+
+        dsns = {
+            "envoy_tcp": make_conninfo(stack.dsn(stack.ports["envoy_tcp"], user="fraud_reader"),
+                                       sslmode="require",
+                                       password=stack.passwords["fraud_reader"]),
+            "gateway_inline": agent("PGWARDEN_AGENT_DSN"),
+            "gateway_extproc": agent("PGWARDEN_AGENT_EXTPROC_DSN"),
+        }
+        for rnd in range(rounds):
+            order = GOVERNED[rnd % 3:] + GOVERNED[:rnd % 3]
+            for target in order:
+                for clients, bucket in ((8, tps), (1, lat)):
+                    # -M prepared: the way psycopg 3 and asyncpg send statements
+                    # (parameters bound server-side), so the policy decides the
+                    # statement once per connection and each execution is checked
+                    # against that decision.
+                    opts = ["-n", "-M", "prepared", "-f", str(script), "-c", str(clients),
+                            "-j", str(min(clients, 2)), "-T", str(seconds)]
+                    run = pgbench(opts, dsns[target], timeout=seconds * 4 + 120)
+                    try:
+                        t, ms = parse(run.stdout)
+                    except ValueError:
+                        print(f"[bench] governed {target} c{clients} FAILED: "
+                              f"{run.stderr.strip()[-300:]}", flush=True)
+                        continue
+                    bucket[target].append(t if clients == 8 else ms)
+                    print(f"[bench] governed round {rnd + 1} c{clients} {target}: {t:.0f} tps, "
+                          f"{ms:.3f} ms", flush=True)
+                with psycopg.connect(dsns[target]) as conn:
+                    started = _time.perf_counter()
+                    rows = conn.execute(MASKED_FETCH).fetchall()
+                    took = _time.perf_counter() - started
+                if len(rows) != 200_000:
+                    print(f"[bench] masked fetch {target}: {len(rows)} rows", flush=True)
+                    continue
+                fetch[target].append(took)
+                print(f"[bench] governed round {rnd + 1} masked fetch {target}: {took:.2f} s",
+                      flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 3) if values else None
+
+    results = {
+        "governed_point_read_c8_tps": {t: median(tps[t]) for t in GOVERNED},
+        "governed_point_read_c1_latency_ms": {t: median(lat[t]) for t in GOVERNED},
+        "masked_fetch_seconds": {t: median(fetch[t]) for t in GOVERNED},
+    }
+    return results, {"governed_samples": {"tps": tps, "latency": lat, "fetch": fetch}}
+
+
+def render_governed(results: dict[str, dict[str, float | None]], meta: dict[str, object]) -> str:
+    tps = results["governed_point_read_c8_tps"]
+    lat = results["governed_point_read_c1_latency_ms"]
+    fetch = results["masked_fetch_seconds"]
+    lines = [
+        GOV_BEGIN,
+        "## The governed gateway: policy, masking and audit on",
+        "",
+        f"Measured {meta['date']}, same run as above ({meta['rounds']} rounds, medians). "
+        "Agents connect with a token over TLS; every statement is decided (decision cache "
+        "warm), results are masked, events are spooled before forwarding and shipped to "
+        "policyd. Baseline: Envoy tcp_proxy to PostgreSQL with TLS, same role and query.",
+        "",
+        "Point read: `\\set id random(1, 3000)` / "
+        "`SELECT amount, merchant FROM payments WHERE id = :id` "
+        "(pgbench -M prepared -f, -c 8 -j 2 and -c 1). Masked fetch: 200,000 rows of "
+        "(id, card_number, cardholder, amount), psycopg fetchall.",
+        "",
+        "| target | tps, -c 8 | vs envoy_tcp | latency ms, -c 1 | added over envoy_tcp | "
+        "masked fetch s | vs envoy_tcp |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in GOVERNED:
+        mine, base = lat.get(t), lat.get("envoy_tcp")
+        added = f"{mine - base:+.3f} ms" if mine is not None and base is not None else "n/a"
+        lines.append(
+            f"| {t} | {f'{tps[t]:.0f}' if tps.get(t) else 'failed'} | "
+            f"{ratio(tps.get(t), tps.get('envoy_tcp'))} | "
+            f"{f'{lat[t]:.3f}' if lat.get(t) else 'failed'} | {added} | "
+            f"{f'{fetch[t]:.2f}' if fetch.get(t) else 'failed'} | "
+            f"{ratio(fetch.get(t), fetch.get('envoy_tcp'))} |")
+    lines += ["", GOV_END]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, begin: str, end: str, table: str) -> None:
+    text = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        path.write_text(head + table + tail)
+    else:
+        path.write_text(text.rstrip("\n") + "\n\n" + table + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="pgbench through every path (see docstring)")
     parser.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", 15)))
@@ -234,11 +364,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "samples": samples,
         "failures": failures,
     }
+    print("[bench] governed gateway (policy, masking, audit on)", flush=True)
+    governed, governed_meta = governed_phase(args.seconds, args.rounds)
+    results.update(governed)
+    meta.update(governed_meta)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({**results, "meta": meta}, indent=2) + "\n")
+    previous: dict[str, object] = {}
+    out_json = args.out / "results.json"
+    if out_json.is_file():
+        # Figures other benches write (maskd_values_per_s, audit_events_per_s,
+        # policy decisions) are kept.
+        previous = {k: v for k, v in json.loads(out_json.read_text()).items()
+                    if k not in results and k != "meta"}
+    out_json.write_text(json.dumps({**previous, **results, "meta": meta}, indent=2) + "\n")
     table = render_table(results, meta)
     write_markdown(args.out / "RESULTS.md", table)
+    write_section(args.out / "RESULTS.md", GOV_BEGIN, GOV_END, render_governed(results, meta))
     print(table)
+    print(render_governed(results, meta))
     for failure in failures:
         print(f"[bench] failure: {failure}", file=sys.stderr)
     return 1 if failures else 0
