@@ -187,6 +187,12 @@ async def serve(host: str, port: int, runtime: Runtime,
         ("grpc.max_receive_message_length", 256 * 1024 * 1024),
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
         ("grpc.so_reuseport", 0),
+        # Envoy keeps the HTTP/2 connection alive with pings while a stream
+        # waits (a statement held for approval can wait minutes): accept them,
+        # or gRPC answers "too many pings" and drops every session on it.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 0),
     ])
     servicer = NetworkExtProc(runtime)
     pb_grpc.add_NetworkExternalProcessorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
