@@ -14,12 +14,13 @@ message is replaced by an ErrorResponse: never delivered raw.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from maskd.detect import mask_pans, may_contain_pan
+from maskd.detect import digit_count, mask_pans, may_contain_pan
 from maskd.engine import ColumnMeta, CopyState, Masker, MaskError, MaskStats, RowMasker
 from tap import protocol as pg
 from tap.hooks import Decision, MaskPlan
@@ -31,6 +32,58 @@ CatalogLookup = Callable[[str], ColumnResolver]
 _MASK_FAILED = pg.error_response(
     "58000", "pgwarden: a result could not be masked and was withheld; the session continues",
     hint="retry; if it persists, tell the gateway operators (the event is recorded)")
+
+
+# The strict rule, for text no column rule or Luhn check can vouch for:
+# computed output columns (RowDescription's table OID 0: every derived value,
+# e.g. encode(card_number::bytea, 'hex'), reverse(card_number), casts) and
+# error or notice text (a cast error quotes the value). A PAN transformed this
+# way is no longer Luhn-valid, so any long digit run, and any hex text that
+# spells digits, is masked there; false positives (long reference numbers
+# in computed columns) are the price of never returning a derived PAN.
+_DIGIT_RUN = re.compile(rb"\d(?:[ -]?\d){12,}")
+_HEX_DIGITS = re.compile(rb"(?:3[0-9]){13,}")
+_INT8 = 20
+_MIN_PAN_VALUE = 10 ** 12
+
+
+def strict_mask(value: bytes) -> tuple[bytes, int]:
+    """Mask long digit runs (keep the last four) and hex-encoded digit runs."""
+    if digit_count(value) < 13:
+        return value, 0
+    count = 0
+
+    def digits(m: re.Match[bytes]) -> bytes:
+        nonlocal count
+        count += 1
+        run = m.group(0)
+        keep = 4
+        out = bytearray()
+        seen = sum(c in b"0123456789" for c in run)
+        for c in run:
+            if 48 <= c <= 57:
+                seen -= 1
+                out.append(c if seen < keep else 0x58)
+            else:
+                out.append(c)
+        return bytes(out)
+
+    def hexes(m: re.Match[bytes]) -> bytes:
+        nonlocal count
+        count += 1
+        run = m.group(0)
+        return b"X" * (len(run) - 8) + run[-8:]
+
+    masked = _HEX_DIGITS.sub(hexes, value)
+    masked = _DIGIT_RUN.sub(digits, masked)
+    return masked, count
+
+
+def _strict_binary_int8(value: bytes) -> bytes | None:
+    number = int.from_bytes(value, "big", signed=True)
+    if abs(number) < _MIN_PAN_VALUE:
+        return None
+    return (abs(number) % 10000).to_bytes(8, "big", signed=True)
 
 
 def _no_catalog(_database: str) -> ColumnResolver:
@@ -70,19 +123,26 @@ class MaskingFactory:
                                   else None,
                                   type_oid=f.type_oid, format=f.format) for f in fields]
             rows = masker.prepare(columns)
-        return ResultMasker(masker, rows, fields)
+        strict: tuple[tuple[int, int, int], ...] = ()
+        if fields is not None and (plan.scan_content or not plan.active):
+            strict = tuple((i, f.type_oid, f.format) for i, f in enumerate(fields)
+                           if f.table_oid == 0)
+        return ResultMasker(masker, rows, fields, strict)
 
 
 class ResultMasker:
     """Masks one result set and the messages around it."""
 
-    __slots__ = ("_copy", "_fields", "_masker", "_rows", "stats")
+    __slots__ = ("_copy", "_fields", "_masker", "_rows", "_strict", "_strict_binary", "stats")
 
     def __init__(self, masker: Masker, rows: RowMasker | None,
-                 fields: tuple[pg.Field, ...] | None) -> None:
+                 fields: tuple[pg.Field, ...] | None,
+                 strict: tuple[tuple[int, int, int], ...] = ()) -> None:
         self._masker = masker
         self._rows = rows
         self._fields = fields
+        self._strict = strict  # (index, type OID, format) of computed columns
+        self._strict_binary = any(fmt == 1 and oid == _INT8 for _, oid, fmt in strict)
         self._copy: CopyState | None = None
         self.stats = MaskStats()
 
@@ -101,9 +161,34 @@ class ResultMasker:
                 masked = self._rows.mask_datarow(body)
             else:
                 masked = self._unknown_shape(body)
+            if self._strict and (digit_count(masked) >= 13 or self._strict_binary):
+                masked = self._strict_pass(masked)
         except (MaskError, ValueError):
             return _MASK_FAILED
         return b"D" + struct.pack("!i", len(masked) + 4) + masked
+
+    def _strict_pass(self, body: bytes) -> bytes:
+        values = pg.decode_data_row(body)
+        changed = False
+        for index, oid, fmt in self._strict:
+            if index >= len(values):
+                continue
+            v = values[index]
+            if v is None:
+                continue
+            if fmt == 1 and oid == _INT8 and len(v) == 8:
+                new = _strict_binary_int8(v)
+                if new is not None:
+                    values[index] = new
+                    self.stats.add("(computed column)", "strict", 1)
+                    changed = True
+                continue
+            masked, n = strict_mask(v)
+            if n:
+                values[index] = masked
+                self.stats.add("(computed column)", "strict", n)
+                changed = True
+        return pg.encode_data_row(values)[5:] if changed else body
 
     def _unknown_shape(self, body: bytes) -> bytes:
         """No RowDescription known for this row. The session asks the server
@@ -157,9 +242,10 @@ class ResultMasker:
                 raw = value.encode()
                 if may_contain_pan(raw):
                     masked, n = mask_pans(raw)
-                    if n:
-                        fields[code] = masked.decode()
-                        self.stats.add("(message)", "content", n)
+                    strict, m = strict_mask(masked)
+                    if n or m:
+                        fields[code] = strict.decode()
+                        self.stats.add("(message)", "content", n + m)
                         changed = True
             return pg.encode_fields(kind, fields) if changed else None
         if kind == b"A":

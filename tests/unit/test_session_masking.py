@@ -128,3 +128,36 @@ def test_execute_of_an_undescribed_portal_is_described_by_the_tap_first() -> Non
     assert [m.type for m in frames] == [b"2", b"D", b"C", b"Z"]
     value = pg.decode_data_row(frames[1].body)[0]
     assert value != pan and value is not None
+
+
+def _computed(s: Session, value: bytes, type_oid: int = 25) -> bytes:
+    s.on_read(pg.simple_query("select f(card_number) from payments"))
+    return down(s.on_write(row_description(("f", 0, 0, type_oid)) + pg.encode_data_row([value])
+                           + msg(b"C", b"SELECT 1\0") + pg.ready_for_query(b"I")))
+
+
+def test_derived_values_in_computed_columns_are_masked() -> None:
+    """hex, reversed and arithmetic forms of a PAN are not Luhn-valid any
+    more; computed columns get the strict rule."""
+    s = session()
+    hexed = PAN.hex().encode()
+    assert hexed not in _computed(s, hexed)
+    assert PAN[::-1] not in _computed(s, PAN[::-1])
+    plus_one = str(int(PAN) + 1).encode()
+    assert plus_one not in _computed(s, plus_one)
+
+
+def test_table_columns_keep_long_non_pan_numbers() -> None:
+    s = session()
+    s.on_read(pg.simple_query("select order_ref from orders"))
+    out = down(s.on_write(row_description(("order_ref", 16500, 2, 25))
+                          + pg.encode_data_row([b"1234567890123"]) + msg(b"C", b"SELECT 1\0")
+                          + pg.ready_for_query(b"I")))
+    assert b"1234567890123" in out
+
+
+def test_cast_error_quoting_a_hex_pan_is_masked() -> None:
+    s = session()
+    err = pg.error_response("22003", f'value "{PAN.hex()}" is out of range for type integer')
+    out = down(s.on_write(err))
+    assert PAN.hex().encode() not in out and PAN not in out
