@@ -91,6 +91,17 @@ reader_statement(s) if {
 	functions_known(s)
 }
 
+# COPY ... TO STDOUT: the same read, delivered as COPY data (masked by the
+# gateway like rows). Never to a file or a program on the server.
+reader_statement(s) if {
+	s.command == "copy"
+	s.copy_direction == "to"
+	s.copy_stdio
+	not s.copy_program
+	read_only(s)
+	functions_known(s)
+}
+
 # EXECUTE of a statement prepared in the same message (judged there).
 reader_statement(s) if {
 	s.command == "execute"

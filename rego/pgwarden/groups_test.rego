@@ -29,6 +29,19 @@ test_reader_search_path if permits("fraud-readers", f.statement({"command": "set
 
 test_reader_search_path_shadowing_catalog if not permits("fraud-readers", f.statement({"command": "set", "setting": "search_path", "search_path": ["evil", "pg_catalog"]}))
 
+copy_out := f.statement({
+	"command": "copy", "copy_direction": "to", "copy_stdio": true, "copy_program": false,
+	"relations": [f.rel("public.payments", "read", ["id", "card_number"], true)],
+})
+
+test_reader_copy_to_stdout if permits("fraud-readers", copy_out)
+
+test_reader_no_copy_from if not permits("fraud-readers", object.union(copy_out, {"copy_direction": "from", "relations": [f.rel("public.payments", "write", ["*"], false)]}))
+
+test_reader_no_copy_to_file if not permits("fraud-readers", object.union(copy_out, {"copy_stdio": false}))
+
+test_reader_no_copy_program if not permits("fraud-readers", object.union(copy_out, {"copy_program": true}))
+
 test_reader_no_write if not permits("fraud-readers", f.statement({"command": "update", "relations": [f.rel("public.payments", "write", ["amount"], true)]}))
 
 test_reader_no_ddl if not permits("fraud-readers", f.statement({"command": "ddl"}))
