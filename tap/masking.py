@@ -214,6 +214,11 @@ class ResultMasker:
             if self._copy is None:
                 self._copy = self._masker.copy_state("text")
             masked = self._masker.mask_stream(body, self._copy)
+            if not self._copy.binary and not self._masker.plan.unmasked:
+                # COPY data says nothing about which columns are computed: the
+                # strict rule applies to all of it (derived PANs included).
+                masked, n = strict_mask(masked)
+                self.stats.add("copy", "strict", n)
         except MaskError:
             return _MASK_FAILED
         return pg.Message(b"d", masked).encode() if masked else b""

@@ -161,3 +161,13 @@ def test_cast_error_quoting_a_hex_pan_is_masked() -> None:
     err = pg.error_response("22003", f'value "{PAN.hex()}" is out of range for type integer')
     out = down(s.on_write(err))
     assert PAN.hex().encode() not in out and PAN not in out
+
+
+def test_copy_out_masks_derived_values_too() -> None:
+    s = session()
+    s.on_read(pg.simple_query("copy (select encode(card_number::bytea, 'hex')) to stdout"))
+    stream = (msg(b"H", b"\x00\x00\x01\x00\x00") + msg(b"d", PAN.hex().encode() + b","
+                                                      + PAN[::-1] + b"\n")
+              + msg(b"c") + msg(b"C", b"COPY 1\0") + pg.ready_for_query(b"I"))
+    out = down(s.on_write(stream))
+    assert PAN.hex().encode() not in out and PAN[::-1] not in out
