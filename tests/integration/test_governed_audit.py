@@ -31,8 +31,8 @@ from typing import Any
 
 import psycopg
 import pytest
-
 from agent import MODES, agent_dsn, audit_url, issuer, mint
+
 from pgwarden.stack import LocalStack
 
 pytestmark = pytest.mark.integration

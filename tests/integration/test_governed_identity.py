@@ -25,16 +25,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
+import jwt
 import pg8000.native
 import psycopg
 import pytest
+from agent import MODES, agent_dsn, audit_url, issuer, mint
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg.conninfo import conninfo_to_dict
 
-import jwt
 from pgwarden.stack import LocalStack
-
-from agent import MODES, agent_dsn, audit_url, issuer, mint
 
 pytestmark = pytest.mark.integration
 
@@ -305,7 +304,7 @@ def test_bad_token_refused_with_28p01_and_reason_recorded(stack: LocalStack, mod
     async def attempt() -> BaseException:
         try:
             conn = await _asyncpg_connect(stack, mode, token, user=user)
-        except BaseException as exc:  # noqa: BLE001 - we inspect it below
+        except BaseException as exc:
             return exc
         await conn.close()
         raise AssertionError(f"{case}: a bad token was accepted")
@@ -404,7 +403,7 @@ def test_plaintext_is_refused(stack: LocalStack, mode: str) -> None:
     async def attempt() -> BaseException:
         try:
             conn = await _asyncpg_connect(stack, mode, token, ssl_mode=False)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             return exc
         await conn.close()
         raise AssertionError("a plaintext connection was accepted")
@@ -481,7 +480,7 @@ def test_connect_decision_refuses_with_28000(stack: LocalStack, mode: str,
             conn = await asyncpg.connect(
                 host=parts["host"], port=int(parts["port"]), user="agent", database=dbname,
                 password=token, ssl=client_ssl_context(stack), timeout=CONNECT_TIMEOUT)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             return exc
         await conn.close()
         raise AssertionError(f"{groups} connected to {dbname}")

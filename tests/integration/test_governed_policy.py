@@ -34,10 +34,10 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from agent import MODES, agent_dsn, mint, policyd_target
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from agent import MODES, agent_dsn, mint, policyd_target
 from pgwarden.stack import ROOT, LocalStack
 
 pytestmark = pytest.mark.integration
@@ -551,7 +551,7 @@ def test_large_amount_read_is_held_and_cancel_ends_it(stack: LocalStack, mode: s
         def run() -> None:
             try:
                 outcome["rows"] = conn.execute(held_sql).fetchall()
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            except BaseException as exc:
                 outcome["error"] = exc
 
         worker = threading.Thread(target=run, daemon=True)
@@ -616,7 +616,7 @@ def test_large_amount_variants_are_held(stack: LocalStack, mode: str, sql: str,
         def run() -> None:
             try:
                 outcome["rows"] = conn.execute(sql, params).fetchall()
-            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            except BaseException as exc:
                 outcome["error"] = exc
 
         worker = threading.Thread(target=run, daemon=True)
