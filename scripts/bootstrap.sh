@@ -27,6 +27,9 @@ apt_wanted=()
 [ -f "/usr/share/postgresql/${PG_MAJOR}/extension/pg_stat_statements.control" ] \
     || apt_wanted+=("postgresql-contrib")
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || apt_wanted+=("pgbouncer")
+# The console's end-to-end test drives a real headless browser.
+[ -x /usr/bin/chromium ] || apt_wanted+=("chromium")
+[ -x /usr/bin/chromedriver ] || apt_wanted+=("chromium-driver")
 if [ "${#apt_wanted[@]}" -gt 0 ]; then
     log "installing ${apt_wanted[*]}"
     apt-get update </dev/null
