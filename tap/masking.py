@@ -48,34 +48,20 @@ _MIN_PAN_VALUE = 10 ** 12
 
 
 def strict_mask(value: bytes) -> tuple[bytes, int]:
-    """Mask long digit runs (keep the last four) and hex-encoded digit runs."""
+    """Mask long digit runs and hex-spelled digit runs as a whole (a derived
+    value keeps nothing of the PAN: issue 5, "masked as a whole")."""
     if digit_count(value) < 13:
         return value, 0
     count = 0
 
-    def digits(m: re.Match[bytes]) -> bytes:
+    def whole(m: re.Match[bytes]) -> bytes:
         nonlocal count
         count += 1
-        run = m.group(0)
-        keep = 4
-        out = bytearray()
-        seen = sum(c in b"0123456789" for c in run)
-        for c in run:
-            if 48 <= c <= 57:
-                seen -= 1
-                out.append(c if seen < keep else 0x58)
-            else:
-                out.append(c)
-        return bytes(out)
+        return bytes(0x58 if 48 <= c <= 57 or 97 <= c <= 102 or 65 <= c <= 70 else c
+                     for c in m.group(0))
 
-    def hexes(m: re.Match[bytes]) -> bytes:
-        nonlocal count
-        count += 1
-        run = m.group(0)
-        return b"X" * (len(run) - 8) + run[-8:]
-
-    masked = _HEX_DIGITS.sub(hexes, value)
-    masked = _DIGIT_RUN.sub(digits, masked)
+    masked = _HEX_DIGITS.sub(whole, value)
+    masked = _DIGIT_RUN.sub(whole, masked)
     return masked, count
 
 
@@ -83,7 +69,7 @@ def _strict_binary_int8(value: bytes) -> bytes | None:
     number = int.from_bytes(value, "big", signed=True)
     if abs(number) < _MIN_PAN_VALUE:
         return None
-    return (abs(number) % 10000).to_bytes(8, "big", signed=True)
+    return (0).to_bytes(8, "big", signed=True)
 
 
 def _no_catalog(_database: str) -> ColumnResolver:
