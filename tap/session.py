@@ -864,10 +864,7 @@ class Session:
         if t == b"K":
             return self._backend_key(m)
         if t == b"S":
-            name, pos = pg.cstring(m.body, 0)
-            value, _ = pg.cstring(m.body, pos)
-            self.server_params[name] = value
-            return m.encode()
+            return self._parameter_status(m, out)
         if t == b"H":
             self._copy_out = True
             if self.hooks.masker_factory is not None:
@@ -937,9 +934,7 @@ class Session:
             self._close_after = True
             return m.encode()
         if t == b"S":
-            name, pos = pg.cstring(m.body, 0)
-            value, _ = pg.cstring(m.body, pos)
-            self.server_params[name] = value
+            return self._parameter_status(m, out)
         return m.encode()
 
     def _gateway_login(self, m: pg.Message, out: list[Action]) -> bytes | None:
@@ -973,6 +968,34 @@ class Session:
     def _cancel_requested(self) -> None:
         if self._waiting is not None and self.on_cancel_requested is not None:
             self.on_cancel_requested()
+
+    def _parameter_status(self, m: pg.Message, out: list[Action]) -> bytes | None:
+        """Track reported settings; end the session if one would make the
+        gateway read SQL differently from PostgreSQL.
+
+        The analysis reads statements as UTF-8 with standard-conforming
+        strings. With another client encoding (GBK's 0x5c trail byte) or
+        backslash escapes in plain literals, a quote the analysis sees as
+        closing a string is not one for PostgreSQL, and what follows it
+        would run undecided. Both settings are reported by the server
+        whenever they change, however they were changed (SET, set_config,
+        a startup parameter, ALTER ROLE ... SET), so this check cannot be
+        walked around.
+        """
+        name, pos = pg.cstring(m.body, 0)
+        value, _ = pg.cstring(m.body, pos)
+        self.server_params[name] = value
+        unsafe = ((name == "client_encoding" and value.upper().replace("-", "") != "UTF8")
+                  or (name == "standard_conforming_strings" and value.lower() != "on"))
+        if unsafe:
+            self._event(out, "unsafe_setting", setting=name, value=value)
+            self._fatal(out, "0A000",
+                        f"pgwarden: {name} = {value} is not supported through the gateway "
+                        "(statements must be read exactly as PostgreSQL reads them); use "
+                        f"{'UTF8' if name == 'client_encoding' else 'on'}",
+                        reason="protocol_error")
+            return None
+        return m.encode()
 
     def _backend_key(self, m: pg.Message) -> bytes:
         """Hand the client a gateway-issued cancel key, never the server's."""
@@ -1176,8 +1199,9 @@ class Session:
 
 # Server message types the fast path never passes blindly: errors (markers,
 # expectations), notices and notifications (masking), BackendKeyData (cancel
-# keys), NegotiateProtocolVersion and authentication.
-_SLOW_TYPES = frozenset(b"ENAKvR")
+# keys), NegotiateProtocolVersion, authentication and ParameterStatus
+# (settings that change how SQL is read).
+_SLOW_TYPES = frozenset(b"ENAKvRS")
 
 
 def _hint_for(d: Decision) -> str:

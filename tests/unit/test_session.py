@@ -390,3 +390,24 @@ def test_binary_bind_values_reach_the_policy_as_text() -> None:
     assert _param_texts(bind, (20, 23, 16, 25)) == ("20000", "-5", "true", "abc")
     # An unknown binary type stays opaque (the policy treats it as unknown).
     assert _param_texts(bind, (0, 0, 0, 0))[0] == "\\x0000000000004e20"
+
+
+@pytest.mark.parametrize(("name", "value"), [("client_encoding", "GBK"), ("client_encoding", "SJIS"),
+                                             ("standard_conforming_strings", "off")])
+def test_settings_that_change_how_sql_is_read_end_the_session(name: str, value: str) -> None:
+    s, _ = ready_session()
+    s.on_read(pg.simple_query(f"set {name} = {value}"))
+    acts = s.on_write(msg(b"S", name.encode() + b"\0" + value.encode() + b"\0")
+                      + msg(b"C", b"SET\0") + pg.ready_for_query(b"I"))
+    fields = pg.decode_fields(next(pg.iter_frames(down(acts))).body)
+    assert (fields["S"], fields["C"]) == ("FATAL", "0A000") and name in fields["M"]
+    assert any(isinstance(a, Close) for a in acts)
+
+
+def test_utf8_reported_at_startup_is_fine() -> None:
+    s = Session(SessionConfig(session_id="s"))
+    s.on_read(pg.encode_startup({"user": "app"}))
+    acts = s.on_write(pg.AUTH_OK + pg.parameter_status("client_encoding", "UTF8")
+                      + pg.parameter_status("standard_conforming_strings", "on")
+                      + pg.encode_backend_key(1, b"abcd") + pg.ready_for_query(b"I"))
+    assert [m.type for m in pg.iter_frames(down(acts))] == [b"R", b"S", b"S", b"K", b"Z"]
