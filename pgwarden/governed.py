@@ -70,8 +70,18 @@ def write_config(stack: st.LocalStack, *, policyd_port: int, tap_listen: str) ->
 
 
 def start_governed(stack: st.LocalStack) -> st.ServiceContribution:
-    """OPA, policyd, two governed taps and their Envoy (registered service)."""
+    """OPA, policyd, two governed taps and their Envoy (registered service).
+    If any of them fails to start, the ones already started are stopped."""
     contribution = st.ServiceContribution()
+    try:
+        return _start(stack, contribution)
+    except BaseException:
+        for proc in reversed(contribution.procs):
+            st.stop(proc)
+        raise
+
+
+def _start(stack: st.LocalStack, contribution: st.ServiceContribution) -> st.ServiceContribution:
     workdir = stack.workdir
     repo = Path(__file__).resolve().parent.parent
     opa_port = st.free_port()
@@ -86,7 +96,10 @@ def start_governed(stack: st.LocalStack) -> st.ServiceContribution:
     config = write_config(stack, policyd_port=policyd_port, tap_listen=f"{st.HOST}:0")
     policyd = st.spawn("policyd", [*_policyd_command(), "serve", "--listen",
                                    f"{st.HOST}:{policyd_port}", "--opa-url",
-                                   f"http://{st.HOST}:{opa_port}", "--policy-dir",
+                                   f"http://{st.HOST}:{opa_port}",
+                                   # A shared 2-core machine answers in far less, but
+                                   # not always within OPA's 0.5 s default.
+                                   "--opa-deadline", "2.0", "--policy-dir",
                                    str(repo / "rego"), "--config", str(config)],
                        workdir / "policyd.log")
     policyd.ports["grpc"] = policyd_port
