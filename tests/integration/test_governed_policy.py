@@ -661,19 +661,29 @@ def test_string_escape_setting_cannot_smuggle_a_statement(stack: LocalStack, mod
     mark = stack.pg_log_mark()
     with connect(stack, mode, who) as conn:
         refused = 0
+        ended = False
         try:
             conn.execute("SET standard_conforming_strings = off")
         except psycopg.errors.InsufficientPrivilege:
             refused += 1
-        try:
-            row = conn.execute(smuggled).fetchone()
-        except psycopg.errors.InsufficientPrivilege:
-            refused += 1
+        except psycopg.errors.FeatureNotSupported:
+            # Fail closed: once the server reads literals differently from the
+            # gateway's analysis, the gateway ends the session (FATAL 0A000);
+            # nothing else can be sent on it.
+            ended = True
+        if not ended:
+            try:
+                row = conn.execute(smuggled).fetchone()
+            except psycopg.errors.InsufficientPrivilege:
+                refused += 1
+            else:
+                raise AssertionError("the smuggled statement ran and returned a row of "
+                                     f"{len(row or ())} columns")
+            assert refused >= 1
         else:
-            raise AssertionError("the smuggled statement ran and returned a row of "
-                                 f"{len(row or ())} columns")
-        assert refused >= 1
-        assert_never_reached(stack, conn, mark, smuggled)
+            assert conn.closed or conn.broken, "the session went on after the unsafe setting"
+    with connect(stack, mode, who) as probe_conn:
+        assert_never_reached(stack, probe_conn, mark, smuggled)
 
 
 # In GBK, 0xbf 0x5c is one character; a parser that reads the bytes as UTF-8
@@ -698,6 +708,7 @@ def test_client_encoding_cannot_smuggle_a_statement(stack: LocalStack, mode: str
         conn = connect(stack, mode, who, **params)
     except psycopg.OperationalError:
         return  # refusing a client encoding the gateway cannot read is fail-closed
+    ended = False
     with conn:
         try:
             if how == "set":
@@ -706,11 +717,19 @@ def test_client_encoding_cannot_smuggle_a_statement(stack: LocalStack, mode: str
             row = conn.execute(smuggled).fetchone()
         except psycopg.errors.InsufficientPrivilege:
             pass
+        except psycopg.errors.FeatureNotSupported:
+            # Fail closed: the gateway ends a session whose client encoding it
+            # cannot read as PostgreSQL does (FATAL 0A000).
+            ended = True
         else:
             raise AssertionError("the smuggled statement ran and returned a row of "
                                  f"{len(row or ())} columns")
-        conn.execute("RESET client_encoding")
-        assert_never_reached(stack, conn, mark, GBK_TAIL[who][3:-4])
+        if ended:
+            assert conn.closed or conn.broken, "the session went on after the unsafe setting"
+        else:
+            conn.execute("RESET client_encoding")
+    with connect(stack, mode, who) as probe_conn:
+        assert_never_reached(stack, probe_conn, mark, GBK_TAIL[who][3:-4])
 
 
 # --------------------------------------------------------------------------- FunctionCall
