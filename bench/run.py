@@ -368,6 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     governed, governed_meta = governed_phase(args.seconds, args.rounds)
     results.update(governed)
     meta.update(governed_meta)
+    print("[bench] maskd alone (bench/maskd_bench.py --quick)", flush=True)
+    masking = subprocess.run([sys.executable, str(HERE / "maskd_bench.py"), "--quick"],
+                             capture_output=True, text=True, timeout=1800, check=False)
+    try:
+        results["maskd_values_per_s"] = json.loads(masking.stdout)["maskd_values_per_s"]
+    except (ValueError, KeyError):
+        print(f"[bench] maskd bench failed: {masking.stderr.strip()[-300:]}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     previous: dict[str, object] = {}
     out_json = args.out / "results.json"
