@@ -77,7 +77,7 @@ class AuditSink:
                 session_id=sid, statement_seq=int(r["seq"]), finished_at=_now(),
                 command_tag="; ".join(tags), rows_returned=int(r.get("rows", 0)),
                 rows_affected=_affected(tags), masked_counts=counts,
-                error_sqlstate=str(r.get("sqlstate", "")), error_message=str(r.get("error", "")))
+                error_sqlstate=str(r.get("sqlstate", "")), error_message=_error_text(r))
         if kind == "session_start":
             self._subjects[sid] = str(r.get("subject", ""))
             return SessionStartEvent(
@@ -141,7 +141,7 @@ class AuditSink:
                 "command_tag": "; ".join(tags), "rows_returned": int(r.get("rows", 0)),
                 "rows_affected": _affected(tags), "masked_counts": counts,
                 "error_sqlstate": str(r.get("sqlstate", "")),
-                "error_message": scrub_text(str(r.get("error", ""))),
+                "error_message": _error_text(r),
             }, separators=(",", ":"))
         return None
 
@@ -176,6 +176,17 @@ class AuditSink:
             if e is not None:
                 events.append(e)
         return self.writer.submit(events) if events else True
+
+
+def _error_text(r: dict[str, Any]) -> str:
+    """The server's error text as it may be stored: PANs scrubbed, and the
+    strict rule the client's copy got (a cast error can quote a hex or
+    reversed PAN that no Luhn check recognises)."""
+    from tap.masking import strict_mask
+
+    text = scrub_text(str(r.get("error", "")))
+    masked, n = strict_mask(text.encode())
+    return masked.decode() if n else text
 
 
 def _affected(tags: list[str]) -> int | None:

@@ -81,3 +81,17 @@ def test_fast_lines_equal_the_model_path(tmp_path: Path) -> None:
                 == {k: v for k, v in slow.model_dump().items() if k not in ignore})
         assert PAN not in (sink.fast_line(r) or "") and "hunter2" not in (sink.fast_line(r) or "")
     writer.spool.close()
+
+
+def test_derived_pan_in_an_error_never_reaches_the_store(tmp_path: Path) -> None:
+    writer = AuditWriter(f"sqlite:///{tmp_path / 'a.db'}", tmp_path / "s.spool", ship=False,
+                         signing_key=tmp_path / "k", checkpoint_file=tmp_path / "c")
+    sink = AuditSink(writer)
+    hexed = PAN.encode().hex()
+    r = {"type": "statement_end", "session_id": "s", "seq": 1, "rows": 0, "tags": [],
+         "sqlstate": "22003", "error": f'value "{hexed}" is out of range for type integer'}
+    line = sink.fast_line(r) or ""
+    event = sink.convert(r)
+    assert hexed not in line and event is not None and hexed not in event.model_dump_json()
+    assert PAN[::-1] not in (sink.fast_line({**r, "error": f"bad {PAN[::-1]}"}) or "")
+    writer.spool.close()
