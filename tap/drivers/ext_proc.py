@@ -28,6 +28,7 @@ from pgwarden._proto import network_ext_proc_pb2 as pb
 from pgwarden._proto import network_ext_proc_pb2_grpc as pb_grpc
 from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
+from tap.drivers import SHUTDOWN
 from tap.hooks import Decision
 from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
 from tap.runtime import Runtime, cancelled_decision
@@ -65,6 +66,10 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                 # No timer can push into this stream: deadlines are checked as
                 # chunks arrive; Envoy's tcp_proxy idle_timeout ends silent ones.
                 expired = session.tick(time.time(), time.monotonic())
+                if not expired and self.runtime.draining and not session.busy:
+                    # Draining: nothing new starts (a new client's first chunk,
+                    # an idle session's next statement); the session ends.
+                    expired = session.terminate(*SHUTDOWN)
                 if expired:
                     actions = expired
                 elif is_read:
@@ -78,6 +83,10 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                     actions = session.on_write(chunk.data)
                     if chunk.end_of_stream:
                         actions += session.on_upstream_closed()
+                if self.runtime.draining and not session.busy:
+                    # The response to the last statement in flight: the
+                    # session ends right behind it.
+                    actions += session.terminate(*SHUTDOWN)
                 answered = False
                 while actions:
                     pending = actions
@@ -180,7 +189,8 @@ def _ack(req: pb.ProcessingRequest) -> pb.ProcessingResponse:
 
 async def serve(host: str, port: int, runtime: Runtime,
                 ready: asyncio.Event | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None,
+                drain_seconds: float = 10.0) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.aio.server(options=[
@@ -216,15 +226,19 @@ async def serve(host: str, port: int, runtime: Runtime,
         else:
             await stop.wait()
     finally:
-        # Drain (SIGTERM): health NOT_SERVING so Envoy stops opening streams;
-        # statements in flight finish (bounded) before the server stops.
+        # Drain (SIGTERM): health NOT_SERVING so Envoy stops opening streams.
+        # A session ends with 57P01 at its next chunk once no statement of
+        # it is in flight (Process): right behind the response to its last
+        # statement, or when an idle client sends again. A stream can only
+        # answer a chunk, so a client that stays silent is cut (Envoy closes
+        # the connection: failure_mode_allow is false) when the bound ends.
         runtime.draining = True
         await health_servicer.enter_graceful_shutdown()
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and any(s.busy for s in servicer.active):
+        deadline = time.monotonic() + drain_seconds
+        while time.monotonic() < deadline and servicer.active:
             await asyncio.sleep(0.05)
         with contextlib.suppress(Exception):
-            await server.stop(grace=5)
+            await server.stop(grace=1)
         runtime.emit({"type": "gateway", "action": "stop", "component": "tap",
                   "detail": {"driver": "extproc"}})
         await runtime.aclose()

@@ -20,6 +20,7 @@ from typing import cast
 from pgwarden import metrics
 from tap.actions import Action, Close, Event, NeedAuth, NeedDecision, SendDownstream, SendUpstream
 from tap.cancel import CancelRegistry
+from tap.drivers import SHUTDOWN
 from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
 from tap.runtime import Runtime, cancelled_decision
 from tap.session import Session, SessionConfig
@@ -186,6 +187,19 @@ class ClientSide(asyncio.Protocol):
                 self._close_all()
         if events:
             self.runtime.record(events)
+        if self.runtime.draining:
+            # Draining: a session ends as soon as no statement of it is in
+            # flight, so nothing new reaches PostgreSQL and nothing that did
+            # loses its result record.
+            self.drain()
+
+    def drain(self) -> None:
+        """End the session now unless a statement is in flight (then it ends
+        when that statement's response has gone to the client)."""
+        if not self._closed and not self.session.busy:
+            ending = self.session.terminate(*SHUTDOWN)
+            if ending:
+                self.run(ending)
 
     def cancel_hold(self) -> None:
         """A client CancelRequest while a statement waits for a decision or
@@ -260,16 +274,20 @@ async def serve(settings: InlineSettings, runtime: Runtime,
         else:
             await stop.wait()
     finally:
-        # Drain (SIGTERM): no new sessions, not ready for Envoy's checks;
-        # statements in flight finish (bounded), then the rest are told why.
+        # Drain (SIGTERM): no new sessions, not ready for Envoy's checks.
+        # Idle sessions end now with 57P01; a session with a statement in
+        # flight ends when its response has gone out (ClientSide.run), so no
+        # new statement starts. Past the bound the rest are ended as they are.
         runtime.draining = True
         ticker.cancel()
         server.close()
+        for c in list(settings.sessions):
+            c.drain()
         deadline = time.monotonic() + settings.drain_seconds
-        while time.monotonic() < deadline and any(c.session.busy for c in settings.sessions):
+        while time.monotonic() < deadline and settings.sessions:
             await asyncio.sleep(0.05)
         for s in list(settings.sessions):
-            s.run(s.session.terminate("57P01", "the gateway is shutting down", reason="shutdown"))
+            s.run(s.session.terminate(*SHUTDOWN))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5)
         runtime.emit({"type": "gateway", "action": "stop", "component": "tap",
