@@ -498,6 +498,15 @@ def _one_run(data: bytes, m: re.Match[bytes], table: bytes) -> bytes | None:
     return data
 
 
+def framed_candidate_offsets(data: bytes) -> list[int]:
+    """Offsets in framed protocol data (a run of DataRow messages) where a
+    PAN may start: one RE2 pass, sound in the sense of
+    :func:`candidate_indexes` with ``framed=True`` (an offset may point at a
+    length byte that happens to be a digit). Backslashes are the caller's
+    to look for."""
+    return [m.start() for m in _BATCH_LOOSE.finditer(data)]
+
+
 def candidate_indexes(values: Sequence[bytes | None], *, framed: bool = False) -> list[int]:
     """Indexes of the values that may hold a PAN, found with one RE2 scan
     of the whole batch joined by NUL bytes (a NUL ends any digit run), so a

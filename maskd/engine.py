@@ -23,15 +23,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from maskd.detect import PREFILTER_LOOSE, candidate_indexes, digit_count, mask_pans
+from maskd.detect import (
+    PREFILTER_LOOSE,
+    candidate_indexes,
+    digit_count,
+    framed_candidate_offsets,
+    mask_pans,
+)
 from maskd.styles import (
+    DIGITS_TO_X,
     Oid,
     ValueFn,
     content_fn,
     decode_numeric,
+    first6_last4_text,
+    last4_text,
     rule_fn,
 )
 from maskd.wire import build_datarow
@@ -55,6 +65,13 @@ MAX_COPY_CARRY = 16 * 1024 * 1024
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _NULL = b"\xff\xff\xff\xff"
+# Rule functions that keep a value's length, so a run of DataRows can be
+# masked in place in one buffer without re-framing (RowMasker.mask_frames).
+_SAME_LENGTH_RULES = (last4_text, first6_last4_text)
+# A run is masked in place only while every message is below this size: a
+# length header then starts with a zero byte, so no digit run of the content
+# prefilter can span a header into the next value (see mask_frames).
+_RUN_MAX_MESSAGE = 1 << 24
 # What a value that does not match its declared type can raise while being
 # decoded; reported as ValueError (the row is refused, never forwarded).
 _MALFORMED = (struct.error, IndexError, OverflowError)
@@ -130,7 +147,8 @@ class _Op:
 class RowMasker:
     """A Masker bound to one result shape. Not thread-safe; one per result."""
 
-    __slots__ = ("_by_index", "_counts", "_digit_skip", "_ops", "columns", "needs_work", "rows")
+    __slots__ = ("_by_index", "_counts", "_digit_skip", "_ops", "_run_rules", "_run_scan",
+                 "columns", "needs_work", "rows")
 
     def __init__(self, ops: list[_Op], columns: tuple[ColumnMeta, ...], digit_skip: bool) -> None:
         self._ops = ops
@@ -146,6 +164,13 @@ class RowMasker:
         self._by_index = tuple(by_index)
         self.needs_work = bool(ops)
         self.rows = 0
+        # mask_frames applies when every rule keeps the value's length and
+        # every content scan is of a text form (the prefilter is sound for it).
+        runnable = all(op.fn in _SAME_LENGTH_RULES if op.always else op.batch for op in ops)
+        self._run_rules: tuple[tuple[int, ValueFn] | None, ...] | None = (
+            tuple(None if e is None or not e[1].always else (e[0], e[1].fn) for e in by_index)
+            if runnable else None)
+        self._run_scan = any(not op.always for op in ops)
 
     @property
     def stats(self) -> MaskStats:
@@ -246,6 +271,109 @@ class RowMasker:
         for i in candidate_indexes(bodies, framed=True):
             self.rows -= 1  # _datarow counts it again
             out[i] = self._datarow(bodies[i])
+        return out
+
+    def mask_frames(self, block: bytes, frames: Sequence[tuple[int, int, int]],
+                    lo: int, hi: int) -> bytes | None:
+        """The DataRow messages ``frames[lo:hi]`` of ``block`` (each frame is
+        ``(type, start, end)`` with ``start`` at the type byte), masked and
+        framed as one bytes object; the result is the same as
+        :meth:`mask_datarow` per row. ``None`` when this shape or this run
+        needs the per-row path (nothing is counted then).
+
+        Rule columns are rewritten in place in one copy of the run (their
+        rules keep the length, so no message is re-framed). Content
+        scanning then runs one prefilter pass over the whole run; only rows
+        it flags are parsed again, from their original bytes, by
+        :meth:`_datarow`. The prefilter cannot miss a value: a length header
+        of a message under 16 MiB starts with a zero byte, which ends any
+        digit run, so a candidate value always yields a match inside its own
+        row."""
+        rules = self._run_rules
+        if rules is None or hi <= lo:
+            return None
+        first = frames[lo][1]
+        last = frames[hi - 1][2]
+        has_rules = any(r is not None for r in rules)
+        buf = bytearray(block[first:last]) if has_rules else None
+        ncols = len(rules)
+        unpack = _I32.unpack_from
+        count = _I16.unpack_from
+        found = [0] * len(self._ops)
+        saved = (list(self._counts), self.rows)
+        try:
+            for i in range(lo, hi):
+                _, s, e = frames[i]
+                if count(block, s + 5)[0] != ncols or e - s >= _RUN_MAX_MESSAGE:
+                    return None
+                pos = s + 7
+                for rule in rules:
+                    length = unpack(block, pos)[0]
+                    pos += 4
+                    if rule is not None and length >= 0:
+                        end = pos + length
+                        if rule[1] is last4_text and length > 4 and block[end - 4:end].isdigit():
+                            # last4_text's common case, inlined: the value
+                            # ends with its last four digits.
+                            assert buf is not None
+                            buf[pos - first:end - first - 4] = block[pos:end - 4].translate(DIGITS_TO_X)
+                        else:
+                            new = rule[1](block[pos:end])
+                            if new is None or len(new) != length:
+                                return None
+                            assert buf is not None
+                            buf[pos - first:end - first] = new
+                        found[rule[0]] += 1
+                    if length > 0:
+                        pos += length
+                if pos != e:
+                    return None  # malformed: the per-row path reports it
+            scanned = bytes(buf) if buf is not None else block[first:last]
+            flagged: set[int] = set()
+            if self._run_scan:
+                hits = framed_candidate_offsets(scanned)
+                at = scanned.find(b"\\")
+                if hits or at >= 0:
+                    starts = [frames[i][1] - first for i in range(lo, hi)]
+                    flagged.update(bisect_right(starts, h) - 1 for h in hits)
+                    while at >= 0:
+                        row = bisect_right(starts, at) - 1
+                        flagged.add(row)
+                        at = scanned.find(b"\\", frames[lo + row][2] - first)
+            if not flagged:
+                for k, n in enumerate(found):
+                    self._counts[k] += n
+                self.rows += hi - lo
+                return scanned
+            pieces: list[bytes] = []
+            done = 0
+            for row in sorted(flagged):
+                _, s, e = frames[lo + row]
+                for k in self._rule_values(block, s):
+                    found[k] -= 1  # _datarow counts this row itself
+                body = self._datarow(block[s + 5:e])
+                pieces.append(scanned[done:s - first])
+                pieces.append(b"D" + _I32.pack(len(body) + 4) + body)
+                done = e - first
+            pieces.append(scanned[done:])
+            for k, n in enumerate(found):
+                self._counts[k] += n
+            self.rows += hi - lo - len(flagged)
+            return b"".join(pieces)
+        except (ValueError, *_MALFORMED):
+            self._counts, self.rows = saved
+            return None
+
+    def _rule_values(self, block: bytes, start: int) -> list[int]:
+        """Op indexes of the non-NULL rule values of the DataRow at ``start``."""
+        assert self._run_rules is not None
+        out = []
+        pos = start + 7
+        for rule in self._run_rules:
+            length = _I32.unpack_from(block, pos)[0]
+            pos += 4 + max(length, 0)
+            if length >= 0 and rule is not None:
+                out.append(rule[0])
         return out
 
     def mask_datarow(self, body: bytes) -> bytes:

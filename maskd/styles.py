@@ -95,7 +95,8 @@ NO_PAN_TYPES = frozenset({Oid.BOOL, Oid.INT2, Oid.INT4, Oid.OID, Oid.FLOAT4, Oid
 NUMBER_ARRAY_TYPES = frozenset({1005, 1007, 1016, 1231})
 
 _DIGITS = b"0123456789"
-_TO_X = bytes.maketrans(_DIGITS, MASK_CHAR * 10)
+DIGITS_TO_X = bytes.maketrans(_DIGITS, MASK_CHAR * 10)  # for bytes.translate
+_TO_X = DIGITS_TO_X
 _INT8 = struct.Struct(">q")
 _INT4 = struct.Struct(">i")
 _INT2 = struct.Struct(">h")

@@ -100,6 +100,9 @@ class StartupReader:
         return rest
 
 
+_FRAME_HEADER = struct.Struct("!Bi")  # type byte, length
+
+
 class MessageReader:
     """Reassembles typed messages from arbitrary chunks.
 
@@ -153,21 +156,23 @@ class MessageReader:
         else:
             block_src = data
         frames: list[tuple[int, int, int]] = []
+        append = frames.append
+        header = _FRAME_HEADER.unpack_from
         pos = 0
         end = len(block_src)
         max_size = self.max_size
         while end - pos >= 5:
-            length = int.from_bytes(block_src[pos + 1 : pos + 5], "big", signed=True)
-            if length < 4:
-                raise ProtocolError("invalid message length")
-            if length > max_size:
+            kind, length = header(block_src, pos)
+            if not 4 <= length <= max_size:
+                if length < 4:
+                    raise ProtocolError("invalid message length")
                 raise ProtocolError(
                     f"message of {length} bytes exceeds the gateway limit of {max_size}"
                 )
             stop = pos + 1 + length
             if stop > end:
                 break
-            frames.append((block_src[pos], pos, stop))
+            append((kind, pos, stop))
             pos = stop
         if block_src is self._buf:
             block = bytes(self._buf[:pos])

@@ -19,6 +19,13 @@ class ResultMasker(Protocol):
         """Return the complete encoded DataRow message to send on."""
         ...
 
+    def data_rows(self, block: bytes, frames: list[tuple[int, int, int]],
+                  lo: int, hi: int) -> bytes:
+        """The DataRow messages ``frames[lo:hi]`` of ``block`` (``(type,
+        start, end)``, start at the type byte), masked and encoded: what
+        :meth:`data_row` gives for each, in one call per run of rows."""
+        ...
+
     def other_message(self, kind: bytes, body: bytes) -> bytes | None:
         """NoticeResponse, ErrorResponse, NotificationResponse, CopyData:
         the encoded message to send on, or None to keep it unchanged."""

@@ -754,27 +754,25 @@ class Session:
     # Server messages
 
     def _server_bytes(self, data: bytes, out: list[Action]) -> None:
-        if (self.phase == _READY and not self._inspect_server
-                and self.hooks.masker_factory is None):
+        pending: list[bytes] = []
+        if self.phase == _READY and not self._inspect_server:
             frames, block = self._server_reader.split(data)
             if not frames:
                 return
-            if self._fast_ok(frames, block):
+            if self.hooks.masker_factory is None and self._fast_ok(frames, block):
                 self._send_downstream(out, block)
                 if self._late_events:
                     out.extend(self._late_events)
                     self._late_events.clear()
                 return
-            msgs = [pg.Message(block[s:s + 1], block[s + 5:e]) for _, s, e in frames]
+            self._server_frames(frames, block, pending, out)
         else:
-            msgs = self._server_reader.feed(data)
-        pending: list[bytes] = []
-        for m in msgs:
-            rewritten = self._server_message(m, out)
-            if rewritten is not None:
-                pending.append(rewritten)
-            if self.phase == _CLOSED or self._close_after:
-                break
+            for m in self._server_reader.feed(data):
+                rewritten = self._server_message(m, out)
+                if rewritten is not None:
+                    pending.append(rewritten)
+                if self.phase == _CLOSED or self._close_after:
+                    break
         if pending and self.phase != _CLOSED:
             self._send_downstream(out, b"".join(pending))
         if self._late_events:
@@ -783,6 +781,31 @@ class Session:
         if self._close_after and self.phase != _CLOSED:
             # A FATAL from the server ends the session once the client has it.
             self._finish(out)
+
+    def _server_frames(self, frames: list[tuple[int, int, int]], block: bytes,
+                       pending: list[bytes], out: list[Action]) -> None:
+        """The slow path over framed messages: a run of DataRows of a result
+        being masked goes to the masker in one call; every other message is
+        handled one by one."""
+        i = 0
+        n = len(frames)
+        while i < n:
+            t, s, e = frames[i]
+            masker = self._masker
+            if t == 0x44 and masker is not None and self._expect:
+                j = i + 1
+                while j < n and frames[j][0] == 0x44:
+                    j += 1
+                self._expect[0].rows += j - i
+                pending.append(masker.data_rows(block, frames, i, j))
+                i = j
+                continue
+            rewritten = self._server_message(pg.Message(block[s:s + 1], block[s + 5:e]), out)
+            if rewritten is not None:
+                pending.append(rewritten)
+            if self.phase == _CLOSED or self._close_after:
+                break
+            i += 1
 
     def _fast_ok(self, frames: list[tuple[int, int, int]], block: bytes) -> bool:
         """Pass a block through untouched when it only holds messages the tap
