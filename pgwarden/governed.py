@@ -85,12 +85,8 @@ def _start(stack: st.LocalStack, contribution: st.ServiceContribution) -> st.Ser
     workdir = stack.workdir
     repo = Path(__file__).resolve().parent.parent
     opa_port = st.free_port()
-    opa = st.spawn("opa", [st.opa_binary(), "run", "--server", "--addr", f"{st.HOST}:{opa_port}",
-                           "--watch", "--log-level", "error", str(repo / "rego")],
-                   workdir / "opa.log")
-    opa.ports["http"] = opa_port
+    opa = stack.servers.opa(workdir, repo / "rego", opa_port)
     contribution.procs.append(opa)
-    st.wait_for_port(opa_port, proc=opa)
 
     policyd_port = st.free_port()
     config = write_config(stack, policyd_port=policyd_port, tap_listen=f"{st.HOST}:0")
@@ -122,10 +118,11 @@ def _start(stack: st.LocalStack, contribution: st.ServiceContribution) -> st.Ser
     }
     envoy_config = st.compose_envoy(["inline.yaml", "extproc.yaml"], workdir / "envoy-agent.yaml",
                                     **values)
-    envoy = st.start_envoy(envoy_config, workdir=workdir, admin_port=int(str(values["ADMIN_PORT"])),
-                           listen_ports=[int(str(values["GATEWAY_INLINE_PORT"])),
-                                         int(str(values["GATEWAY_EXTPROC_PORT"]))],
-                           name="envoy-agent")
+    envoy = stack.servers.envoy(envoy_config, workdir=workdir,
+                                admin_port=int(str(values["ADMIN_PORT"])),
+                                listen_ports=[int(str(values["GATEWAY_INLINE_PORT"])),
+                                              int(str(values["GATEWAY_EXTPROC_PORT"]))],
+                                name="envoy-agent")
     envoy.ports["inline"] = int(str(values["GATEWAY_INLINE_PORT"]))
     envoy.ports["extproc"] = int(str(values["GATEWAY_EXTPROC_PORT"]))
     contribution.procs.append(envoy)

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import psutil
 import psycopg
@@ -104,6 +104,20 @@ def opa_binary() -> str:
     if found is None:
         raise StackError(f"OPA not found at {built}: run `make setup`")
     return found
+
+
+def start_opa(workdir: Path, rego: Path, port: int) -> Proc:
+    """OPA serving the policies in ``rego`` on 127.0.0.1:``port`` (reloaded
+    when they change); ready once it listens."""
+    proc = spawn("opa", [opa_binary(), "run", "--server", "--addr", f"{HOST}:{port}", "--watch",
+                         "--log-level", "error", str(rego)], workdir / "opa.log")
+    proc.ports["http"] = port
+    try:
+        wait_for_port(port, proc=proc)
+    except StackError:
+        stop(proc)
+        raise
+    return proc
 
 
 def raise_fd_limit() -> None:
@@ -178,6 +192,15 @@ def wait_for_port(
 # --------------------------------------------------------------------------- processes
 
 
+class ProcController(Protocol):
+    """Something of the stack that is not a child process of ours (a
+    container): it says whether it runs and stops itself."""
+
+    def alive(self) -> bool: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
 @dataclass
 class Proc:
     """A process of the stack, started by us in its own session (process group).
@@ -194,8 +217,13 @@ class Proc:
     create_time: float = 0.0
     ports: dict[str, int] = field(default_factory=dict)
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+    controller: ProcController | None = field(default=None, repr=False, compare=False)
 
     def alive(self) -> bool:
+        if self.controller is not None:
+            return self.controller.alive()
+        if self.pid <= 0:  # not a process of ours (os.kill(0) would signal our own group)
+            return False
         if self.popen is not None:
             return self.popen.poll() is None
         try:
@@ -298,7 +326,10 @@ _spawned: list[Proc] = []
 
 def stop(proc: Proc, timeout: float = 20.0) -> None:
     """Stop gracefully (``proc.stop_signal``), then SIGKILL the rest of its group."""
-    if not proc.alive():
+    if proc.controller is not None:
+        proc.controller.stop(timeout)
+        return
+    if proc.pid <= 0 or not proc.alive():
         _reap(proc)
         return
     try:
@@ -860,15 +891,24 @@ def compose_envoy(templates: Sequence[Path | str], out: Path, **values: object) 
 def start_envoy(config: Path, *, workdir: Path, admin_port: int, listen_ports: Sequence[int],
                 name: str = "envoy") -> Proc:
     """Run Envoy on ``config``; ready once the admin says LIVE and listeners accept."""
-    argv = [
-        envoy_binary(), "-c", str(config),
-        # Several Envoys may run at once (tests, `make up`): never share the
-        # hot-restart shared memory.
-        "--base-id", str(admin_port), "--disable-hot-restart",
-        "--log-level", "warning",
-    ]
-    proc = spawn(name, argv, workdir / f"{name}.log")
+    proc = spawn(name, [envoy_binary(), *envoy_args(str(config), admin_port)],
+                 workdir / f"{name}.log")
     proc.ports["admin"] = admin_port
+    wait_for_envoy(proc, admin_port, listen_ports)
+    return proc
+
+
+def envoy_args(config: str, admin_port: int) -> list[str]:
+    """Envoy's arguments besides the executable (a local process or a container)."""
+    # Several Envoys may run at once (tests, `make up`): never share the
+    # hot-restart shared memory.
+    return ["-c", config, "--base-id", str(admin_port), "--disable-hot-restart",
+            "--log-level", "warning"]
+
+
+def wait_for_envoy(proc: Proc, admin_port: int, listen_ports: Sequence[int]) -> None:
+    """Until the admin on 127.0.0.1:``admin_port`` says LIVE and the listeners
+    accept; on failure ``proc`` is stopped and StackError raised."""
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
@@ -887,7 +927,6 @@ def start_envoy(config: Path, *, workdir: Path, admin_port: int, listen_ports: S
     except StackError:
         stop(proc)
         raise
-    return proc
 
 
 # --------------------------------------------------------------------------- the stack
@@ -919,6 +958,24 @@ def registered_services() -> dict[str, ServiceStarter]:
     return services
 
 
+PostgresStarter = Callable[..., Postgres]  # (workdir, certs, *, port=None, settings=None)
+OpaStarter = Callable[[Path, Path, int], Proc]  # (workdir, rego dir, port)
+EnvoyStarter = Callable[..., Proc]  # (config, *, workdir, admin_port, listen_ports, name)
+
+
+@dataclass(frozen=True)
+class Servers:
+    """How the stack runs the servers it does not build: PostgreSQL, OPA and
+    Envoy. Local processes by default; the integration fixtures can run them
+    in containers instead (pgwarden/stack_containers.py), everything else
+    (taps, policyd, configuration, seeding) staying the same."""
+
+    postgres: PostgresStarter = start_postgres
+    opa: OpaStarter = start_opa
+    envoy: EnvoyStarter = start_envoy
+    kind: str = "local"
+
+
 @dataclass
 class LocalStack:
     """A running local stack and everything a client or a test needs to reach it."""
@@ -931,6 +988,7 @@ class LocalStack:
     procs: dict[str, Proc] = field(default_factory=dict)
     tap_args: list[str] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    servers: Servers = field(default_factory=Servers)
 
     # -- DSNs (no password in them: libpq reads it from ``passfile``)
     def dsn(self, port: int, *, user: str = "app", dbname: str = "shop",
@@ -1046,26 +1104,30 @@ def start_stack(
     services: bool = True,
     extra_tap_args: Sequence[str] = (),
     ephemeral: bool = False,
+    servers: Servers | None = None,
 ) -> LocalStack:
     """Start PostgreSQL (seeded), registered services, both taps and one Envoy
     serving the inline, ext_proc and tcp-baseline listeners. On any failure
     everything started so far is stopped before the error propagates (and,
-    when ``ephemeral``, the data directory removed: tests and benchmarks)."""
+    when ``ephemeral``, the data directory removed: tests and benchmarks).
+    ``servers`` runs PostgreSQL, OPA and Envoy (default: local processes)."""
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
     gc_service_homes()
     certs = ensure_certs(certs_dir or workdir / "certs")
     secrets_ = Secrets.load_or_create(workdir)
+    servers = servers or Servers()
+    first_spawned = len(_spawned)  # what this start spawns (PostgreSQL may not be a process)
     try:
-        pg = start_postgres(workdir, certs, settings=pg_settings)
+        pg = servers.postgres(workdir, certs, settings=pg_settings)
     except BaseException:
         if ephemeral:
             _remove_home(service_home(workdir, "pg"))
         raise
-    stack = LocalStack(workdir, certs, pg, secrets_, ports={"postgres": pg.port})
+    stack = LocalStack(workdir, certs, pg, secrets_, ports={"postgres": pg.port},
+                       servers=servers)
     stack.add(pg.proc)
-    first_spawned = len(_spawned) - 1
     try:
         seed_demo(pg, secrets_)
         if services:
@@ -1102,9 +1164,9 @@ def start_stack(
             listen = [int(str(values[k])) for k in
                       ("ENVOY_TCP_PORT", "GATEWAY_INLINE_PORT", "GATEWAY_EXTPROC_PORT")
                       if k in values]
-            proc = stack.add(start_envoy(config, workdir=workdir,
-                                         admin_port=int(str(values["ADMIN_PORT"])),
-                                         listen_ports=listen))
+            proc = stack.add(servers.envoy(config, workdir=workdir,
+                                           admin_port=int(str(values["ADMIN_PORT"])),
+                                           listen_ports=listen))
             stack.ports["envoy_admin"] = proc.ports["admin"]
             stack.ports["envoy_tcp"] = int(str(values["ENVOY_TCP_PORT"]))
             if taps:

@@ -22,6 +22,11 @@ What tests use most:
 
 DSNs carry ``passfile=`` rather than a password, so they can be printed in
 assertion messages without leaking a secret.
+
+``PGWARDEN_TEST_BACKEND`` picks how PostgreSQL, OPA and Envoy run: ``local``
+processes (the default), ``containers`` (testcontainers; fails if no Docker
+engine answers) or ``auto`` (containers when Docker answers). The rest of the
+stack and every test are the same either way: pgwarden/stack_containers.py.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from collections.abc import Iterator
 import pytest
 
 from pgwarden.stack import TAP_MODES, LocalStack, start_stack, stop_stack
+from pgwarden.stack_containers import servers_from_env
 
 Stack = LocalStack
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    running = start_stack(tmp_path_factory.mktemp("stack"), ephemeral=True)
+    running = start_stack(tmp_path_factory.mktemp("stack"), ephemeral=True,
+                          servers=servers_from_env())
     try:
         yield running
     finally:

@@ -103,8 +103,9 @@ def gateway(stack: LocalStack, mode: str, tmp_path: Path) -> Iterator[Gateway]:
         listen = int(str(values["GATEWAY_INLINE_PORT" if mode == "inline" else
                                 "GATEWAY_EXTPROC_PORT"]))
         config = st.compose_envoy([f"{mode}.yaml"], tmp_path / "envoy-drain.yaml", **values)
-        envoy = st.start_envoy(config, workdir=tmp_path, admin_port=int(str(values["ADMIN_PORT"])),
-                               listen_ports=[listen], name=f"drain-envoy-{mode}")
+        envoy = stack.servers.envoy(config, workdir=tmp_path,
+                                    admin_port=int(str(values["ADMIN_PORT"])),
+                                    listen_ports=[listen], name=f"drain-envoy-{mode}")
         yield Gateway(mode, tap, envoy, listen, tap_port, health_port)
     finally:
         if envoy is not None:
