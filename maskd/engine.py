@@ -26,6 +26,10 @@ import struct
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
+
+import numpy as np
+import numpy.typing as npt
 
 from maskd.detect import (
     PREFILTER_LOOSE,
@@ -72,6 +76,10 @@ _SAME_LENGTH_RULES = (last4_text, first6_last4_text)
 # length header then starts with a zero byte, so no digit run of the content
 # prefilter can span a header into the next value (see mask_frames).
 _RUN_MAX_MESSAGE = 1 << 24
+# Runs at least this long take the numpy path (below it, array set-up costs
+# more than a Python loop over the rows).
+VECTOR_MIN_ROWS = 48
+_DIGITS_TO_X_TABLE = np.frombuffer(bytes(range(256)).translate(DIGITS_TO_X), dtype=np.uint8)
 # What a value that does not match its declared type can raise while being
 # decoded; reported as ValueError (the row is refused, never forwarded).
 _MALFORMED = (struct.error, IndexError, OverflowError)
@@ -293,42 +301,16 @@ class RowMasker:
         if rules is None or hi <= lo:
             return None
         first = frames[lo][1]
-        last = frames[hi - 1][2]
-        has_rules = any(r is not None for r in rules)
-        buf = bytearray(block[first:last]) if has_rules else None
-        ncols = len(rules)
-        unpack = _I32.unpack_from
-        count = _I16.unpack_from
         found = [0] * len(self._ops)
         saved = (list(self._counts), self.rows)
         try:
-            for i in range(lo, hi):
-                _, s, e = frames[i]
-                if count(block, s + 5)[0] != ncols or e - s >= _RUN_MAX_MESSAGE:
-                    return None
-                pos = s + 7
-                for rule in rules:
-                    length = unpack(block, pos)[0]
-                    pos += 4
-                    if rule is not None and length >= 0:
-                        end = pos + length
-                        if rule[1] is last4_text and length > 4 and block[end - 4:end].isdigit():
-                            # last4_text's common case, inlined: the value
-                            # ends with its last four digits.
-                            assert buf is not None
-                            buf[pos - first:end - first - 4] = block[pos:end - 4].translate(DIGITS_TO_X)
-                        else:
-                            new = rule[1](block[pos:end])
-                            if new is None or len(new) != length:
-                                return None
-                            assert buf is not None
-                            buf[pos - first:end - first] = new
-                        found[rule[0]] += 1
-                    if length > 0:
-                        pos += length
-                if pos != e:
-                    return None  # malformed: the per-row path reports it
-            scanned = bytes(buf) if buf is not None else block[first:last]
+            if hi - lo >= VECTOR_MIN_ROWS:
+                rewritten = self._rules_vectorized(block, frames, lo, hi, found)
+            else:
+                rewritten = self._rules_loop(block, frames, lo, hi, found)
+            if rewritten is None:
+                return None
+            scanned = rewritten
             flagged: set[int] = set()
             if self._run_scan:
                 hits = framed_candidate_offsets(scanned)
@@ -363,6 +345,123 @@ class RowMasker:
         except (ValueError, *_MALFORMED):
             self._counts, self.rows = saved
             return None
+
+    def _rules_loop(self, block: bytes, frames: Sequence[tuple[int, int, int]],
+                    lo: int, hi: int, found: list[int]) -> bytes | None:
+        """The run with its rule columns rewritten, one row at a time (short
+        runs); None when a row is malformed or a rule changes a length."""
+        assert self._run_rules is not None
+        rules = self._run_rules
+        ncols = len(rules)
+        first = frames[lo][1]
+        last = frames[hi - 1][2]
+        has_rules = any(r is not None for r in rules)
+        buf = bytearray(block[first:last]) if has_rules else None
+        # Writes go through a memoryview: half the cost of bytearray slice
+        # assignment per value.
+        view = memoryview(buf) if buf is not None else None
+        unpack = _I32.unpack_from
+        count = _I16.unpack_from
+        for i in range(lo, hi):
+            _, s, e = frames[i]
+            if count(block, s + 5)[0] != ncols or e - s >= _RUN_MAX_MESSAGE:
+                return None
+            pos = s + 7
+            for rule in rules:
+                length = unpack(block, pos)[0]
+                pos += 4
+                if rule is not None and length >= 0:
+                    end = pos + length
+                    if end > e:
+                        return None
+                    if rule[1] is last4_text and length > 4 and block[end - 4:end].isdigit():
+                        # last4_text's common case, inlined: the value
+                        # ends with its last four digits.
+                        assert view is not None
+                        view[pos - first:end - first - 4] = block[pos:end - 4].translate(
+                            DIGITS_TO_X)
+                    else:
+                        new = rule[1](block[pos:end])
+                        if new is None or len(new) != length:
+                            return None
+                        assert view is not None
+                        view[pos - first:end - first] = new
+                    found[rule[0]] += 1
+                if length > 0:
+                    pos += length
+            if pos != e:
+                return None  # malformed: the per-row path reports it
+        if view is None or buf is None:
+            return block[first:last]
+        view.release()
+        return bytes(buf)
+
+    def _rules_vectorized(self, block: bytes, frames: Sequence[tuple[int, int, int]],
+                          lo: int, hi: int, found: list[int]) -> bytes | None:
+        """:meth:`_rules_loop` for long runs, column by column over all rows
+        at once with numpy: the field walk, the checks and ``last4`` on
+        values that end with four digits (the common case) are array
+        operations; any other rule value is handled per value in Python."""
+        assert self._run_rules is not None
+        rules = self._run_rules
+        first = frames[lo][1]
+        last = frames[hi - 1][2]
+        run = np.frombuffer(block, dtype=np.uint8, count=last - first, offset=first)
+        ends = np.fromiter((f[2] for f in islice(frames, lo, hi)), dtype=np.int64,
+                           count=hi - lo) - first
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1]
+        if int((ends - starts).max()) >= _RUN_MAX_MESSAGE or int((ends - starts).min()) < 7:
+            return None
+        ncols = (run[starts + 5].astype(np.int64) << 8) | run[starts + 6]
+        if bool(np.any(ncols != len(rules))):
+            return None
+        out: npt.NDArray[np.uint8] | None = None
+        pos = starts + 7
+        for rule in rules:
+            if bool(np.any(pos + 4 > ends)):
+                return None
+            length = ((run[pos].astype(np.int64) << 24) | (run[pos + 1].astype(np.int64) << 16)
+                      | (run[pos + 2].astype(np.int64) << 8) | run[pos + 3])
+            length = np.where(length >= 1 << 31, length - (1 << 32), length)
+            pos = pos + 4
+            size = np.maximum(length, 0)
+            if bool(np.any(pos + size > ends)):
+                return None
+            if rule is not None:
+                k, fn = rule
+                present = np.flatnonzero(length >= 0)
+                found[k] += int(present.size)
+                if out is None:
+                    out = run.copy()
+                rest = present
+                if fn is last4_text:
+                    cand = present[length[present] > 4]
+                    tail = pos[cand] + length[cand]
+                    digits = np.ones(cand.size, dtype=bool)
+                    for back in (1, 2, 3, 4):
+                        b = run[tail - back]
+                        digits &= (b >= 48) & (b <= 57)
+                    common = cand[digits]
+                    rest = np.setdiff1d(present, common, assume_unique=True)
+                    width = length[common] - 4
+                    total = int(width.sum())
+                    if total:
+                        at = (np.repeat(pos[common] - (np.cumsum(width) - width), width)
+                              + np.arange(total, dtype=np.int64))
+                        out[at] = _DIGITS_TO_X_TABLE[out[at]]
+                for r in rest.tolist():
+                    p = int(pos[r])
+                    n = int(length[r])
+                    new = fn(block[first + p:first + p + n])
+                    if new is None or len(new) != n:
+                        return None
+                    out[p:p + n] = np.frombuffer(new, dtype=np.uint8)
+            pos = pos + size
+        if bool(np.any(pos != ends)):
+            return None
+        return out.tobytes() if out is not None else block[first:last]
 
     def _rule_values(self, block: bytes, start: int) -> list[int]:
         """Op indexes of the non-NULL rule values of the DataRow at ``start``."""

@@ -5,11 +5,15 @@ reference; these tests compare the two on generated results."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from maskd import engine
 from maskd.detect import contains_pan
 from maskd.engine import ColumnMeta, Masker
 from maskd.styles import Oid
@@ -45,6 +49,17 @@ value = st.one_of(
 row = st.tuples(value, value, value, value).map(list)
 
 
+@contextlib.contextmanager
+def path(vector: bool) -> Iterator[None]:
+    """Force the numpy path (any run length) or the row loop."""
+    saved = engine.VECTOR_MIN_ROWS
+    engine.VECTOR_MIN_ROWS = 1 if vector else 1 << 30
+    try:
+        yield
+    finally:
+        engine.VECTOR_MIN_ROWS = saved
+
+
 def frames_of(rows: list[list[bytes | None]]) -> tuple[bytes, list[tuple[int, int, int]]]:
     block = pg.encode_data_row([b"lead"]) + b"".join(pg.encode_data_row(r) for r in rows)
     frames = pg.MessageReader().split(block)[0]
@@ -61,13 +76,16 @@ def per_row(masker: Masker, block: bytes, frames: list[tuple[int, int, int]]) ->
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(plan=st.sampled_from(sorted(PLANS)), rows=st.lists(row, min_size=1, max_size=12))
-def test_a_run_masks_exactly_like_the_per_row_path(plan: str, rows: list[list[bytes | None]]) -> None:
+@given(plan=st.sampled_from(sorted(PLANS)), rows=st.lists(row, min_size=1, max_size=12),
+       vector=st.booleans())
+def test_a_run_masks_exactly_like_the_per_row_path(plan: str, rows: list[list[bytes | None]],
+                                                   vector: bool) -> None:
     masker = Masker(PLANS[plan], KEY)
     block, frames = frames_of(rows)
     expected, counts, nrows = per_row(masker, block, frames)
     rm = masker.prepare(COLUMNS)
-    got = rm.mask_frames(block, frames, 1, len(frames))
+    with path(vector):
+        got = rm.mask_frames(block, frames, 1, len(frames))
     if got is None:
         # Only shapes whose rules change a value's length take the per-row path.
         assert plan == "hmac"
@@ -76,25 +94,43 @@ def test_a_run_masks_exactly_like_the_per_row_path(plan: str, rows: list[list[by
     assert rm._counts == counts and rm.rows == nrows
 
 
-def test_a_run_with_pans_everywhere_leaves_none() -> None:
+@pytest.mark.parametrize("vector", [False, True])
+def test_a_run_with_pans_everywhere_leaves_none(vector: bool) -> None:
     rows: list[list[bytes | None]] = [[b"%d" % i, PANS[i % 4], b"paid with " + PANS[(i + 1) % 4],
-                                       None] for i in range(50)]
+                                       None] for i in range(200)]
     masker = Masker(PLANS["last4"], KEY)
     block, frames = frames_of(rows)
+    expected, _, _ = per_row(masker, block, frames)
     rm = masker.prepare(COLUMNS)
-    got = rm.mask_frames(block, frames, 1, len(frames))
-    assert got is not None and not contains_pan(got)
-    assert rm.stats.by_rule == {"last4": 50, "content": 50} and rm.rows == 50
+    with path(vector):
+        got = rm.mask_frames(block, frames, 1, len(frames))
+    assert got == expected and not contains_pan(got)
+    assert rm.stats.by_rule == {"last4": 200, "content": 200} and rm.rows == 200
 
 
-def test_a_malformed_row_sends_the_run_to_the_per_row_path_counting_nothing() -> None:
+BAD_ROWS = [
+    # a field length running past the message
+    b"D" + struct.pack("!i", 4 + 2 + 4 + 3) + struct.pack("!h", 4) + struct.pack("!i", 3) + b"123",
+    # too few fields for the shape
+    b"D" + struct.pack("!ih", 4 + 2 + 4 + 1, 1) + struct.pack("!i", 1) + b"7",
+    # the right count, but the last length points beyond the message
+    pg.Message(b"D", struct.pack("!hi", 4, 1) + b"1" + struct.pack("!i", 16) + PANS[0]
+               + struct.pack("!i", 1) + b"x" + struct.pack("!i", 5) + b"1").encode(),
+]
+
+
+@pytest.mark.parametrize("vector", [False, True])
+@pytest.mark.parametrize("bad", BAD_ROWS)
+def test_a_malformed_row_sends_the_run_to_the_per_row_path_counting_nothing(
+        vector: bool, bad: bytes) -> None:
     masker = Masker(PLANS["last4"], KEY)
     good = pg.encode_data_row([b"1", PANS[0], b"x", b"1"])
-    bad = b"D" + struct.pack("!i", 4 + 2 + 4 + 3) + struct.pack("!h", 4) + struct.pack("!i", 3) + b"123"
-    block = good + bad + good
+    block = good * 3 + bad + good
     frames = pg.MessageReader().split(block)[0]
+    assert len(frames) == 5
     rm = masker.prepare(COLUMNS)
-    assert rm.mask_frames(block, frames, 0, 3) is None
+    with path(vector):
+        assert rm.mask_frames(block, frames, 0, 5) is None
     assert rm.rows == 0 and rm.stats.values == 0
 
 
@@ -112,9 +148,10 @@ COMPUTED = (*FIELDS[:3], pg.Field("reversed", 0, 0, 25, -1, -1, 0))
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=st.sampled_from(sorted(PLANS)), computed=st.booleans(),
-       rows=st.lists(row, min_size=1, max_size=8))
+       rows=st.lists(row, min_size=1, max_size=8), vector=st.booleans())
 def test_result_masker_run_equals_data_row_per_message(plan: str, computed: bool,
-                                                       rows: list[list[bytes | None]]) -> None:
+                                                       rows: list[list[bytes | None]],
+                                                       vector: bool) -> None:
     decision = Decision(verdict=Verdict.ALLOW, mask=PLANS[plan])
     fields = COMPUTED if computed else FIELDS
     block, frames = frames_of(rows)
@@ -122,5 +159,6 @@ def test_result_masker_run_equals_data_row_per_message(plan: str, computed: bool
     run = _factory()(decision, fields, "shop")
     assert one is not None and run is not None
     expected = b"".join(one.data_row(block[s + 5:e]) for _, s, e in frames[1:])
-    assert run.data_rows(block, frames, 1, len(frames)) == expected
+    with path(vector):
+        assert run.data_rows(block, frames, 1, len(frames)) == expected
     assert run.stats_dict() == one.stats_dict()
