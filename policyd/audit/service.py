@@ -23,7 +23,7 @@ from pgwarden._proto import audit_pb2, audit_pb2_grpc
 from policyd.audit.events import parse_event
 from policyd.audit.models import event_to_content
 from policyd.audit.scrub import scrub_event
-from policyd.audit.sinks import Checkpointer
+from policyd.audit.sinks import STORE_UNREACHABLE, Checkpointer
 from policyd.audit.store import AuditStore
 
 log = structlog.get_logger("pgwarden.audit.service")
@@ -53,7 +53,7 @@ class AuditSinkService(audit_pb2_grpc.AuditSinkServicer):
             log.error("audit_store_unreachable", error=type(exc).__name__,
                       writer=request.writer_id)
             self.store.engine.dispose()
-            context.abort(grpc.StatusCode.UNAVAILABLE, "audit store unreachable; keep spooling")
+            context.abort(grpc.StatusCode.UNAVAILABLE, STORE_UNREACHABLE)
         if self.checkpointer is not None:
             self.checkpointer.note(len(items) - dups, self.store.head)
         return audit_pb2.AppendReply(stored_n=stored_n, head_seq=head_seq, duplicates=dups)
@@ -64,7 +64,7 @@ class AuditSinkService(audit_pb2_grpc.AuditSinkServicer):
         except Exception as exc:
             log.error("audit_store_unreachable", error=type(exc).__name__)
             self.store.engine.dispose()
-            context.abort(grpc.StatusCode.UNAVAILABLE, "audit store unreachable")
+            context.abort(grpc.StatusCode.UNAVAILABLE, STORE_UNREACHABLE)
         return audit_pb2.PositionReply(stored_n=pos)
 
 

@@ -5,6 +5,8 @@
   stores with the same exactly-once rule.
 
 Both raise on failure; the writer keeps the events spooled and retries.
+:class:`GrpcSink` raises :class:`SinkUnavailable`, which says whether policyd
+or the store behind it failed, for the writer's ``sink_outage`` record.
 :class:`Checkpointer` signs the chain head every N records or T seconds on
 whichever side writes the store.
 """
@@ -24,6 +26,22 @@ from policyd.audit.spool import SpoolEntry
 from policyd.audit.store import AuditStore
 
 log = structlog.get_logger("pgwarden.audit.sink")
+
+# The AuditSink service's answer when its store fails (UNAVAILABLE): a fixed
+# text, so a producer can tell "policyd is up, its store is not" from
+# "policyd does not answer" without carrying any message of the store's.
+STORE_UNREACHABLE = "audit store unreachable; keep spooling"
+
+
+class SinkUnavailable(Exception):
+    """A sink failure, described without the underlying message (which can
+    echo connection parameters): ``failed`` names the part that failed
+    (``store`` or ``policyd``), ``error`` the gRPC status or error class."""
+
+    def __init__(self, failed: str, error: str) -> None:
+        super().__init__(f"{failed}: {error}")
+        self.failed = failed
+        self.error = error
 
 
 class Sink(Protocol):
@@ -121,14 +139,18 @@ class GrpcSink:
         from pgwarden._proto import audit_pb2, audit_pb2_grpc
 
         self._pb = audit_pb2
+        self._rpc_error = grpc.RpcError
         self._channel = channel or grpc.insecure_channel(target)
         self._stub = audit_pb2_grpc.AuditSinkStub(self._channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
 
     def position(self, writer_id: str) -> int:
-        reply = self._stub.Position(
-            self._pb.PositionRequest(writer_id=writer_id), timeout=self.timeout
-        )
+        try:
+            reply = self._stub.Position(
+                self._pb.PositionRequest(writer_id=writer_id), timeout=self.timeout
+            )
+        except self._rpc_error as exc:
+            raise _unavailable(exc) from exc
         return int(reply.stored_n)
 
     def append(self, writer_id: str, entries: Sequence[SpoolEntry]) -> int:
@@ -141,8 +163,22 @@ class GrpcSink:
                 for e in entries
             ],
         )
-        reply = self._stub.Append(req, timeout=self.timeout)
+        try:
+            reply = self._stub.Append(req, timeout=self.timeout)
+        except self._rpc_error as exc:
+            raise _unavailable(exc) from exc
         return int(reply.stored_n)
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _unavailable(exc: Any) -> SinkUnavailable:
+    """Which side a failed AuditSink call points at (policyd's own fixed
+    answer for its store; anything else is policyd or the way to it)."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = exc.details() if callable(getattr(exc, "details", None)) else None
+    name = getattr(code, "name", None) or type(exc).__name__
+    if name == "UNAVAILABLE" and details == STORE_UNREACHABLE:
+        return SinkUnavailable("store", name)
+    return SinkUnavailable("policyd", str(name))

@@ -11,8 +11,9 @@ a busy process's core (the tap's, say).
 When the store is unreachable the events simply wait in the spool; the
 shipper retries with back-off, records a ``sink_outage`` gateway event when
 the outage starts and ``sink_recovered`` when the backlog flows again (PCI DSS
-10.2.1.6), and stores the backlog in its original order, each event exactly
-once (the spool position is committed with the records).
+10.2.1.6; ``detail.failed`` says whether the store or policyd, through which
+a tap ships, was unreachable), and stores the backlog in its original order,
+each event exactly once (the spool position is committed with the records).
 
 If the spool itself cannot be written (disk full, I/O error, over its
 ``max_spool_bytes`` bound), ``submit`` returns False: with ``fail_closed``
@@ -39,7 +40,7 @@ import structlog
 from policyd.audit.chain import CheckpointLog, checkpoints_path, key_path, load_or_create_key
 from policyd.audit.events import Event, GatewayEvent, event_to_json, parse_event
 from policyd.audit.scrub import scrub_event
-from policyd.audit.sinks import Checkpointer, Sink, StoreSink
+from policyd.audit.sinks import Checkpointer, Sink, SinkUnavailable, StoreSink
 from policyd.audit.spool import Spool, SpoolEntry, SpoolError, SpoolReader
 from policyd.audit.store import store_url
 
@@ -154,6 +155,7 @@ class SpoolShipper:
         self._pending_gateway: list[Event] = []
         self._outage_since: float | None = None
         self._outage_error = ""
+        self._outage_failed = ""
         self.stopping = threading.Event()
         self.wake = threading.Condition()
         self.idle = threading.Event()
@@ -243,11 +245,18 @@ class SpoolShipper:
         if self._outage_since is not None:
             return
         self._outage_since = time.monotonic()
-        self._outage_error = type(exc).__name__
+        # The message can echo connection parameters; record the class only
+        # and which part failed: the store (directly, or as policyd's
+        # AuditSink reports it) or policyd itself.
+        if isinstance(exc, SinkUnavailable):
+            self._outage_error, self._outage_failed = exc.error, exc.failed
+        else:
+            self._outage_error, self._outage_failed = type(exc).__name__, "store"
         self.stats.outages += 1
-        # The message can echo connection parameters; log the class only.
-        log.error("audit_store_unreachable", error=self._outage_error, writer=self.writer_id)
-        self._report(self.gateway("sink_outage", error=self._outage_error))
+        log.error("audit_store_unreachable", error=self._outage_error,
+                  failed=self._outage_failed, writer=self.writer_id)
+        self._report(self.gateway("sink_outage", error=self._outage_error,
+                                  failed=self._outage_failed))
 
     def _recovered(self) -> bool:
         if self._outage_since is None:
@@ -256,7 +265,8 @@ class SpoolShipper:
         self._outage_since = None
         log.info("audit_store_recovered", outage_seconds=seconds, writer=self.writer_id)
         self._report(
-            self.gateway("sink_recovered", outage_seconds=seconds, error=self._outage_error)
+            self.gateway("sink_recovered", outage_seconds=seconds, error=self._outage_error,
+                         failed=self._outage_failed)
         )
         return True
 
