@@ -4,8 +4,9 @@ gateway is in the audit trail (issue 6, PCI DSS 10.2.1).
 Eight pgbench clients run a prepared point read through each tap mode with an
 agent token; the statements PostgreSQL logged for that run (log_statement=all
 in the test stack, matched by application_name) must equal the executions the
-audit store recorded for the run's sessions. The run is 20 s per mode to keep
-CI bounded; `make bench` measures throughput with auditing on.
+audit store recorded for the run's sessions. The run is 60 s per mode, as
+the issue asks (PGWARDEN_AUDIT_LOAD_SECONDS shortens it for a quick local
+run); `make bench` measures throughput with auditing on.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from agent import agent_dsn, audit_url, mint
 
 from pgwarden.stack import LocalStack
 
-SECONDS = 20
+SECONDS = int(os.environ.get("PGWARDEN_AUDIT_LOAD_SECONDS", "60"))
 SCRIPT = "\\set id random(1, 3000)\nSELECT amount, merchant FROM payments WHERE id = :id;\n"
 _PROCESSED = re.compile(r"number of transactions actually processed: (\d+)")
 _FAILED = re.compile(r"number of failed transactions: (\d+)")
