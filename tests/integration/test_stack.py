@@ -4,8 +4,11 @@ TLS verifiable, secrets kept out of logs, `up`/`down` idempotent."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import psutil
@@ -127,6 +130,31 @@ def test_gateway_fails_closed_without_its_tap_and_recovers(stack: LocalStack, mo
     assert "pgwarden-must-not-pass" not in stack.pg_log_since(mark)
     with psycopg.connect(stack.gateway_dsn[mode], connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("mode", TAP_MODES)
+def test_an_open_session_fails_closed_when_its_tap_is_killed(stack: LocalStack, mode: str) -> None:
+    """kill -9 of the tap under an open session: the client's next statement
+    fails and never reaches PostgreSQL by another way (Envoy ends the
+    connection: the ext_proc stream errors with failure_mode_allow false; the
+    inline tap owned the upstream connection)."""
+    conn = psycopg.connect(stack.gateway_dsn[mode], connect_timeout=10, autocommit=True)
+    try:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        mark = stack.pg_log_mark()
+        os.kill(stack.tap_pids[mode], signal.SIGKILL)
+        with pytest.raises(psycopg.OperationalError):
+            # The first attempt may still be written before Envoy notices
+            # the closed stream; no attempt may come back with a result.
+            for _ in range(20):
+                conn.execute("SELECT 'pgwarden-after-kill'")
+                time.sleep(0.25)
+        assert "pgwarden-after-kill" not in stack.pg_log_since(mark)
+    finally:
+        conn.close()
+        stack.restart_tap(mode)
+    with psycopg.connect(stack.gateway_dsn[mode], connect_timeout=10) as again:
+        assert again.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
