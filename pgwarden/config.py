@@ -88,6 +88,9 @@ class TapConfig(_Strict):
     allow_plaintext_tokens: bool = False
     max_message_size: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     idle_timeout_seconds: float = Field(900, gt=0)  # PCI DSS 8.2.8: 15 minutes
+    # SIGTERM: statements in flight get this long to finish before their
+    # sessions are ended (keep it under the pod's termination grace period).
+    drain_seconds: float = Field(10, ge=0, le=3600)
     secrets_file: Path | None = None
     # Role whose gateway-held credentials read pg_attribute, so masking rules
     # can name table columns (none: content detection only).

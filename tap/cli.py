@@ -108,6 +108,12 @@ def _expose(runtime: Runtime, address: str | None) -> None:
         serve_metrics(address, ready=lambda: runtime.ready)
 
 
+def _drain_seconds(loaded: object | None) -> float:
+    """tap.drain_seconds of the loaded config (10 s in dev mode)."""
+    tap = getattr(loaded, "tap", None)
+    return float(getattr(tap, "drain_seconds", 10.0))
+
+
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     import uvloop
 
@@ -150,7 +156,7 @@ def inline(
     host, port = _split(listen)
     up_host, up_port = _split(upstream)
     settings = InlineSettings(listen_host=host, listen_port=port, upstream_host=up_host,
-                              upstream_port=up_port)
+                              upstream_port=up_port, drain_seconds=_drain_seconds(loaded))
 
     async def main(stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
@@ -189,6 +195,6 @@ def extproc(
             runtime = await factory(stack)
             runtime.driver = "extproc"
             _expose(runtime, metrics_addr or _health_listen(loaded))
-            await serve(host, port, runtime, stop=stop)
+            await serve(host, port, runtime, stop=stop, drain_seconds=_drain_seconds(loaded))
 
     _run(main)
