@@ -163,10 +163,12 @@ def sessions_list(
     if not rows:
         typer.echo("no sessions")
         return
-    typer.echo(f"{'STARTED':27} {'SESSION':34} {'SUBJECT':24} STMTS DENIED HELD  END")
+    # The whole session id: it is what `pgwarden replay` takes.
+    width = max(36, *(len(r["session_id"]) for r in rows))
+    typer.echo(f"{'STARTED':27} {'SESSION':{width}} {'SUBJECT':24} STMTS DENIED HELD  END")
     for r in rows:
         typer.echo(
-            f"{r['ts']:27} {r['session_id'][:34]:34} {r['subject'][:24]:24} "
+            f"{r['ts']:27} {r['session_id']:{width}} {r['subject'][:24]:24} "
             f"{r['statements']:5} {r['denied']:6} {r['held']:4}  {r['end_reason'] or 'open'}"
         )
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Engine, create_engine, event, func, select, update
+from sqlalchemy import JSON, Engine, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import Connection, make_url
 
 from policyd.audit.events import Event
@@ -413,7 +413,8 @@ class AuditStore:
         if subject:
             q = q.where(s.c.subject == subject)
         if decision:
-            q = q.where(s.c.session_id.in_(select(st.c.session_id).where(st.c.verdict == decision)))
+            q = q.where(s.c.session_id.in_(select(st.c.session_id).where(
+                self._held(st) if decision == "hold" else st.c.verdict == decision)))
         q = q.order_by(s.c.seq)
         out: list[dict[str, Any]] = []
         with self.engine.connect() as conn:
@@ -422,6 +423,7 @@ class AuditStore:
                 rows = [r for r in rows if group in (r.get("groups") or [])]
             sids = [r["session_id"] for r in rows]
             counts: dict[str, dict[str, int]] = defaultdict(dict)
+            held: dict[str, int] = {}
             ends: dict[str, tuple[str, str]] = {}
             for start in range(0, len(sids), 500):
                 chunk = sids[start : start + 500]
@@ -431,6 +433,12 @@ class AuditStore:
                     .group_by(st.c.session_id, st.c.verdict)
                 ):
                     counts[sid][verdict] = int(n)
+                for sid, n in conn.execute(
+                    select(st.c.session_id, func.count())
+                    .where(st.c.session_id.in_(chunk), self._held(st))
+                    .group_by(st.c.session_id)
+                ):
+                    held[sid] = int(n)
                 for sid, ts, reason in conn.execute(
                     select(se.c.session_id, se.c.ts, se.c.reason).where(se.c.session_id.in_(chunk))
                 ):
@@ -440,11 +448,19 @@ class AuditStore:
             end = ends.get(row["session_id"])
             row["statements"] = sum(c.values())
             row["denied"] = c.get("deny", 0)
-            row["held"] = c.get("hold", 0)
+            row["held"] = held.get(row["session_id"], 0)
             row["ended_at"] = end[0] if end else None
             row["end_reason"] = end[1] if end else None
             out.append(row)
         return out
+
+    @staticmethod
+    def _held(st: Any) -> Any:
+        """Statements that waited for an approver. The tap records a held
+        statement once its hold is resolved, with the approval's id and the
+        outcome as verdict (allow, or deny), so ``verdict == "hold"`` alone
+        would never match."""
+        return or_(st.c.verdict == "hold", st.c.approval_id != "")
 
     def delete_before(self, seq: int) -> int:
         """Delete every record with ``seq < seq`` (prune); returns the count."""
