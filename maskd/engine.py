@@ -78,7 +78,9 @@ _SAME_LENGTH_RULES = (last4_text, first6_last4_text)
 _RUN_MAX_MESSAGE = 1 << 24
 # Runs at least this long take the numpy path (below it, array set-up costs
 # more than a Python loop over the rows).
-VECTOR_MIN_ROWS = 48
+VECTOR_MIN_ROWS = 100
+_TWO = np.arange(5, 7, dtype=np.int64)  # a DataRow's field count, after type and length
+_FOUR = np.arange(4, dtype=np.int64)
 _DIGITS_TO_X_TABLE = np.frombuffer(bytes(range(256)).translate(DIGITS_TO_X), dtype=np.uint8)
 # What a value that does not match its declared type can raise while being
 # decoded; reported as ValueError (the row is refused, never forwarded).
@@ -401,7 +403,12 @@ class RowMasker:
         """:meth:`_rules_loop` for long runs, column by column over all rows
         at once with numpy: the field walk, the checks and ``last4`` on
         values that end with four digits (the common case) are array
-        operations; any other rule value is handled per value in Python."""
+        operations; any other rule value is handled per value in Python.
+
+        The walk gathers each field's 4-byte length for every row at once;
+        positions only grow, so a row whose walk ends exactly at its
+        message's end had every header inside it (one check at the end; a
+        walk that strays outside the run raises IndexError instead)."""
         assert self._run_rules is not None
         rules = self._run_rules
         first = frames[lo][1]
@@ -412,56 +419,46 @@ class RowMasker:
         starts = np.empty_like(ends)
         starts[0] = 0
         starts[1:] = ends[:-1]
-        if int((ends - starts).max()) >= _RUN_MAX_MESSAGE or int((ends - starts).min()) < 7:
+        if int((ends - starts).max()) >= _RUN_MAX_MESSAGE:
             return None
-        ncols = (run[starts + 5].astype(np.int64) << 8) | run[starts + 6]
-        if bool(np.any(ncols != len(rules))):
+        if bool((run[starts[:, None] + _TWO].view(">i2").ravel() != len(rules)).any()):
             return None
-        out: npt.NDArray[np.uint8] | None = None
+        walked: list[tuple[tuple[int, ValueFn], npt.NDArray[np.int64],
+                           npt.NDArray[np.int64]]] = []
         pos = starts + 7
         for rule in rules:
-            if bool(np.any(pos + 4 > ends)):
-                return None
-            length = ((run[pos].astype(np.int64) << 24) | (run[pos + 1].astype(np.int64) << 16)
-                      | (run[pos + 2].astype(np.int64) << 8) | run[pos + 3])
-            length = np.where(length >= 1 << 31, length - (1 << 32), length)
+            length = run[pos[:, None] + _FOUR].view(">i4").ravel().astype(np.int64)
             pos = pos + 4
-            size = np.maximum(length, 0)
-            if bool(np.any(pos + size > ends)):
-                return None
             if rule is not None:
-                k, fn = rule
-                present = np.flatnonzero(length >= 0)
-                found[k] += int(present.size)
-                if out is None:
-                    out = run.copy()
-                rest = present
-                if fn is last4_text:
-                    cand = present[length[present] > 4]
-                    tail = pos[cand] + length[cand]
-                    digits = np.ones(cand.size, dtype=bool)
-                    for back in (1, 2, 3, 4):
-                        b = run[tail - back]
-                        digits &= (b >= 48) & (b <= 57)
-                    common = cand[digits]
-                    rest = np.setdiff1d(present, common, assume_unique=True)
-                    width = length[common] - 4
-                    total = int(width.sum())
-                    if total:
-                        at = (np.repeat(pos[common] - (np.cumsum(width) - width), width)
-                              + np.arange(total, dtype=np.int64))
-                        out[at] = _DIGITS_TO_X_TABLE[out[at]]
-                for r in rest.tolist():
-                    p = int(pos[r])
-                    n = int(length[r])
-                    new = fn(block[first + p:first + p + n])
-                    if new is None or len(new) != n:
-                        return None
-                    out[p:p + n] = np.frombuffer(new, dtype=np.uint8)
-            pos = pos + size
-        if bool(np.any(pos != ends)):
+                walked.append((rule, pos, length))
+            pos = pos + np.maximum(length, 0)
+        if not np.array_equal(pos, ends):
             return None
-        return out.tobytes() if out is not None else block[first:last]
+        out = run.copy()
+        for (k, fn), at, length in walked:
+            present = length >= 0
+            found[k] += int(np.count_nonzero(present))
+            rest = present
+            if fn is last4_text:
+                tail = at + length
+                common = present & (length > 4)
+                tail4 = run[np.where(common, tail - 4, 0)[:, None] + _FOUR]
+                common &= ((tail4 >= 48) & (tail4 <= 57)).all(axis=1)
+                rest = present & ~common
+                width = np.where(common, length - 4, 0)
+                total = int(width.sum())
+                if total:
+                    index = (np.repeat(at - (np.cumsum(width) - width), width)
+                             + np.arange(total, dtype=np.int64))
+                    out[index] = _DIGITS_TO_X_TABLE[out[index]]
+            for r in np.flatnonzero(rest).tolist():
+                p = int(at[r])
+                n = int(length[r])
+                new = fn(block[first + p:first + p + n])
+                if new is None or len(new) != n:
+                    return None
+                out[p:p + n] = np.frombuffer(new, dtype=np.uint8)
+        return out.tobytes()
 
     def _rule_values(self, block: bytes, start: int) -> list[int]:
         """Op indexes of the non-NULL rule values of the DataRow at ``start``."""
