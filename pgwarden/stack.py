@@ -670,7 +670,7 @@ class Secrets:
     (0600) and in a libpq password file ``workdir/pgpass`` (0600), so DSNs can
     carry ``passfile=`` instead of a password and be printed safely."""
 
-    passwords: dict[str, str]
+    passwords: dict[str, str] = field(repr=False)  # never in a repr, log or assertion message
     file: Path
     pgpass: Path
 

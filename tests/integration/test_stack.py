@@ -109,6 +109,7 @@ def test_no_password_in_any_log_or_env_file(stack: LocalStack) -> None:
                                       "tap-extproc.log"}
     texts = [p.read_text(errors="replace") for p in logs]
     texts += [stack.upstream_dsn, stack.app_dsn_direct, *stack.gateway_dsn.values()]
+    texts.append(repr(stack))  # a failing assertion may print the fixture
     for password in stack.passwords.values():
         assert all(password not in text for text in texts)
     assert stack.secrets.pgpass.stat().st_mode & 0o077 == 0
