@@ -267,7 +267,7 @@ def run(env: Mapping[str, str], out: Callable[[str], None] = print) -> bool:
     out("")
     if ok:
         out("The demo behaved as described. To look further:")
-        out("  console (sign in with a token from `pgwarden token mint --groups auditors`):")
+        out("  console (sign in with a token from `pgwarden token mint --sub you --groups auditors`):")
         out(f"      {env.get('PGWARDEN_CONSOLE_URL', '(not running)')}")
         out("  an agent session of your own:")
         out("      source .run/env")

@@ -30,7 +30,8 @@ def _policyd_command() -> list[str]:
     return [sys.executable, "-m", "policyd.cli"]
 
 
-def write_config(stack: st.LocalStack, *, policyd_port: int, tap_listen: str) -> Path:
+def write_config(stack: st.LocalStack, *, policyd_port: int, tap_listen: str,
+                 opa_url: str | None = None) -> Path:
     """The YAML configuration the governed taps run with (no inline secret:
     passwords stay in the 0600 secrets file, the key in its own file)."""
     from pgwarden.devissuer import ensure_dev_keys
@@ -61,7 +62,8 @@ def write_config(stack: st.LocalStack, *, policyd_port: int, tap_listen: str) ->
                       "checkpoint_file": str(stack.workdir / "audit-checkpoints.jsonl"),
                       "signing_key_file": str(stack.workdir / "identity" / "audit-signing.key")},
         },
-        "policyd": {"listen": f"{st.HOST}:{policyd_port}"},
+        "policyd": {"listen": f"{st.HOST}:{policyd_port}",
+                    **({"opa_url": opa_url} if opa_url else {})},
         "identity": identity,
     }
     path = stack.workdir / "pgwarden.yaml"
@@ -89,7 +91,8 @@ def _start(stack: st.LocalStack, contribution: st.ServiceContribution) -> st.Ser
     contribution.procs.append(opa)
 
     policyd_port = st.free_port()
-    config = write_config(stack, policyd_port=policyd_port, tap_listen=f"{st.HOST}:0")
+    config = write_config(stack, policyd_port=policyd_port, tap_listen=f"{st.HOST}:0",
+                          opa_url=f"http://{st.HOST}:{opa_port}")
     policyd = st.spawn("policyd", [*_policyd_command(), "serve", "--listen",
                                    f"{st.HOST}:{policyd_port}", "--opa-url",
                                    f"http://{st.HOST}:{opa_port}",
