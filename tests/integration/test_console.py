@@ -626,6 +626,12 @@ def _browser_sign_in(driver: Any, url: str, token: str) -> None:
     # send_keys types character by character; set the value directly instead.
     driver.execute_script("arguments[0].value = arguments[1];", box, token)
     driver.find_element(By.ID, "signin").click()
+    # The click only starts the form's POST: wait (bounded) for the signed-in
+    # page, so that the next get() cannot abort the sign-in before its cookie
+    # is set (seen once in CI: the approvals page then showed the sign-in form).
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.ID, "signed-in-as"))
 
 
 def test_console_in_a_real_browser(seeded: Seeded, console_url: str, browser: Any) -> None:
