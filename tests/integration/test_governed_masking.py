@@ -729,3 +729,36 @@ def test_dba_sees_unmasked_data_and_it_is_recorded(stack: LocalStack, seed: Seed
     assert counted, f"dba ({mode}): the replay does not show the 3 rows returned"
     # The evidence itself never holds the raw PANs the dba saw.
     assert_no_pan(seed, transcript, f"replay of the dba session ({mode})")
+
+
+# --------------------------------------------------------------------------- long results
+
+LONG_SQL = "SELECT id, card_number, cardholder, amount FROM payments WHERE id <= 2500 ORDER BY id"
+
+
+@pytest.mark.parametrize("protocol", ["extended-text", "extended-binary", "simple"])
+def test_a_long_masked_result_equals_the_direct_one_masked(stack: LocalStack, seed: Seed,
+                                                           mode: str, protocol: str) -> None:
+    """2,500 rows arrive in runs of hundreds of DataRows per chunk, the path
+    that masks a run in one call (row loop or numpy, by run length) through
+    TLS and either driver: every card number keeps only its last four, every
+    other value is what PostgreSQL returned, and no PAN is anywhere."""
+    with psycopg.connect(shop_superuser(stack)) as su:
+        direct = su.execute(LONG_SQL).fetchall()
+    with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack),
+                         autocommit=True) as conn:
+        if protocol == "simple":
+            res = conn.pgconn.exec_(LONG_SQL.encode())
+            assert res.status == pq.ExecStatus.TUPLES_OK, res.error_message
+            got = [tuple((res.get_value(r, c) or b"").decode() for c in range(res.nfields))
+                   for r in range(res.ntuples)]
+            direct = [tuple(str(v) for v in row) for row in direct]
+        else:
+            with conn.cursor(binary=protocol.endswith("binary")) as cur:
+                got = cur.execute(LONG_SQL).fetchall()
+    assert len(got) == len(direct) == 2500
+    assert not contains_pan(repr(got))
+    for seen, raw in zip(got, direct, strict=True):
+        assert (seen[0], seen[2], seen[3]) == (raw[0], raw[2], raw[3])
+        card, pan = str(seen[1]), str(raw[1])
+        assert len(card) == len(pan) and card[-4:] == pan[-4:] and card[:-4].strip("X -") == ""
