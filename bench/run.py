@@ -88,12 +88,7 @@ def start_pgbouncer(stack: st.LocalStack, workdir: Path) -> tuple[st.Proc, int]:
             os.chown(path, entry.pw_uid, entry.pw_gid)
     exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     proc = st.spawn("pgbouncer", [exe, str(ini)], workdir / "pgbouncer.log", user=user, cwd=home)
-    try:
-        st.wait_for_port(port, proc=proc)
-    except st.StackError:
-        st.stop(proc)
-        raise
-    return proc, port
+    return st.listening(proc, port), port
 
 
 def pgbench(args: Sequence[str], dsn: str, timeout: float) -> subprocess.CompletedProcess[str]:

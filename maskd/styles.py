@@ -96,7 +96,6 @@ NUMBER_ARRAY_TYPES = frozenset({1005, 1007, 1016, 1231})
 
 _DIGITS = b"0123456789"
 DIGITS_TO_X = bytes.maketrans(_DIGITS, MASK_CHAR * 10)  # for bytes.translate
-_TO_X = DIGITS_TO_X
 _INT8 = struct.Struct(">q")
 _INT4 = struct.Struct(">i")
 _INT2 = struct.Struct(">h")
@@ -113,7 +112,7 @@ _U32 = struct.Struct(">I")
 def last4_text(v: bytes) -> bytes:
     """All digits but the last four become ``X``; everything else stays."""
     if v[-4:].isdigit():  # fast path: the value ends with its last four digits
-        return v[:-4].translate(_TO_X) + v[-4:]
+        return v[:-4].translate(DIGITS_TO_X) + v[-4:]
     buf = bytearray(v)
     seen = 0
     x = MASK_CHAR[0]

@@ -112,12 +112,7 @@ def start_opa(workdir: Path, rego: Path, port: int) -> Proc:
     proc = spawn("opa", [opa_binary(), "run", "--server", "--addr", f"{HOST}:{port}", "--watch",
                          "--log-level", "error", str(rego)], workdir / "opa.log")
     proc.ports["http"] = port
-    try:
-        wait_for_port(port, proc=proc)
-    except StackError:
-        stop(proc)
-        raise
-    return proc
+    return listening(proc, port)
 
 
 def raise_fd_limit() -> None:
@@ -187,6 +182,17 @@ def wait_for_port(
         time.sleep(0.1)
     tail = f"\n{proc.log_tail()}" if proc is not None else ""
     raise StackError(f"nothing listens on {host}:{port} after {timeout:.0f}s{tail}")
+
+
+def listening(proc: Proc, port: int) -> Proc:
+    """``proc`` once it accepts on ``port``; stopped (and the error raised)
+    if it dies or never listens."""
+    try:
+        wait_for_port(port, proc=proc)
+    except StackError:
+        stop(proc)
+        raise
+    return proc
 
 
 # --------------------------------------------------------------------------- processes
@@ -842,12 +848,7 @@ def start_tap(
     name = name or f"tap-{mode}"
     proc = spawn(name, argv, workdir / f"{name}.log")
     proc.ports["listen"] = listen_port
-    try:
-        wait_for_port(listen_port, proc=proc)
-    except StackError:
-        stop(proc)
-        raise
-    return proc
+    return listening(proc, listen_port)
 
 
 def render_envoy(template: Path | str, out: Path, **values: object) -> Path:
