@@ -28,7 +28,7 @@ from policyd.audit.events import (
     StatementEvent,
     StatementResultEvent,
 )
-from policyd.audit.scrub import _scrub_json, scrub_sql, scrub_text
+from policyd.audit.scrub import _scrub_json, line_needs_scrub, scrub_sql, scrub_text
 from policyd.audit.writer import AuditWriter
 
 log = structlog.get_logger("pgwarden.tap.audit")
@@ -118,18 +118,26 @@ class AuditSink:
         kind = r.get("type")
         sid = str(r.get("session_id", ""))
         if kind == "statement":
-            sql, _ = scrub_sql(str(r.get("sql", "")))
-            return json.dumps({
-                "event_id": uuid.uuid4().hex, "ts": _ts(), "session_id": sid, "type": "statement",
+            sql = str(r.get("sql", ""))
+            analysis = r.get("analysis") or {}
+            reasons = [str(x) for x in r.get("reasons", [])]
+            ts = _ts()
+            record = {
+                "event_id": uuid.uuid4().hex, "ts": ts, "session_id": sid, "type": "statement",
                 "statement_seq": int(r["seq"]), "subject": self._subjects.get(sid, ""),
                 "sql": sql, "params": None, "fingerprint": str(r.get("fingerprint", "")),
                 "path": _PATHS.get(str(r.get("path")), "simple"),
-                "analysis": _scrub_json(r.get("analysis") or {}),
-                "verdict": r["verdict"], "reasons": [scrub_text(x) for x in r.get("reasons", [])],
+                "analysis": analysis, "verdict": r["verdict"], "reasons": reasons,
                 "decision_id": str(r.get("decision_id", "")),
                 "policy_revision": str(r.get("policy_revision", "")),
-                "approval_id": str(r.get("approval_id", "")), "started_at": _ts(),
-            }, separators=(",", ":"))
+                "approval_id": str(r.get("approval_id", "")), "started_at": ts,
+            }
+            line = json.dumps(record, separators=(",", ":"))
+            if not line_needs_scrub(line):
+                return line  # nothing in it a scrubber would change
+            record.update(sql=scrub_sql(sql)[0], analysis=_scrub_json(analysis),
+                          reasons=[scrub_text(x) for x in reasons])
+            return json.dumps(record, separators=(",", ":"))
         if kind == "statement_end":
             masked = r.get("masked") or {}
             counts = {**{f"column:{k}": int(v) for k, v in masked.get("by_column", {}).items()},
@@ -182,9 +190,12 @@ def _error_text(r: dict[str, Any]) -> str:
     """The server's error text as it may be stored: PANs scrubbed, and the
     strict rule the client's copy got (a cast error can quote a hex or
     reversed PAN that no Luhn check recognises)."""
+    error = r.get("error")
+    if not error:
+        return ""
     from tap.masking import strict_mask
 
-    text = scrub_text(str(r.get("error", "")))
+    text = scrub_text(str(error))
     masked, n = strict_mask(text.encode())
     return masked.decode() if n else text
 

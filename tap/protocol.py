@@ -7,6 +7,7 @@ Protocol", section "Message Formats".
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -293,7 +294,11 @@ class Field:
 _FIELD = struct.Struct("!IhIhih")
 
 
+@functools.lru_cache(maxsize=512)
 def decode_row_description(body: bytes) -> tuple[Field, ...]:
+    """Fields of a RowDescription body. Memoised: a prepared statement's
+    description comes back at every execution (libpq describes the portal
+    each time), and the result is an immutable tuple of frozen fields."""
     try:
         (n,) = _I16.unpack_from(body, 0)
         pos = 2

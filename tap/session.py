@@ -186,6 +186,9 @@ class Session:
         self._ticket = 0
         self._waiting: tuple[int, pg.Message, StatementRequest] | None = None
         self._held: deque[pg.Message] = deque()
+        # Client messages passed on while handling one chunk, sent upstream
+        # as one write (and one TLS record) when the chunk is done.
+        self._fwd: list[bytes] = []
         self._expect: deque[_Expect] = deque()
         self._markers: dict[str, _Statement] = {}
         self._statements: dict[str, tuple[str, _Statement, tuple[pg.Field, ...] | None]] = {}
@@ -229,6 +232,7 @@ class Session:
                     self._client_message(msg, out)
                     if self.phase == _CLOSED:
                         break
+                self._flush_forward(out)
         except (pg.ProtocolError, TLSError) as exc:
             self._fatal(out, pg.PROTOCOL_VIOLATION, str(exc), reason="protocol_error")
         return out
@@ -271,6 +275,7 @@ class Session:
         self._apply(msg, request, decision, out)
         while self._held and self._waiting is None and self.phase != _CLOSED:
             self._client_message(self._held.popleft(), out)
+        self._flush_forward(out)
         return out
 
     def on_auth(self, ticket: int, result: AuthResult) -> list[Action]:
@@ -395,6 +400,10 @@ class Session:
     # Output helpers
 
     def _send_upstream(self, out: list[Action], data: bytes) -> None:
+        if self._fwd:  # keep the order of what was passed on before
+            self._fwd.append(data)
+            data = b"".join(self._fwd)
+            self._fwd.clear()
         if self.upstream_tls is not None:
             self.upstream_tls.send(data)
             self._flush_upstream_tls(out)
@@ -439,6 +448,7 @@ class Session:
     def _finish(self, out: list[Action]) -> None:
         if self.phase == _CLOSED:
             return
+        self._flush_forward(out)  # what was passed on before the end still goes
         started = self.phase == _READY
         self.phase = _CLOSED
         if self._cancel_key is not None:
@@ -652,7 +662,7 @@ class Session:
         elif t == b"S":
             self._forward(msg, _Expect("S"), out)
         elif t in (b"H", b"d", b"c", b"f"):
-            self._send_upstream(out, msg.encode())
+            self._fwd.append(msg.encode())
         elif t == b"F":
             (oid,) = _u32(msg.body, 0)
             self._decide(msg, self._request(f"<function call oid {oid}>", "function_call"), out)
@@ -675,6 +685,7 @@ class Session:
     def _decide(self, msg: pg.Message, request: StatementRequest, out: list[Action]) -> None:
         decision = self.hooks.decide_cached(request)
         if decision is None:
+            self._flush_forward(out)  # the server works on those while policyd decides
             self._ticket += 1
             self._waiting = (self._ticket, msg, request)
             out.append(NeedDecision(self._ticket, request))
@@ -748,7 +759,13 @@ class Session:
 
     def _forward(self, msg: pg.Message, expect: _Expect, out: list[Action]) -> None:
         self._expect.append(expect)
-        self._send_upstream(out, msg.encode())
+        self._fwd.append(msg.encode())
+
+    def _flush_forward(self, out: list[Action]) -> None:
+        if self._fwd:
+            data = self._fwd[0] if len(self._fwd) == 1 else b"".join(self._fwd)
+            self._fwd.clear()
+            self._send_upstream(out, data)
 
     # ------------------------------------------------------------------
     # Server messages
@@ -1296,9 +1313,10 @@ def _with_formats(fields: tuple[pg.Field, ...] | None,
     """Apply Bind's result-format codes to a statement's RowDescription."""
     if fields is None:
         return None
-    if not formats:
-        return tuple(replace(f, format=0) for f in fields)
-    if len(formats) == 1:
-        return tuple(replace(f, format=formats[0]) for f in fields)
+    if len(formats) <= 1:
+        fmt = formats[0] if formats else 0
+        if all(f.format == fmt for f in fields):
+            return fields  # the common case (a re-executed statement): nothing to copy
+        return tuple(replace(f, format=fmt) for f in fields)
     return tuple(replace(f, format=formats[i] if i < len(formats) else 0)
                  for i, f in enumerate(fields))

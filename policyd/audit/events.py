@@ -54,7 +54,10 @@ def format_ts(ts: datetime) -> str:
     """
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    ts = ts.astimezone(UTC)
+    if ts.year >= 1000:  # isoformat is several times cheaper; same text here
+        return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _new_id() -> str:

@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import re2
 from pglast import parser as _pg
 
 from policyd.audit.events import (
@@ -86,6 +87,23 @@ def scrub_text(text: str) -> str:
     if _may_hold_password(text):
         text = _CONN_PASSWORD.sub(lambda m: f"{m.group(1)}={PARAM_MASK}", text)
     return scrub_pan(text)
+
+
+# Over a whole serialised event: every PAN form either scrubber finds (runs
+# of 13+ digits with separators, JSON escapes, bytea hex) and every secret
+# pattern above has one of these in its JSON text.
+# RE2: one linear pass (CPython's engine took 4x longer on this alternation).
+_LINE_DIRTY = re2.compile(rb"[0-9][0-9 -]{12,}|\\[uxX]|eyJ|(?i:pass|pwd)")
+
+
+def line_needs_scrub(line: str | bytes) -> bool:
+    """False only when nothing in this JSON text can be a PAN or a secret, so
+    the event it encodes is already as :func:`scrub_event` would leave it
+    (up to the recorded-rows cap, which the caller checks). A sound
+    pre-check: it may say True for a clean line, never False for a dirty
+    one (tests/unit/test_audit_scrub_prefilter.py)."""
+    data = line.encode() if isinstance(line, str) else line
+    return _LINE_DIRTY.search(data) is not None
 
 
 def _may_hold_password(text: str) -> bool:

@@ -140,8 +140,10 @@ class SpoolShipper:
         memory: Callable[[int], list[Event]] | None = None,
         memory_done: Callable[[int], None] | None = None,
         component: str = "audit-shipper",
+        interval: float = 0.5,
     ) -> None:
         self.reader = SpoolReader(Path(spool_path))
+        self.interval = interval
         self.sink = sink
         self.writer_id = writer_id or default_writer_id(spool_path)
         self.batch_size = batch_size
@@ -204,7 +206,7 @@ class SpoolShipper:
                         if self.stopping.is_set():
                             return
                         with self.wake:
-                            self.wake.wait(0.5)
+                            self.wake.wait(self.interval)
                     continue
                 stored_n = self.sink.append(self.writer_id, entries)
                 if entries[0].n:
@@ -303,6 +305,7 @@ class AuditWriter:
         retry_max_seconds: float = 5.0,
         sink: Sink | None = None,
         ship: bool = True,
+        ship_interval: float = 0.05,
     ) -> None:
         self.url = store_url(store)
         self.spool_path = Path(spool_path)
@@ -317,6 +320,7 @@ class AuditWriter:
         self.component = component
         self.retry_max_seconds = retry_max_seconds
         self.ship = ship
+        self.ship_interval = ship_interval
         self._sink_args = {
             "signing_key": signing_key,
             "checkpoint_file": checkpoint_file,
@@ -387,9 +391,14 @@ class AuditWriter:
         return self.submit([parse_event(line) for line in lines])
 
     def _wake_shipper(self) -> None:
-        if self.shipper is not None:
-            self.shipper.idle.clear()
-            self.shipper.notify()
+        # The shipper polls every ``ship_interval``; it is woken early only
+        # for a full batch. Waking it per submit made a thread switch (and a
+        # tiny batch) of every statement on the data path.
+        shipper = self.shipper
+        if shipper is not None:
+            shipper.idle.clear()
+            if self.spool.last_n - (shipper.stored_n or 0) >= self.batch_size:
+                shipper.notify()
 
     @property
     def stats(self) -> WriterStats:
@@ -438,6 +447,7 @@ class AuditWriter:
                 memory=self._memory_batch,
                 memory_done=self._memory_stored,
                 component=self.component,
+                interval=self.ship_interval,
             )
         self.submit([GatewayEvent(action="start", component=self.component,
                                   instance=socket.gethostname(),

@@ -177,6 +177,39 @@ def test_pipelined_extended_batch_skips_after_refusal_like_postgres() -> None:
     assert pg.decode_fields(out[4].body)["C"] == "42501"
 
 
+def test_a_pipelined_batch_goes_upstream_as_one_write_after_its_records() -> None:
+    # Bind/Describe/Execute/Sync of one chunk: one SendUpstream (one syscall,
+    # one TLS record), and the statement's audit record comes before it.
+    s, _ = ready_session()
+    s.on_read(pg.parse_message("q", "select 1") + msg(b"S"))
+    s.on_write(msg(b"1") + pg.ready_for_query(b"I"))
+    batch = (msg(b"B", b"\0q\0\0\0\0\0\0\0") + msg(b"D", b"P\0")
+             + msg(b"E", b"\0\0\0\0\0") + msg(b"S"))
+    acts = s.on_read(batch)
+    sends = [i for i, a in enumerate(acts) if isinstance(a, SendUpstream)]
+    assert len(sends) == 1 and acts[sends[0]].data == batch
+    assert all(i < sends[0] for i, a in enumerate(acts) if isinstance(a, Event))
+
+
+def test_messages_before_a_malformed_one_still_go_before_the_session_ends() -> None:
+    s, _ = ready_session()
+    # (A frame with a broken length fails the whole chunk before any message
+    # is handled; an unknown message type fails when it is reached.)
+    acts = s.on_read(pg.simple_query("select 1") + msg(b"!", b"x"))
+    kinds = [type(a) for a in acts]
+    assert up(acts) == pg.simple_query("select 1")
+    assert kinds.index(SendUpstream) < kinds.index(Close)
+    assert events(acts, "protocol_error")
+
+
+def test_messages_before_one_awaiting_a_decision_are_sent_first() -> None:
+    s, _ = ready_session(Hooks(decide_cached=lambda r: ALLOW_ALL if r.sql == "select 1" else None))
+    acts = s.on_read(pg.simple_query("select 1") + pg.simple_query("select 2"))
+    kinds = [type(a) for a in acts]
+    assert up(acts) == pg.simple_query("select 1")
+    assert kinds.index(SendUpstream) < kinds.index(NeedDecision)
+
+
 def test_decision_from_the_service_holds_later_messages_in_order() -> None:
     s, _ = ready_session(Hooks(decide_cached=lambda r: None))
     acts = s.on_read(pg.simple_query("select 1") + pg.simple_query("select 2"))
