@@ -204,12 +204,19 @@ _NOT_LOGGED = frozenset({"statement", "statement_end", "statement_error", "state
                          "auth", "cancel_request"})
 
 
+_STATEMENT_SERIES: dict[Any, Any] = {}
+
+
 def _count(records: list[dict[str, Any]], driver: str) -> None:
     """Prometheus series from the session's events (the core has no metrics)."""
     for r in records:
         kind = r.get("type")
         if kind == "statement":
-            metrics.STATEMENTS.labels(verdict=r.get("verdict", "deny")).inc()
+            verdict = r.get("verdict", "deny")
+            child = _STATEMENT_SERIES.get(verdict)
+            if child is None:  # labels() costs a lock and a tuple key per call
+                child = _STATEMENT_SERIES[verdict] = metrics.STATEMENTS.labels(verdict=verdict)
+            child.inc()
         elif kind == "statement_end":
             masked = r.get("masked")
             if masked:

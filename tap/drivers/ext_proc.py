@@ -135,50 +135,53 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
 
     def _responses(self, actions: list[Action], session: Session
                    ) -> list[tuple[pb.ProcessingResponse | NeedDecision | NeedAuth, bool, bool]]:
-        """Coalesce consecutive same-direction sends into single responses."""
+        """Coalesce consecutive same-direction sends into single responses;
+        record events before the bytes that follow them go upstream."""
         out: list[tuple[pb.ProcessingResponse | NeedDecision | NeedAuth, bool, bool]] = []
-        up: list[bytes] = []
-        down: list[bytes] = []
-
-        def flush() -> None:
-            if up:
-                out.append((pb.ProcessingResponse(read_data=pb.Data(data=b"".join(up)),
-                                                  data_processing_status=_MODIFIED), True, False))
-                up.clear()
-            if down:
-                out.append((pb.ProcessingResponse(write_data=pb.Data(data=b"".join(down)),
-                                                  data_processing_status=_MODIFIED), False, False))
-                down.clear()
-
+        sends: list[bytes] = []
+        upward = False  # direction of what ``sends`` holds
         events: list[dict[str, object]] = []
         for a in actions:
-            if isinstance(a, SendUpstream):
-                if events:
+            kind = type(a)
+            if kind is SendUpstream or kind is SendDownstream:
+                to_server = kind is SendUpstream
+                if to_server and events:
                     if not self.runtime.record(events):
                         return self._responses(session.terminate(
                             AUDIT_UNAVAILABLE, "pgwarden: the audit trail cannot record "
                             "statements right now; nothing was sent", reason="audit_unavailable"),
                             session)
                     events = []
-                if down:
-                    flush()
-                up.append(a.data)
-            elif isinstance(a, SendDownstream):
-                if up:
-                    flush()
-                down.append(a.data)
-            elif isinstance(a, Event):
-                events.append(a.record)
-            elif isinstance(a, NeedDecision | NeedAuth):
-                flush()
-                out.append((a, False, False))
-            elif isinstance(a, Close):
-                flush()
+                if sends and upward is not to_server:
+                    out.append(_data_response(sends, upward))
+                    sends = []
+                upward = to_server
+                sends.append(a.data)  # type: ignore[union-attr]
+            elif kind is Event:
+                events.append(a.record)  # type: ignore[union-attr]
+            elif kind is NeedDecision or kind is NeedAuth:
+                if sends:
+                    out.append(_data_response(sends, upward))
+                    sends = []
+                out.append((a, False, False))  # type: ignore[arg-type]
+            elif kind is Close:
+                if sends:
+                    out.append(_data_response(sends, upward))
+                    sends = []
                 out.append((pb.ProcessingResponse(connection_status=_CLOSE), False, True))
         if events:
             self.runtime.record(events)
-        flush()
+        if sends:
+            out.append(_data_response(sends, upward))
         return out
+
+
+def _data_response(sends: list[bytes], upward: bool
+                   ) -> tuple[pb.ProcessingResponse, bool, bool]:
+    data = pb.Data(data=sends[0] if len(sends) == 1 else b"".join(sends))
+    if upward:
+        return pb.ProcessingResponse(read_data=data, data_processing_status=_MODIFIED), True, False
+    return pb.ProcessingResponse(write_data=data, data_processing_status=_MODIFIED), False, False
 
 
 def _ack(req: pb.ProcessingRequest) -> pb.ProcessingResponse:
