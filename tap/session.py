@@ -136,6 +136,7 @@ class _Portal:
     result_formats: tuple[int, ...]
     fields: tuple[pg.Field, ...] | None = None
     stmt: _Statement | None = None  # the Bind-time decision, when there was one
+    described: bool = False  # the client sent Describe for this binding
 
 
 @dataclass(slots=True)
@@ -146,6 +147,9 @@ class _Expect:
     stmt: _Statement | None = None
     portal: str = ""
     describe_target: tuple[str, str] | None = None  # ('S'|'P', name) for Describe
+    # The binding a Describe P or an Execute refers to, taken when the client
+    # message is passed on (a later Bind of the same name is another binding).
+    binding: _Portal | None = None
     rows: int = 0
     tags: list[str] | None = None
     error: tuple[str, str] | None = None
@@ -639,18 +643,25 @@ class Session:
             known = self._statements.get(p.statement) if p is not None else None
             stmt = p.stmt if p is not None and p.stmt is not None else (
                 known[1] if known is not None else None)
-            if self.hooks.masker_factory is not None and (p is None or p.fields is None):
+            if self.hooks.masker_factory is not None and (
+                    p is None or (p.fields is None and not p.described)):
                 # Rows of a portal whose shape the tap never saw (a statement
                 # executed without Describe): ask the server first, so binary
-                # values are masked by type, never passed unread.
+                # values are masked by type, never passed unread. (When the
+                # client described this binding itself, as libpq does before
+                # every Execute, that answer arrives before the rows.)
                 describe = pg.Message(b"D", b"P" + portal.encode() + b"\0").encode()
-                self._expect.append(_Expect("D", describe_target=("P", portal), internal=True))
-                self._send_upstream(out, describe)
-            self._forward(msg, _Expect("E", stmt=stmt, portal=portal), out)
+                self._expect.append(_Expect("D", describe_target=("P", portal), internal=True,
+                                            binding=p))
+                self._fwd.append(describe)
+            self._forward(msg, _Expect("E", stmt=stmt, portal=portal, binding=p), out)
         elif t == b"D":
             kind = msg.body[:1].decode("latin-1")
             name, _ = pg.cstring(msg.body, 1)
-            self._forward(msg, _Expect("D", describe_target=(kind, name)), out)
+            binding = self._portals.get(name) if kind == "P" else None
+            if binding is not None:
+                binding.described = True
+            self._forward(msg, _Expect("D", describe_target=(kind, name), binding=binding), out)
         elif t == b"C":
             target = msg.body[:1]
             name, _ = pg.cstring(msg.body, 1)
@@ -862,7 +873,8 @@ class Session:
             if head is not None:
                 head.rows += 1
                 if self._masker is None and head.kind == "E":
-                    portal = self._portals.get(head.portal)
+                    portal = (head.binding if head.binding is not None
+                              else self._portals.get(head.portal))
                     self._start_masking(head.stmt, portal.fields if portal else None)
             if self._masker is not None:
                 return self._masker.data_row(m.body)
@@ -1154,7 +1166,7 @@ class Session:
                 if known is not None:
                     self._statements[name] = (known[0], known[1], fields)
             elif kind == "P":
-                portal = self._portals.get(name)
+                portal = head.binding if head.binding is not None else self._portals.get(name)
                 if portal is not None:
                     portal.fields = _with_formats(fields, portal.result_formats)
         self._expect.popleft()

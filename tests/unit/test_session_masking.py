@@ -130,6 +130,58 @@ def test_execute_of_an_undescribed_portal_is_described_by_the_tap_first() -> Non
     assert value != pan and value is not None
 
 
+def _upstream_types(acts: list) -> list[bytes]:  # type: ignore[type-arg]
+    sent = b"".join(a.data for a in acts if isinstance(a, SendUpstream))
+    return [m.type for m in pg.iter_frames(sent)]
+
+
+def test_a_portal_the_client_describes_is_not_described_again() -> None:
+    """libpq sends Bind, Describe portal, Execute, Sync for every execution:
+    the client's own Describe gives the shape before the rows, so the tap
+    adds nothing, and the binary value is still masked by that shape."""
+    s = session()
+    s.on_read(pg.parse_message("s1", "select card_number::int8 from payments") + msg(b"S"))
+    s.on_write(msg(b"1") + pg.ready_for_query(b"I"))
+    bind = msg(b"B", b"\0s1\0\0\0\0\0\0\x01\0\x01")  # one result column, binary
+    batch = bind + msg(b"D", b"P\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S")
+    acts = s.on_read(batch)
+    assert _upstream_types(acts) == [b"B", b"D", b"E", b"S"]
+    pan = int(PAN).to_bytes(8, "big")
+    described = struct.pack("!h", 1) + b"card_number\0" + struct.pack("!IhIhih", 0, 0, 20, 8, -1, 1)
+    reply = (msg(b"2") + msg(b"T", described) + pg.encode_data_row([pan])
+             + msg(b"C", b"SELECT 1\0") + pg.ready_for_query(b"I"))
+    frames = list(pg.iter_frames(down(s.on_write(reply))))
+    assert [m.type for m in frames] == [b"2", b"T", b"D", b"C", b"Z"]
+    value = pg.decode_data_row(frames[2].body)[0]
+    assert value != pan and value is not None
+
+
+def test_a_describe_of_an_earlier_binding_does_not_count_for_a_later_one() -> None:
+    """Bind P (text), Describe P, Bind P again (binary), Execute P: the
+    description answers the first binding; the tap describes the second
+    one itself and masks its rows by that answer."""
+    s = session()
+    s.on_read(pg.parse_message("s1", "select card_number::int8 from payments") + msg(b"S"))
+    s.on_write(msg(b"1") + pg.ready_for_query(b"I"))
+    text_bind = msg(b"B", b"\0s1\0\0\0\0\0\0\x01\0\x00")
+    binary_bind = msg(b"B", b"\0s1\0\0\0\0\0\0\x01\0\x01")
+    acts = s.on_read(text_bind + msg(b"D", b"P\0") + binary_bind
+                     + msg(b"E", b"\0\0\0\0\0") + msg(b"S"))
+    assert _upstream_types(acts) == [b"B", b"D", b"B", b"D", b"E", b"S"]
+
+    def described(fmt: int) -> bytes:
+        return msg(b"T", struct.pack("!h", 1) + b"card_number\0"
+                   + struct.pack("!IhIhih", 0, 0, 20, 8, -1, fmt))
+
+    pan = int(PAN).to_bytes(8, "big")
+    reply = (msg(b"2") + described(0) + msg(b"2") + described(1) + pg.encode_data_row([pan])
+             + msg(b"C", b"SELECT 1\0") + pg.ready_for_query(b"I"))
+    frames = list(pg.iter_frames(down(s.on_write(reply))))
+    assert [m.type for m in frames] == [b"2", b"T", b"2", b"D", b"C", b"Z"]
+    value = pg.decode_data_row(frames[3].body)[0]
+    assert value != pan and value is not None
+
+
 def _computed(s: Session, value: bytes, type_oid: int = 25) -> bytes:
     s.on_read(pg.simple_query("select f(card_number) from payments"))
     return down(s.on_write(row_description(("f", 0, 0, type_oid)) + pg.encode_data_row([value])
