@@ -158,7 +158,8 @@ class GrpcSink:
             writer_id=writer_id,
             events=[
                 self._pb.SpooledEvent(
-                    n=e.n, event_json=json.dumps(e.event, ensure_ascii=False).encode()
+                    n=e.n, event_json=e.raw if e.raw is not None
+                    else json.dumps(e.event, ensure_ascii=False).encode()
                 )
                 for e in entries
             ],

@@ -27,7 +27,6 @@ import fcntl
 import json
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,52 @@ class SpoolError(Exception):
     or in use by another process)."""
 
 
-@dataclass(frozen=True, slots=True)
 class SpoolEntry:
-    n: int
-    event: dict[str, Any]
-    segment: int = 0
-    end: int = 0  # offset just after this line in its segment
+    """One spooled event: its number, where its line ends, and the event,
+    kept as the JSON text read from the spool (``raw``) and parsed only when
+    a consumer asks for ``event``: shipping to policyd sends the text as
+    it is, so the tap's shipper no longer parses and re-serialises it."""
+
+    __slots__ = ("_event", "end", "n", "raw", "segment")
+
+    def __init__(self, n: int, event: dict[str, Any] | None = None, segment: int = 0,
+                 end: int = 0, raw: bytes | None = None) -> None:
+        if event is None and raw is None:
+            raise ValueError("a spool entry needs its event or its JSON text")
+        self.n = n
+        self._event = event
+        self.segment = segment
+        self.end = end  # offset just after this line in its segment
+        self.raw = raw
+
+    @property
+    def event(self) -> dict[str, Any]:
+        if self._event is None:
+            assert self.raw is not None
+            self._event = json.loads(self.raw)
+        return self._event
+
+    def __repr__(self) -> str:
+        return f"SpoolEntry(n={self.n}, segment={self.segment}, end={self.end})"
+
+
+_ENTRY_HEAD = b'{"n":'
+_ENTRY_EVENT = b',"e":'
+
+
+def _parse_line(line: bytes) -> tuple[int, bytes | None, dict[str, Any] | None]:
+    """(number, event text, parsed object) of one spool line. Lines are
+    written as ``{"n":N,"e":EVENT}`` by :meth:`Spool.append`: the event text
+    is cut out without parsing it; anything else (the segment header) is
+    parsed as JSON. Number -1 marks a line that is not an entry."""
+    if line.startswith(_ENTRY_HEAD) and line.endswith(b"}\n"):
+        cut = line.find(_ENTRY_EVENT, len(_ENTRY_HEAD))
+        if cut > len(_ENTRY_HEAD) and line[len(_ENTRY_HEAD):cut].isdigit():
+            return int(line[len(_ENTRY_HEAD):cut]), line[cut + len(_ENTRY_EVENT):-2], None
+    obj = json.loads(line)
+    if "base" in obj:
+        return -1, None, None
+    return int(obj["n"]), None, obj["e"]
 
 
 def _segment_path(path: Path, index: int) -> Path:
@@ -273,10 +312,10 @@ class SpoolReader:
                     if not line.endswith(b"\n"):
                         break
                     off += len(line)
-                    obj = json.loads(line)
-                    if "base" in obj or int(obj["n"]) <= after_n:
+                    n, raw, event = _parse_line(line)
+                    if n <= after_n:  # also the segment header (-1)
                         continue
-                    out.append(SpoolEntry(int(obj["n"]), obj["e"], seg, off))
+                    out.append(SpoolEntry(n, event, seg, off, raw))
                 at_end = len(out) < limit
             if at_end and newer:
                 seg, off = newer[0], 0

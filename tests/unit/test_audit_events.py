@@ -69,6 +69,27 @@ def test_torn_spool_line_is_cut_and_earlier_lines_kept(tmp_path: Path) -> None:
     reader.close()
 
 
+def test_reader_hands_out_each_event_as_the_text_that_was_spooled(tmp_path: Path) -> None:
+    """The shipper sends the spooled text to policyd without parsing it; the
+    text must be exactly the event, even one whose strings look like the
+    line's own framing."""
+    import json
+
+    texts = ['{"type":"gateway","action":"start"}',
+             json.dumps({"type": "statement", "sql": 'select \'{"n":9,"e":{}}\', \'}\n\''}),
+             json.dumps({"type": "statement", "sql": "caf\u00e9 ,\"e\":"}, ensure_ascii=False)]
+    sp = Spool(tmp_path / "spool.jsonl")
+    sp.append(texts)
+    reader = SpoolReader(tmp_path / "spool.jsonl")
+    entries = reader.read(0, 10)
+    assert [e.n for e in entries] == [1, 2, 3]
+    assert [e.raw for e in entries] == [t.encode() for t in texts]
+    assert [e.event for e in entries] == [json.loads(t) for t in texts]
+    assert reader.read(2, 10)[0].n == 3
+    sp.close()
+    reader.close()
+
+
 def test_reader_follows_segments_and_deletes_stored_ones(tmp_path: Path) -> None:
     sp = Spool(tmp_path / "spool.jsonl", segment_bytes=200)
     reader = SpoolReader(tmp_path / "spool.jsonl")
