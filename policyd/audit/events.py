@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 SCHEMA_VERSION = "pgwarden.audit.v1"
 
-GatewayAction = Literal["start", "stop", "policy_reload", "sink_outage", "sink_recovered"]
+GatewayAction = Literal["start", "stop", "policy_reload", "sink_outage", "sink_recovered",
+                        "event_quarantined"]
 AuthOutcome = Literal["success", "failure"]
 ProtocolPath = Literal["simple", "extended", "function_call", "copy"]
 ApprovalAction = Literal["requested", "approved", "denied", "expired", "cancelled"]

@@ -44,6 +44,12 @@ class SinkUnavailable(Exception):
         self.error = error
 
 
+class SinkRejected(Exception):
+    """The sink refused the batch's content (policyd: an event does not match
+    the audit schema). Retrying the same batch cannot help: the shipper
+    narrows it down to the event and quarantines that one."""
+
+
 class Sink(Protocol):
     def position(self, writer_id: str) -> int:
         """Last spool number of ``writer_id`` already stored."""
@@ -109,7 +115,10 @@ class StoreSink:
 
     def append(self, writer_id: str, entries: Sequence[SpoolEntry]) -> int:
         store = self._open()
-        items = [(e.n, spooled_to_content(e.event)) for e in entries]
+        try:
+            items = [(e.n, spooled_to_content(e.event)) for e in entries]
+        except (KeyError, TypeError, ValueError) as exc:  # not an event this store knows
+            raise SinkRejected(f"event cannot be stored ({type(exc).__name__})") from exc
         try:
             stored_n, _dups = store.append_spooled(writer_id, items)
         except Exception:
@@ -167,6 +176,9 @@ class GrpcSink:
         try:
             reply = self._stub.Append(req, timeout=self.timeout)
         except self._rpc_error as exc:
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            if getattr(code, "name", "") == "INVALID_ARGUMENT":
+                raise SinkRejected(str(exc.details() or "rejected")) from exc
             raise _unavailable(exc) from exc
         return int(reply.stored_n)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
 import socket
 import threading
@@ -40,7 +41,7 @@ import structlog
 from policyd.audit.chain import CheckpointLog, checkpoints_path, key_path, load_or_create_key
 from policyd.audit.events import Event, GatewayEvent, event_to_json, parse_event
 from policyd.audit.scrub import scrub_event
-from policyd.audit.sinks import Checkpointer, Sink, SinkUnavailable, StoreSink
+from policyd.audit.sinks import Checkpointer, Sink, SinkRejected, SinkUnavailable, StoreSink
 from policyd.audit.spool import Spool, SpoolEntry, SpoolError, SpoolReader
 from policyd.audit.store import store_url
 
@@ -144,6 +145,12 @@ class SpoolShipper:
     ) -> None:
         self.reader = SpoolReader(Path(spool_path))
         self.interval = interval
+        # Events the sink refuses (not an outage: they can never be stored)
+        # are set aside here, one JSON line each, and replaced in the store
+        # by an ``event_quarantined`` record so the gap is on the record.
+        self.quarantine_path = Path(str(spool_path) + ".quarantine")
+        self._limit = batch_size
+        self._quarantined_n = 0
         self.sink = sink
         self.writer_id = writer_id or default_writer_id(spool_path)
         self.batch_size = batch_size
@@ -183,7 +190,7 @@ class SpoolShipper:
         if self._pending_gateway:
             events, self._pending_gateway = self._pending_gateway, []
             return [SpoolEntry(0, e.model_dump(mode="json")) for e in events]
-        entries = self.reader.read(self.stored_n, self.batch_size)
+        entries = self.reader.read(self.stored_n, self._limit)
         if entries or self._memory is None:
             return entries
         # n = 0: not spooled, stored without deduplication (fail-open path)
@@ -209,6 +216,7 @@ class SpoolShipper:
                             self.wake.wait(self.interval)
                     continue
                 stored_n = self.sink.append(self.writer_id, entries)
+                self._limit = self.batch_size
                 if entries[0].n:
                     self.stored_n = max(stored_n, entries[-1].n)
                     self.reader.advance(entries[-1])
@@ -218,6 +226,26 @@ class SpoolShipper:
                 self.stats.batches += 1
                 backoff = 0.1
                 self._recovered()
+            except SinkRejected as exc:
+                if entries and entries[0].n:
+                    if len(entries) > 1:
+                        # Narrow the batch down to the refused event.
+                        self._limit = max(1, len(entries) // 2)
+                        continue
+                    try:
+                        self._quarantine(entries[0], str(exc))
+                        self._limit = self.batch_size
+                        continue
+                    except Exception as qexc:  # store down meanwhile: retry
+                        exc_to_wait: Exception = qexc
+                else:
+                    exc_to_wait = exc
+                log.error("audit_event_refused", error=type(exc_to_wait).__name__,
+                          writer=self.writer_id)
+                if self.stopping.is_set():
+                    return
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, self.retry_max_seconds)
             except Exception as exc:
                 if entries and not entries[0].n and self._is_gateway_batch(entries):
                     # our own outage/recovery records: keep them for the retry
@@ -229,6 +257,35 @@ class SpoolShipper:
                     return  # close() gave up waiting; what is left stays spooled
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, self.retry_max_seconds)
+
+    def _quarantine(self, entry: SpoolEntry, error: str) -> None:
+        """Set aside one spooled event the sink refuses: its text goes to
+        the quarantine file (fsync'd, mode 0600: it may hold what the spool
+        holds), and an ``event_quarantined`` record with its spool number
+        and SHA-256 takes its place in the store, moving the position on."""
+        raw = entry.raw if entry.raw is not None else json.dumps(entry.event).encode()
+        digest = hashlib.sha256(raw).hexdigest()
+        if self._quarantined_n != entry.n:
+            line = json.dumps({"writer_id": self.writer_id, "n": entry.n, "sha256": digest,
+                               "error": error, "quarantined_at": time.time(),
+                               "event": raw.decode("utf-8", "replace")}) + "\n"
+            fd = os.open(self.quarantine_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._quarantined_n = entry.n
+            log.error("audit_event_quarantined", writer=self.writer_id, spool_n=entry.n,
+                      sha256=digest, file=str(self.quarantine_path))
+        record = self.gateway("event_quarantined", spool_n=entry.n, sha256=digest, error=error,
+                              file=self.quarantine_path.name)
+        stored_n = self.sink.append(self.writer_id,
+                                    [SpoolEntry(entry.n, record.model_dump(mode="json"))])
+        self.stored_n = max(stored_n, entry.n)
+        self.reader.advance(entry)
+        self.stats.stored += 1
+        self.stats.batches += 1
 
     @staticmethod
     def _is_gateway_batch(entries: list[SpoolEntry]) -> bool:

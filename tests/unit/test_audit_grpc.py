@@ -82,3 +82,51 @@ def test_event_breaking_the_schema_is_refused(policyd: tuple[str, AuditStore]) -
             stub.Append(audit_pb2.AppendRequest(writer_id="x", events=[
                 audit_pb2.SpooledEvent(n=1, event_json=b'{"type": "statement", "sql": 1}')]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_an_event_policyd_refuses_is_quarantined_and_the_rest_flows(
+        tmp_path: Path, policyd: tuple[str, AuditStore]) -> None:
+    """One event in the spool that breaks the schema (a producer bug) must not
+    stop the audit trail: the shipper narrows the batch down to it, keeps its
+    text in the quarantine file, records an ``event_quarantined`` record in
+    its place, and stores every other event in order."""
+    import json
+
+    from policyd.audit.spool import Spool
+    from policyd.audit.writer import SpoolShipper
+
+    target, store = policyd
+    spool_path = tmp_path / "tap-spool.jsonl"
+    good = [StatementEvent(session_id="q", statement_seq=i, sql="SELECT 1",
+                           verdict="allow").model_dump_json() for i in range(1, 10)]
+    bad = '{"type":"statement","session_id":"q","statement_seq":"five","sql":1}'
+    spool = Spool(spool_path)
+    spool.append([*good[:4], bad, *good[4:]])
+    spool.close()
+    shipper = SpoolShipper(spool_path, GrpcSink(target), writer_id="tap-q", batch_size=8,
+                           interval=0.01)
+    import threading
+
+    t = threading.Thread(target=shipper.run, daemon=True)
+    t.start()
+    assert shipper.idle.wait(20)
+    shipper.stopping.set()
+    shipper.notify()
+    t.join(10)
+    shipper.close()
+    with store.engine.connect() as c:
+        seqs = [r[0] for r in c.execute(text(
+            "SELECT statement_seq FROM audit_statements ORDER BY seq"))]
+        gw = c.execute(text("SELECT action, detail FROM audit_gateway_events "
+                            "WHERE action = 'event_quarantined'")).all()
+    assert seqs == list(range(1, 10))
+    assert len(gw) == 1
+    detail = json.loads(gw[0][1]) if isinstance(gw[0][1], str) else gw[0][1]
+    assert detail["spool_n"] == 5 and detail["writer_id"] == "tap-q"
+    lines = shipper.quarantine_path.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["event"] == bad
+    assert json.loads(lines[0])["n"] == 5
+    assert (shipper.quarantine_path.stat().st_mode & 0o777) == 0o600
+    assert GrpcSink(target).position("tap-q") == 10
+    key = load_or_create_key(tmp_path / "key", create=False)
+    assert verify(store, CheckpointLog(tmp_path / "cp.jsonl"), key.public_key()).ok
