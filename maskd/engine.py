@@ -191,8 +191,19 @@ class RowMasker:
         return st
 
     def fresh(self) -> RowMasker:
-        """The same resolved columns with zeroed counters."""
-        return RowMasker(self._ops, self.columns, self._digit_skip)
+        """The same resolved columns with zeroed counters (the derived
+        tables are shared: only the counters change after construction)."""
+        new = RowMasker.__new__(RowMasker)
+        new._ops = self._ops
+        new.columns = self.columns
+        new._digit_skip = self._digit_skip
+        new._by_index = self._by_index
+        new.needs_work = self.needs_work
+        new._run_rules = self._run_rules
+        new._run_scan = self._run_scan
+        new._counts = [0] * len(self._ops)
+        new.rows = 0
+        return new
 
     def reset(self) -> None:
         self._counts = [0] * len(self._ops)

@@ -86,6 +86,10 @@ class MaskingFactory:
     # notifications, errors): content detection always on.
     ambient: MaskPlan = field(default_factory=lambda: MaskPlan(scan_content=True))
     _maskers: dict[MaskPlan, Masker] = field(default_factory=dict)
+    # (plan, fields, resolved column names) -> the prepared shape: a
+    # re-executed statement gets fresh counters on it, not a new resolution.
+    _shapes: dict[tuple[Any, ...], tuple[RowMasker, tuple[tuple[int, int, int], ...]]] = field(
+        default_factory=dict)
 
     def masker(self, plan: MaskPlan) -> Masker:
         m = self._maskers.get(plan)
@@ -101,19 +105,26 @@ class MaskingFactory:
         if plan.unmasked:
             return None  # the policy grants raw data; the decision is recorded
         masker = self.masker(plan if plan.active else self.ambient)
-        rows: RowMasker | None = None
-        if fields is not None:
-            resolve = self.catalog(database)
-            columns = [ColumnMeta(name=f.name,
-                                  table_column=resolve(f.table_oid, f.column) if f.table_oid
-                                  else None,
-                                  type_oid=f.type_oid, format=f.format) for f in fields]
-            rows = masker.prepare(columns)
-        strict: tuple[tuple[int, int, int], ...] = ()
-        if fields is not None and (plan.scan_content or not plan.active):
-            strict = tuple((i, f.type_oid, f.format) for i, f in enumerate(fields)
-                           if f.table_oid == 0)
-        return ResultMasker(masker, rows, fields, strict)
+        if fields is None:
+            return ResultMasker(masker, None, None, ())
+        resolve = self.catalog(database)
+        # The names are looked up every time (the catalog reloads), so a
+        # cached shape is only ever reused for the same column identities.
+        names = tuple(resolve(f.table_oid, f.column) if f.table_oid else None for f in fields)
+        key = (masker.plan, fields, names)
+        shape = self._shapes.get(key)
+        if shape is None:
+            columns = [ColumnMeta(name=f.name, table_column=name, type_oid=f.type_oid,
+                                  format=f.format) for f, name in zip(fields, names, strict=True)]
+            strict: tuple[tuple[int, int, int], ...] = ()
+            if plan.scan_content or not plan.active:
+                strict = tuple((i, f.type_oid, f.format) for i, f in enumerate(fields)
+                               if f.table_oid == 0)
+            shape = (masker.prepare(columns), strict)
+            if len(self._shapes) >= 1024:
+                self._shapes.clear()
+            self._shapes[key] = shape
+        return ResultMasker(masker, shape[0].fresh(), fields, shape[1])
 
 
 class ResultMasker:

@@ -223,3 +223,30 @@ def test_copy_out_masks_derived_values_too() -> None:
               + msg(b"c") + msg(b"C", b"COPY 1\0") + pg.ready_for_query(b"I"))
     out = down(s.on_write(stream))
     assert PAN.hex().encode() not in out and PAN[::-1] not in out
+
+
+def test_a_reused_result_shape_follows_catalog_changes_and_counts_afresh() -> None:
+    """The factory reuses a prepared shape for a re-executed statement; a
+    catalog reload that gives a column its identity (and so its rule) must
+    still apply from the next result on, and counts never carry over."""
+    plan = MaskPlan(rules=(ColumnRule("public.payments.card_number", "redact"),),
+                    scan_content=True)
+    names: dict[tuple[int, int], str] = {(1, 1): "public.other.x"}  # (non-empty: kept as is)
+    s = session(Decision(verdict=Verdict.ALLOW, mask=plan), names)
+
+    def run() -> tuple[bytes, list[dict]]:  # type: ignore[type-arg]
+        s.on_read(pg.simple_query("select card_number from payments"))
+        acts = s.on_write(row_description(("card_number", 16384, 2, 25))
+                          + pg.encode_data_row([b"1234"]) + msg(b"C", b"SELECT 1\0")
+                          + pg.ready_for_query(b"I"))
+        ends = [a.record for a in acts
+                if isinstance(a, Event) and a.record["type"] == "statement_end"]
+        return down(acts), ends
+
+    out, _ = run()
+    assert b"1234" in out  # no identity yet: content scanning only, not a PAN
+    names[(16384, 2)] = "public.payments.card_number"  # the catalog reloaded
+    for _ in range(2):
+        out, ends = run()
+        assert b"1234" not in out
+        assert ends[0]["masked"]["values"] == 1
