@@ -86,17 +86,27 @@ class MaskingFactory:
     # notifications, errors): content detection always on.
     ambient: MaskPlan = field(default_factory=lambda: MaskPlan(scan_content=True))
     _maskers: dict[MaskPlan, Masker] = field(default_factory=dict)
-    # (plan, fields, resolved column names) -> the prepared shape: a
-    # re-executed statement gets fresh counters on it, not a new resolution.
-    _shapes: dict[tuple[Any, ...], tuple[RowMasker, tuple[tuple[int, int, int], ...]]] = field(
-        default_factory=dict)
+    # The prepared shape of a result, per (plan, fields, resolved column
+    # names): a re-executed statement gets fresh counters on it, not a new
+    # resolution. Plans and field tuples are the same objects from one
+    # execution to the next (cached decision, memoised RowDescription), so
+    # they are keyed by identity (held here, so an id cannot be reused)
+    # rather than hashed field by field on every execution.
+    _shapes: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+    _plans: dict[int, tuple[MaskPlan, Masker]] = field(default_factory=dict)
 
     def masker(self, plan: MaskPlan) -> Masker:
+        known = self._plans.get(id(plan))
+        if known is not None and known[0] is plan:
+            return known[1]
         m = self._maskers.get(plan)
         if m is None:
             m = Masker(plan, self.key)
             if len(self._maskers) < 1024:
                 self._maskers[plan] = m
+        if len(self._plans) >= 1024:
+            self._plans.clear()
+        self._plans[id(plan)] = (plan, m)
         return m
 
     def __call__(self, decision: Decision, fields: tuple[pg.Field, ...] | None,
@@ -111,20 +121,20 @@ class MaskingFactory:
         # The names are looked up every time (the catalog reloads), so a
         # cached shape is only ever reused for the same column identities.
         names = tuple(resolve(f.table_oid, f.column) if f.table_oid else None for f in fields)
-        key = (masker.plan, fields, names)
+        key = (id(plan), id(fields), names)
         shape = self._shapes.get(key)
-        if shape is None:
+        if shape is None or shape[0] is not plan or shape[1] is not fields:
             columns = [ColumnMeta(name=f.name, table_column=name, type_oid=f.type_oid,
                                   format=f.format) for f, name in zip(fields, names, strict=True)]
             strict: tuple[tuple[int, int, int], ...] = ()
             if plan.scan_content or not plan.active:
                 strict = tuple((i, f.type_oid, f.format) for i, f in enumerate(fields)
                                if f.table_oid == 0)
-            shape = (masker.prepare(columns), strict)
+            shape = (plan, fields, masker.prepare(columns), strict)
             if len(self._shapes) >= 1024:
                 self._shapes.clear()
             self._shapes[key] = shape
-        return ResultMasker(masker, shape[0].fresh(), fields, shape[1])
+        return ResultMasker(masker, shape[2].fresh(), fields, shape[3])
 
 
 class ResultMasker:
