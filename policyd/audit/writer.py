@@ -362,7 +362,7 @@ class AuditWriter:
         retry_max_seconds: float = 5.0,
         sink: Sink | None = None,
         ship: bool = True,
-        ship_interval: float = 0.05,
+        ship_interval: float = 0.2,
     ) -> None:
         self.url = store_url(store)
         self.spool_path = Path(spool_path)
