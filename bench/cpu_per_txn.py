@@ -35,7 +35,6 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 from pgwarden import stack as st  # noqa: E402
 from pgwarden.devissuer import ensure_dev_keys  # noqa: E402
 
-QUIET = {"log_statement": "'none'", "log_connections": "off", "log_disconnections": "off"}
 DSN_KEYS = {"inline": "PGWARDEN_AGENT_DSN", "extproc": "PGWARDEN_AGENT_EXTPROC_DSN"}
 
 
@@ -71,7 +70,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-cpu-"))
     script = workdir / "point_read.sql"
     script.write_text(bench_run.POINT_READ)
-    with st.running_stack(workdir, pg_settings=QUIET) as stack:
+    with st.running_stack(workdir, pg_settings=bench_run.QUIET_PG) as stack:
         token = ensure_dev_keys(stack.workdir / "identity").mint(
             "bench-agent", groups=("fraud-readers",), ttl=7200)
         me = psutil.Process()

@@ -40,7 +40,6 @@ from psycopg.conninfo import make_conninfo  # noqa: E402
 from pgwarden import stack as st  # noqa: E402
 
 DB = "pgwarden_floor"
-QUIET = {"log_statement": "'none'", "log_connections": "off", "log_disconnections": "off"}
 
 # A byte pipe and nothing else: each side's data_received writes to the other.
 PIPE = textwrap.dedent("""
@@ -84,7 +83,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-floor-"))
-    with st.running_stack(workdir, pg_settings=QUIET, services=False) as stack:
+    with st.running_stack(workdir, pg_settings=bench_run.QUIET_PG, services=False) as stack:
         with psycopg.connect(stack.upstream_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {} OWNER app").format(sql.Identifier(DB)))
         port = st.free_port()

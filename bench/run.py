@@ -46,6 +46,8 @@ from pgwarden import stack as st
 HERE = Path(__file__).resolve().parent
 TARGETS = ("direct", "envoy_tcp", "pgbouncer", "gateway_inline", "gateway_extproc")
 BASELINE = "envoy_tcp"
+# Server logging off on measured paths (the test stack logs every statement).
+QUIET_PG = {"log_statement": "'none'", "log_connections": "off", "log_disconnections": "off"}
 BEGIN = "<!-- bench:pgbench:begin (written by bench/run.py; edit outside the markers) -->"
 END = "<!-- bench:pgbench:end -->"
 BENCH_DB = "bench"
@@ -170,13 +172,12 @@ def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float
     import time as _time
 
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-gov-"))
-    quiet = {"log_statement": "'none'", "log_connections": "off", "log_disconnections": "off"}
     script = workdir / "point_read.sql"
     script.write_text(POINT_READ)
     tps: dict[str, list[float]] = {t: [] for t in GOVERNED}
     lat: dict[str, list[float]] = {t: [] for t in GOVERNED}
     fetch: dict[str, list[float]] = {t: [] for t in GOVERNED}
-    with st.running_stack(workdir, pg_settings=quiet) as stack:
+    with st.running_stack(workdir, pg_settings=QUIET_PG) as stack:
         from psycopg.conninfo import conninfo_to_dict
 
         from pgwarden.devissuer import ensure_dev_keys
@@ -297,12 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeout = args.seconds * 4 + 120
 
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-"))
-    quiet = {"log_statement": "'none'", "log_connections": "off", "log_disconnections": "off"}
     samples: dict[str, dict[str, list[float]]] = {
         "c8": {t: [] for t in TARGETS}, "c1": {t: [] for t in TARGETS}}
     failures: list[str] = []
     # Registered services (the governed stack) are not on the measured paths.
-    with st.running_stack(workdir, pg_settings=quiet, services=False) as stack:
+    with st.running_stack(workdir, pg_settings=QUIET_PG, services=False) as stack:
         with psycopg.connect(stack.upstream_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {} OWNER app").format(sql.Identifier(BENCH_DB)))
         bouncer, bouncer_port = start_pgbouncer(stack, workdir)

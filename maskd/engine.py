@@ -194,15 +194,9 @@ class RowMasker:
         """The same resolved columns with zeroed counters (the derived
         tables are shared: only the counters change after construction)."""
         new = RowMasker.__new__(RowMasker)
-        new._ops = self._ops
-        new.columns = self.columns
-        new._digit_skip = self._digit_skip
-        new._by_index = self._by_index
-        new.needs_work = self.needs_work
-        new._run_rules = self._run_rules
-        new._run_scan = self._run_scan
-        new._counts = [0] * len(self._ops)
-        new.rows = 0
+        for name in RowMasker.__slots__:
+            setattr(new, name, getattr(self, name))
+        new.reset()
         return new
 
     def reset(self) -> None:

@@ -90,23 +90,16 @@ class MaskingFactory:
     # names): a re-executed statement gets fresh counters on it, not a new
     # resolution. Plans and field tuples are the same objects from one
     # execution to the next (cached decision, memoised RowDescription), so
-    # they are keyed by identity (held here, so an id cannot be reused)
-    # rather than hashed field by field on every execution.
+    # they are keyed by identity (held in the entry, so an id cannot be
+    # reused) rather than hashed field by field on every execution.
     _shapes: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
-    _plans: dict[int, tuple[MaskPlan, Masker]] = field(default_factory=dict)
 
     def masker(self, plan: MaskPlan) -> Masker:
-        known = self._plans.get(id(plan))
-        if known is not None and known[0] is plan:
-            return known[1]
         m = self._maskers.get(plan)
         if m is None:
             m = Masker(plan, self.key)
             if len(self._maskers) < 1024:
                 self._maskers[plan] = m
-        if len(self._plans) >= 1024:
-            self._plans.clear()
-        self._plans[id(plan)] = (plan, m)
         return m
 
     def __call__(self, decision: Decision, fields: tuple[pg.Field, ...] | None,
@@ -114,9 +107,8 @@ class MaskingFactory:
         plan = decision.mask
         if plan.unmasked:
             return None  # the policy grants raw data; the decision is recorded
-        masker = self.masker(plan if plan.active else self.ambient)
         if fields is None:
-            return ResultMasker(masker, None, None, ())
+            return ResultMasker(self.masker(plan if plan.active else self.ambient), None, None)
         resolve = self.catalog(database)
         # The names are looked up every time (the catalog reloads), so a
         # cached shape is only ever reused for the same column identities.
@@ -124,17 +116,18 @@ class MaskingFactory:
         key = (id(plan), id(fields), names)
         shape = self._shapes.get(key)
         if shape is None or shape[0] is not plan or shape[1] is not fields:
+            masker = self.masker(plan if plan.active else self.ambient)
             columns = [ColumnMeta(name=f.name, table_column=name, type_oid=f.type_oid,
                                   format=f.format) for f, name in zip(fields, names, strict=True)]
             strict: tuple[tuple[int, int, int], ...] = ()
             if plan.scan_content or not plan.active:
                 strict = tuple((i, f.type_oid, f.format) for i, f in enumerate(fields)
                                if f.table_oid == 0)
-            shape = (plan, fields, masker.prepare(columns), strict)
+            shape = (plan, fields, masker, masker.prepare(columns), strict)
             if len(self._shapes) >= 1024:
                 self._shapes.clear()
             self._shapes[key] = shape
-        return ResultMasker(masker, shape[2].fresh(), fields, shape[3])
+        return ResultMasker(shape[2], shape[3].fresh(), fields, shape[4])
 
 
 class ResultMasker:

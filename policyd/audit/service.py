@@ -29,7 +29,7 @@ from policyd.audit.store import AuditStore
 log = structlog.get_logger("pgwarden.audit.service")
 
 
-def _scrubbed(line: str) -> Event:
+def _scrubbed(line: str | bytes) -> Event:
     """The event of a spool line, scrubbed again unless its text shows that
     scrubbing cannot change it (most statement records: re-scrubbing every
     field was a third of the store's cost per event)."""

@@ -215,7 +215,22 @@ class SpoolShipper:
                         with self.wake:
                             self.wake.wait(self.interval)
                     continue
-                stored_n = self.sink.append(self.writer_id, entries)
+                try:
+                    stored_n = self.sink.append(self.writer_id, entries)
+                except SinkRejected as exc:
+                    if not entries[0].n:
+                        raise  # not spooled: nothing to set aside (an outage, below)
+                    if len(entries) > 1:
+                        # Narrow the batch down to the refused event.
+                        self._limit = max(1, len(entries) // 2)
+                        continue
+                    # A failure storing its placeholder is an outage (below); the
+                    # retry finds the same event refused and sets it aside again.
+                    self._quarantine(entries[0], str(exc))
+                    self._limit = self.batch_size
+                    backoff = 0.1
+                    self._recovered()
+                    continue
                 self._limit = self.batch_size
                 if entries[0].n:
                     self.stored_n = max(stored_n, entries[-1].n)
@@ -226,26 +241,6 @@ class SpoolShipper:
                 self.stats.batches += 1
                 backoff = 0.1
                 self._recovered()
-            except SinkRejected as exc:
-                if entries and entries[0].n:
-                    if len(entries) > 1:
-                        # Narrow the batch down to the refused event.
-                        self._limit = max(1, len(entries) // 2)
-                        continue
-                    try:
-                        self._quarantine(entries[0], str(exc))
-                        self._limit = self.batch_size
-                        continue
-                    except Exception as qexc:  # store down meanwhile: retry
-                        exc_to_wait: Exception = qexc
-                else:
-                    exc_to_wait = exc
-                log.error("audit_event_refused", error=type(exc_to_wait).__name__,
-                          writer=self.writer_id)
-                if self.stopping.is_set():
-                    return
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, self.retry_max_seconds)
             except Exception as exc:
                 if entries and not entries[0].n and self._is_gateway_batch(entries):
                     # our own outage/recovery records: keep them for the retry

@@ -142,9 +142,8 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
         upward = False  # direction of what ``sends`` holds
         events: list[dict[str, object]] = []
         for a in actions:
-            kind = type(a)
-            if kind is SendUpstream or kind is SendDownstream:
-                to_server = kind is SendUpstream
+            if isinstance(a, SendUpstream | SendDownstream):
+                to_server = isinstance(a, SendUpstream)
                 if to_server and events:
                     if not self.runtime.record(events):
                         return self._responses(session.terminate(
@@ -156,15 +155,15 @@ class NetworkExtProc(pb_grpc.NetworkExternalProcessorServicer):
                     out.append(_data_response(sends, upward))
                     sends = []
                 upward = to_server
-                sends.append(a.data)  # type: ignore[union-attr]
-            elif kind is Event:
-                events.append(a.record)  # type: ignore[union-attr]
-            elif kind is NeedDecision or kind is NeedAuth:
+                sends.append(a.data)
+            elif isinstance(a, Event):
+                events.append(a.record)
+            elif isinstance(a, NeedDecision | NeedAuth):
                 if sends:
                     out.append(_data_response(sends, upward))
                     sends = []
-                out.append((a, False, False))  # type: ignore[arg-type]
-            elif kind is Close:
+                out.append((a, False, False))
+            elif isinstance(a, Close):
                 if sends:
                     out.append(_data_response(sends, upward))
                     sends = []

@@ -250,3 +250,37 @@ def test_separate_shipper_process_stores_exactly_once_across_kill_9(tmp_path: Pa
     assert second.wait(timeout=60) == 0
     assert statement_order(url) == [("p", i) for i in range(1, 201)]
     assert len(list(tmp_path.glob("spool.jsonl.0*"))) <= 2  # stored segments deleted
+
+
+def test_a_spooled_line_the_store_cannot_take_is_quarantined_by_the_direct_sink(
+        tmp_path: Path) -> None:
+    """The direct (StoreSink) path: an event without a type cannot become a
+    row; it is set aside like one policyd refuses, and the others are stored."""
+    import threading
+
+    from policyd.audit.sinks import StoreSink
+    from policyd.audit.spool import Spool
+    from policyd.audit.writer import SpoolShipper
+
+    spool_path = tmp_path / "s.spool"
+    good = [StatementEvent(session_id="d", statement_seq=i, sql="SELECT 1",
+                           verdict="allow").model_dump_json() for i in (1, 2, 3)]
+    spool = Spool(spool_path)
+    spool.append([good[0], '{"session_id":"d"}', good[1], good[2]])
+    spool.close()
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    shipper = SpoolShipper(spool_path, StoreSink(url), writer_id="w", interval=0.01)
+    t = threading.Thread(target=shipper.run, daemon=True)
+    t.start()
+    assert shipper.idle.wait(20)
+    shipper.stopping.set()
+    shipper.notify()
+    t.join(10)
+    shipper.close()
+    with AuditStore(url) as store, store.engine.connect() as c:
+        seqs = [r[0] for r in c.execute(text(
+            "SELECT statement_seq FROM audit_statements ORDER BY seq"))]
+        actions = [r[0] for r in c.execute(text("SELECT action FROM audit_gateway_events"))]
+    assert seqs == [1, 2, 3] and actions == ["event_quarantined"]
+    [line] = shipper.quarantine_path.read_text().splitlines()
+    assert json.loads(line)["n"] == 2 and json.loads(line)["event"] == '{"session_id":"d"}'
