@@ -34,6 +34,9 @@ from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
 from tap.runtime import Runtime, cancelled_decision
 from tap.session import Session, SessionConfig
 
+# Bytes one stream may have in flight from Envoy to the tap (see serve()).
+RECEIVE_WINDOW = 1024 * 1024
+
 _MODIFIED = pb.ProcessingResponse.MODIFIED
 _CLOSE = pb.ProcessingResponse.CLOSE
 
@@ -199,6 +202,15 @@ async def serve(host: str, port: int, runtime: Runtime,
         ("grpc.max_receive_message_length", 256 * 1024 * 1024),
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
         ("grpc.so_reuseport", 0),
+        # A fixed HTTP/2 receive window per stream. Envoy's network ext_proc
+        # filter sends every chunk it reads from PostgreSQL without waiting
+        # for the tap, so what the tap holds for one session is its receive
+        # window: with gRPC's BDP probing that window grows with the load
+        # (a 1,000,000-row result parked 20-56 MB in the tap); fixed at
+        # RECEIVE_WINDOW it stays there, at no cost in throughput measured
+        # (bench/slow_client_memory.py, bench/RESULTS.md).
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW),
         # Envoy keeps the HTTP/2 connection alive with pings while a stream
         # waits (a statement held for approval can wait minutes): accept them,
         # or gRPC answers "too many pings" and drops every session on it.
