@@ -88,6 +88,9 @@ class TapConfig(_Strict):
     allow_plaintext_tokens: bool = False
     max_message_size: int = Field(64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     idle_timeout_seconds: float = Field(900, gt=0)  # PCI DSS 8.2.8: 15 minutes
+    # Largest result (DataRow and CopyData bytes) one execution may return;
+    # past it the session ends with SQLSTATE 54000. None: no limit.
+    max_result_bytes: int | None = Field(None, ge=1024)
     # SIGTERM: statements in flight get this long to finish before their
     # sessions are ended (keep it under the pod's termination grace period).
     drain_seconds: float = Field(10, ge=0, le=3600)

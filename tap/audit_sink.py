@@ -36,7 +36,7 @@ log = structlog.get_logger("pgwarden.tap.audit")
 _PATHS = {"simple": "simple", "parse": "extended", "function_call": "function_call",
           "copy": "copy"}
 _END = {"client_terminate", "client_disconnect", "idle_timeout", "token_expired",
-        "protocol_error", "server_closed", "shutdown"}
+        "protocol_error", "server_closed", "shutdown", "result_limit"}
 
 
 def _now() -> dt.datetime:

@@ -36,6 +36,9 @@ UpSsl = Annotated[str, typer.Option(help="disable | require | verify-ca | verify
 UpCa = Annotated[str | None, typer.Option(help="CA file to verify PostgreSQL's certificate.")]
 UpHost = Annotated[str | None, typer.Option(help="Host name expected in PostgreSQL's certificate.")]
 MaxMsg = Annotated[int, typer.Option(help="Largest protocol message accepted, in bytes.")]
+MaxResult = Annotated[int | None, typer.Option(
+    min=1024, help="Largest result one execution may return, in bytes; past it the session "
+    "ends with SQLSTATE 54000 (overrides tap.max_result_bytes).")]
 LogLevel = Annotated[str, typer.Option(help="debug | info | warning | error")]
 Metrics = Annotated[str | None, typer.Option(
     help="HOST:PORT for /metrics, /healthz and /readyz (overrides tap.health_listen).")]
@@ -50,7 +53,7 @@ def _split(addr: str) -> tuple[str, int]:
 
 def _dev_settings(tls_cert: str | None, tls_key: str | None, require_tls: bool,
                   upstream_sslmode: str, upstream_ca: str | None, upstream_hostname: str | None,
-                  max_message_size: int) -> TapSettings:
+                  max_message_size: int, max_result_bytes: int | None) -> TapSettings:
     from tap.runtime import TapSettings
 
     if bool(tls_cert) != bool(tls_key):
@@ -59,7 +62,8 @@ def _dev_settings(tls_cert: str | None, tls_key: str | None, require_tls: bool,
         raise typer.BadParameter("--require-tls needs --tls-cert and --tls-key")
     return TapSettings(tls_cert=tls_cert, tls_key=tls_key, require_client_tls=require_tls,
                        upstream_sslmode=upstream_sslmode, upstream_ca=upstream_ca,
-                       upstream_hostname=upstream_hostname, max_message_size=max_message_size)
+                       upstream_hostname=upstream_hostname, max_message_size=max_message_size,
+                       max_result_bytes=max_result_bytes)
 
 
 RuntimeFactory = Callable[[AsyncExitStack], Awaitable["Runtime"]]
@@ -84,7 +88,10 @@ def _runtime_factory(config_path: Path | None, dev: TapSettings, listen: str | N
         config = load(config_path)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
-    overrides = {k: v for k, v in (("listen", listen), ("upstream", upstream)) if v}
+    overrides: dict[str, object] = {k: v for k, v in (("listen", listen), ("upstream", upstream))
+                                    if v}
+    if dev.max_result_bytes is not None:
+        overrides["max_result_bytes"] = dev.max_result_bytes
     if overrides:
         config = config.model_copy(update={"tap": config.tap.model_copy(update=overrides)})
 
@@ -139,6 +146,7 @@ def inline(
     tls_cert: TlsCert = None, tls_key: TlsKey = None, require_tls: RequireTls = False,
     upstream_sslmode: UpSsl = "disable", upstream_ca: UpCa = None,
     upstream_hostname: UpHost = None, max_message_size: MaxMsg = DEFAULT_MAX_MESSAGE,
+    max_result_bytes: MaxResult = None,
     log_level: LogLevel = "info", metrics_addr: Metrics = None,
 ) -> None:
     """Accept PostgreSQL connections (behind Envoy's tcp_proxy) and own the upstream."""
@@ -148,7 +156,7 @@ def inline(
     configure(log_level)
     factory, loaded = _runtime_factory(config, _dev_settings(
         tls_cert, tls_key, require_tls, upstream_sslmode, upstream_ca, upstream_hostname,
-        max_message_size), listen, upstream)
+        max_message_size, max_result_bytes), listen, upstream)
     listen = listen or (loaded.tap.listen if loaded is not None else None)  # type: ignore[attr-defined]
     upstream = upstream or (loaded.tap.upstream if loaded is not None else None)  # type: ignore[attr-defined]
     if not listen or not upstream:
@@ -175,6 +183,7 @@ def extproc(
     tls_cert: TlsCert = None, tls_key: TlsKey = None, require_tls: RequireTls = False,
     upstream_sslmode: UpSsl = "disable", upstream_ca: UpCa = None,
     upstream_hostname: UpHost = None, max_message_size: MaxMsg = DEFAULT_MAX_MESSAGE,
+    max_result_bytes: MaxResult = None,
     log_level: LogLevel = "info", metrics_addr: Metrics = None,
 ) -> None:
     """Serve Envoy's network ext_proc stream; Envoy's tcp_proxy owns the upstream."""
@@ -184,7 +193,7 @@ def extproc(
     configure(log_level)
     factory, loaded = _runtime_factory(config, _dev_settings(
         tls_cert, tls_key, require_tls, upstream_sslmode, upstream_ca, upstream_hostname,
-        max_message_size), listen)
+        max_message_size, max_result_bytes), listen)
     listen = listen or (loaded.tap.listen if loaded is not None else None)  # type: ignore[attr-defined]
     if not listen:
         raise typer.BadParameter("--listen is needed without a --config")

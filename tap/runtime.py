@@ -64,6 +64,7 @@ class TapSettings:
     auth_mode: str = "passthrough"  # passthrough | token
     allow_plaintext_tokens: bool = False
     idle_timeout: float | None = 900.0
+    max_result_bytes: int | None = None
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Runtime:
             "auth_mode": s.auth_mode,
             "allow_plaintext_tokens": s.allow_plaintext_tokens,
             "idle_timeout": s.idle_timeout,
+            "max_result_bytes": s.max_result_bytes,
         }
 
     def hooks(self) -> Hooks:

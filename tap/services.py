@@ -35,6 +35,7 @@ def tap_settings(config: PgwardenConfig) -> TapSettings:
         auth_mode=tap.auth_mode,
         allow_plaintext_tokens=tap.allow_plaintext_tokens,
         idle_timeout=tap.idle_timeout_seconds,
+        max_result_bytes=tap.max_result_bytes,
     )
 
 

@@ -24,6 +24,7 @@ can never drift apart, in either driver, however the client pipelines.
 from __future__ import annotations
 
 import secrets
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -91,6 +92,9 @@ class SessionConfig:
     # development setting allows it (loopback only, enforced by the driver).
     allow_plaintext_tokens: bool = False
     idle_timeout: float | None = 900.0  # seconds; PCI DSS 8.2.8
+    # Largest result one execution may return (DataRow and CopyData bytes);
+    # past it the session ends with 54000. None: no limit.
+    max_result_bytes: int | None = None
 
 
 
@@ -151,6 +155,7 @@ class _Expect:
     # message is passed on (a later Bind of the same name is another binding).
     binding: _Portal | None = None
     rows: int = 0
+    size: int = 0  # bytes of DataRow and CopyData messages so far
     tags: list[str] | None = None
     error: tuple[str, str] | None = None
     maskers: list[ResultMasker] | None = None
@@ -212,6 +217,9 @@ class Session:
         # Set by the driver: abandon a pending decision (a hold) on client cancel.
         self.on_cancel_requested: Callable[[], None] | None = None
         self._late_events: list[Action] = []  # completion events found while framing
+        self._result_limit = config.max_result_bytes or sys.maxsize
+        self._over_limit: _Expect | None = None  # the execution whose result passed it
+        self._cut = 0  # where in a pass-through block the message past the limit starts
 
     # ------------------------------------------------------------------
     # Public API used by the drivers
@@ -788,6 +796,11 @@ class Session:
             if not frames:
                 return
             if self.hooks.masker_factory is None and self._fast_ok(frames, block):
+                if self._over_limit is not None:
+                    if self._cut:  # the messages before the one past the limit
+                        self._send_downstream(out, block[:self._cut])
+                    self._result_too_large(out)
+                    return
                 self._send_downstream(out, block)
                 if self._late_events:
                     out.extend(self._late_events)
@@ -799,8 +812,13 @@ class Session:
                 rewritten = self._server_message(m, out)
                 if rewritten is not None:
                     pending.append(rewritten)
-                if self.phase == _CLOSED or self._close_after:
+                if self.phase == _CLOSED or self._close_after or self._over_limit is not None:
                     break
+        if self._over_limit is not None:
+            if pending:  # what came before the message past the limit
+                self._send_downstream(out, b"".join(pending))
+            self._result_too_large(out)
+            return
         if pending and self.phase != _CLOSED:
             self._send_downstream(out, b"".join(pending))
         if self._late_events:
@@ -824,14 +842,19 @@ class Session:
                 j = i + 1
                 while j < n and frames[j][0] == 0x44:
                     j += 1
-                self._expect[0].rows += j - i
+                head = self._expect[0]
+                head.size += frames[j - 1][2] - s  # the run is contiguous in block
+                if head.size > self._result_limit:
+                    self._over_limit = head  # the whole run stays behind
+                    return
+                head.rows += j - i
                 pending.append(masker.data_rows(block, frames, i, j))
                 i = j
                 continue
             rewritten = self._server_message(pg.Message(block[s:s + 1], block[s + 5:e]), out)
             if rewritten is not None:
                 pending.append(rewritten)
-            if self.phase == _CLOSED or self._close_after:
+            if self.phase == _CLOSED or self._close_after or self._over_limit is not None:
                 break
             i += 1
 
@@ -847,10 +870,18 @@ class Session:
             if t in slow:
                 return False
         expect = self._expect
+        limit = self._result_limit
         for t, s, e in frames:
-            if t == 0x44:  # D DataRow
+            if t == 0x44 or t == 0x64:  # D DataRow, d CopyData
                 if expect:
-                    expect[0].rows += 1
+                    head = expect[0]
+                    head.size += e - s
+                    if head.size > limit:
+                        self._over_limit = head
+                        self._cut = s
+                        return True  # nothing from here on is passed on or counted
+                    if t == 0x44:
+                        head.rows += 1
             elif t == 0x43:  # C CommandComplete
                 self._complete_command(block[s + 5:e - 1].decode("utf-8", "replace"))
             elif t == 0x5A:  # Z ReadyForQuery
@@ -871,6 +902,10 @@ class Session:
         if t == b"D":
             head = self._expect[0] if self._expect else None
             if head is not None:
+                head.size += len(m.body) + 5
+                if head.size > self._result_limit:
+                    self._over_limit = head
+                    return None
                 head.rows += 1
                 if self._masker is None and head.kind == "E":
                     portal = (head.binding if head.binding is not None
@@ -892,6 +927,12 @@ class Session:
             return m.encode()
         if t == b"E":
             return self._server_error(m, out)
+        if t == b"d" and self._expect:
+            head = self._expect[0]
+            head.size += len(m.body) + 5
+            if head.size > self._result_limit:
+                self._over_limit = head
+                return None
         if t == b"d" and self._masker is not None:
             return self._masker.copy_data(m.body)
         if t in (b"N", b"A", b"d"):
@@ -1114,6 +1155,24 @@ class Session:
             self._txn_search_path = value
         else:
             self.search_path = value
+
+    def _result_too_large(self, out: list[Action]) -> None:
+        """An execution's result passed ``max_result_bytes``: the rest is not
+        passed on, the statement is recorded as failed with what the client
+        got, and the session ends (closing the server connection stops the
+        query; there is no way to drop the rest of a result and carry on
+        without reading all of it)."""
+        e = self._over_limit
+        assert e is not None
+        limit = self.config.max_result_bytes
+        message = (f"pgwarden: the result of this statement passed the gateway's limit of "
+                   f"{limit} bytes (tap.max_result_bytes); the session is ended")
+        if e.stmt is not None:
+            e.error = (pg.PROGRAM_LIMIT_EXCEEDED, message)
+            self._statement_end(e)
+        out.extend(self._late_events)
+        self._late_events.clear()
+        self._fatal(out, pg.PROGRAM_LIMIT_EXCEEDED, message, reason="result_limit")
 
     def _end_execute(self) -> None:
         e = self._expect.popleft()

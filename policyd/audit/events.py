@@ -38,6 +38,7 @@ SessionEndReason = Literal[
     "protocol_error",
     "server_closed",
     "shutdown",
+    "result_limit",
 ]
 EvidenceAction = Literal["list", "replay", "export", "console", "verify", "prune"]
 
