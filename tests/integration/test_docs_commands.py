@@ -216,7 +216,7 @@ ALLOW: dict[str, Allowed] = {
     "python bench/cpu_per_txn.py": Allowed("a measurement taking minutes; its figures are "
                                            "quoted in bench/RESULTS.md",
                                            ("bench/cpu_per_txn.py", "bench/RESULTS.md")),
-    "python bench/slow_client_memory.py": Allowed("a measurement taking a minute; its figures "
+    "python bench/slow_client_memory.py": Allowed("a measurement taking minutes; its figures "
                                                   "are quoted in bench/RESULTS.md",
                                                   ("bench/slow_client_memory.py",
                                                    "bench/RESULTS.md")),
