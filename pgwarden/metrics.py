@@ -87,6 +87,9 @@ POLICY_UNAVAILABLE = Counter(
 MASKED_VALUES = Counter(
     "masked_values", "Values masked in results, COPY, errors and notices, by masking rule.",
     ["rule"], namespace=NAMESPACE)
+RESULTS_CUT = Counter(
+    "results_cut", "Sessions ended because one result passed tap.max_result_bytes.",
+    namespace=NAMESPACE)
 
 # -------------------------------------------------------------------- approvals
 APPROVALS_PENDING = Gauge(

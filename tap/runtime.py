@@ -228,3 +228,5 @@ def _count(records: list[dict[str, Any]], driver: str) -> None:
             metrics.PROTOCOL_ERRORS.labels(direction="frontend").inc()
         elif kind == "fatal" and str(r.get("reason", "")).startswith("upstream"):
             metrics.PROTOCOL_ERRORS.labels(direction="backend").inc()
+        elif kind == "fatal" and r.get("reason") == "result_limit":
+            metrics.RESULTS_CUT.inc()

@@ -221,3 +221,28 @@ def test_config_and_cli_reach_the_session() -> None:
     runtime = Runtime(settings=TapSettings(max_result_bytes=123456))
     assert SessionConfig(session_id="x", **runtime.session_options()).max_result_bytes == 123456
 
+
+
+def test_a_cut_moves_the_results_cut_counter() -> None:
+    from pgwarden import metrics
+    from tap.runtime import Runtime
+
+    def cut() -> float:
+        return metrics.REGISTRY.get_sample_value("pgwarden_results_cut_total") or 0.0
+
+    runtime = Runtime(sink=lambda _r: None)
+    before = cut()
+    s = session()
+    s.on_read(pg.simple_query("select v from t"))
+    acts = s.on_write(result(1000))
+    assert runtime.record([a.record for a in acts if isinstance(a, Event)])
+    assert cut() == before + 1
+    small = session_with_small_result()
+    assert runtime.record([a.record for a in small if isinstance(a, Event)])
+    assert cut() == before + 1  # a whole result moves nothing
+
+
+def session_with_small_result() -> list:  # type: ignore[type-arg]
+    s = session()
+    s.on_read(pg.simple_query("select v from t"))
+    return s.on_write(result(3))
