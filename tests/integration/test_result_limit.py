@@ -80,3 +80,14 @@ def test_copy_out_over_the_limit_is_cut(limited: str) -> None:
             while data := copy.read():
                 received += len(data)
     assert 0 < received <= LIMIT
+
+
+def test_the_cut_reaches_a_tls_client(stack: Any, mode: str, limited: str) -> None:
+    dsn = stack.gateway_tls_dsn[mode]  # the tap terminates TLS; the FATAL goes out encrypted
+    received = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.pgconn.ssl_in_use
+        with pytest.raises(errors.ProgramLimitExceeded), conn.cursor() as cur:
+            for _ in cur.stream(BIG, size=1000):
+                received += 1
+    assert received > 0
