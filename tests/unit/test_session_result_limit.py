@@ -7,6 +7,8 @@ rows the client got; the session ends ("result_limit")."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -246,3 +248,15 @@ def session_with_small_result() -> list:  # type: ignore[type-arg]
     s = session()
     s.on_read(pg.simple_query("select v from t"))
     return s.on_write(result(3))
+
+
+def test_the_command_line_limit_overrides_the_config_file(tmp_path: Path) -> None:
+    from tap.cli import _runtime_factory
+    from tap.runtime import TapSettings
+
+    config = tmp_path / "pgwarden.yaml"
+    config.write_text("tap:\n  auth_mode: passthrough\n  max_result_bytes: 1048576\n")
+    _, loaded = _runtime_factory(config, TapSettings())
+    assert loaded.tap.max_result_bytes == 1048576  # type: ignore[attr-defined]
+    _, loaded = _runtime_factory(config, TapSettings(max_result_bytes=5000))
+    assert loaded.tap.max_result_bytes == 5000  # type: ignore[attr-defined]
