@@ -226,11 +226,12 @@ def test_config_and_cli_reach_the_session() -> None:
 
 
 def test_a_cut_moves_the_results_cut_counter() -> None:
-    from pgwarden import metrics
+    from prometheus_client import REGISTRY
+
     from tap.runtime import Runtime
 
     def cut() -> float:
-        return metrics.REGISTRY.get_sample_value("pgwarden_results_cut_total") or 0.0
+        return REGISTRY.get_sample_value("pgwarden_results_cut_total") or 0.0
 
     runtime = Runtime(sink=lambda _r: None)
     before = cut()
