@@ -634,8 +634,19 @@ def _browser_sign_in(driver: Any, url: str, token: str) -> None:
     WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.ID, "signed-in-as"))
 
 
+def _after_click(driver: Any, element_id: str) -> Any:
+    """The element of the page a click leads to, once that page has loaded
+    (a form POST and its redirect can still be under way when click() returns)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    found = WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, element_id))
+    return found[0]
+
+
 def test_console_in_a_real_browser(seeded: Seeded, console_url: str, browser: Any) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     d = browser
     # An auditor: sign in, list sessions, open the replay.
@@ -648,7 +659,7 @@ def test_console_in_a_real_browser(seeded: Seeded, console_url: str, browser: An
     _shot(d, "sessions")
 
     link.click()
-    timeline = d.find_element(By.ID, "timeline").text
+    timeline = _after_click(d, "timeline").text
     assert "DROP DATABASE shop" in timeline
     assert DENY_REASON in timeline
     assert "42501" in timeline
@@ -661,7 +672,7 @@ def test_console_in_a_real_browser(seeded: Seeded, console_url: str, browser: An
 
     # Read-only: the queue is visible, deciding is not offered, a forged POST fails.
     d.find_element(By.LINK_TEXT, "Approvals").click()
-    queue = d.find_element(By.ID, "pending").text
+    queue = _after_click(d, "pending").text
     assert HOLD_SQL in queue and "fraud-nightly" in queue
     assert not d.find_elements(By.CSS_SELECTOR, "button.approve")
     d.execute_script(
@@ -673,7 +684,7 @@ def test_console_in_a_real_browser(seeded: Seeded, console_url: str, browser: An
            document.body.appendChild(f); f.submit();""",
         seeded.approval_id,
     )
-    assert "CSRF" in d.find_element(By.TAG_NAME, "body").text
+    WebDriverWait(d, 30).until(lambda d: "CSRF" in d.find_element(By.TAG_NAME, "body").text)
     assert _approval_status(seeded.url, seeded.approval_id) == "pending"
 
     # An approver approves with a reason; the store records it.
@@ -684,12 +695,12 @@ def test_console_in_a_real_browser(seeded: Seeded, console_url: str, browser: An
     request.find_element(By.NAME, "reason").send_keys("ticket FRAUD-42, one-off review")
     _shot(d, "approvals")
     request.find_element(By.CSS_SELECTOR, "button.approve").click()
-    assert "approved" in d.find_element(By.ID, "approval-done").text
+    assert "approved" in _after_click(d, "approval-done").text
     assert _approval_status(seeded.url, seeded.approval_id) == "approved"
     assert "ticket FRAUD-42" in d.find_element(By.ID, "recent").text
     _shot(d, "approved")
 
     d.find_element(By.LINK_TEXT, "Audit verification").click()
-    assert d.find_element(By.ID, "verify-status").text.startswith("PASS")
+    assert _after_click(d, "verify-status").text.startswith("PASS")
     _shot(d, "verify")
     assert RAW_PAN not in d.page_source
