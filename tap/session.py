@@ -843,9 +843,8 @@ class Session:
                 while j < n and frames[j][0] == 0x44:
                     j += 1
                 head = self._expect[0]
-                head.size += frames[j - 1][2] - s  # the run is contiguous in block
-                if head.size > self._result_limit:
-                    self._over_limit = head  # the whole run stays behind
+                # the run is contiguous in block; past the limit it all stays behind
+                if self._past_limit(head, frames[j - 1][2] - s):
                     return
                 head.rows += j - i
                 pending.append(masker.data_rows(block, frames, i, j))
@@ -902,9 +901,7 @@ class Session:
         if t == b"D":
             head = self._expect[0] if self._expect else None
             if head is not None:
-                head.size += len(m.body) + 5
-                if head.size > self._result_limit:
-                    self._over_limit = head
+                if self._past_limit(head, len(m.body) + 5):
                     return None
                 head.rows += 1
                 if self._masker is None and head.kind == "E":
@@ -927,14 +924,11 @@ class Session:
             return m.encode()
         if t == b"E":
             return self._server_error(m, out)
-        if t == b"d" and self._expect:
-            head = self._expect[0]
-            head.size += len(m.body) + 5
-            if head.size > self._result_limit:
-                self._over_limit = head
+        if t == b"d":
+            if self._expect and self._past_limit(self._expect[0], len(m.body) + 5):
                 return None
-        if t == b"d" and self._masker is not None:
-            return self._masker.copy_data(m.body)
+            if self._masker is not None:
+                return self._masker.copy_data(m.body)
         if t in (b"N", b"A", b"d"):
             if self._masker is not None or self.hooks.masker_factory is not None:
                 masked = self._mask_async_message(m)
@@ -1155,6 +1149,16 @@ class Session:
             self._txn_search_path = value
         else:
             self.search_path = value
+
+    def _past_limit(self, head: _Expect, size: int) -> bool:
+        """Count ``size`` bytes of result for the execution at ``head``; True
+        once it passed ``max_result_bytes`` (the pass-through path counts
+        inline, per row)."""
+        head.size += size
+        if head.size > self._result_limit:
+            self._over_limit = head
+            return True
+        return False
 
     def _result_too_large(self, out: list[Action]) -> None:
         """An execution's result passed ``max_result_bytes``: the rest is not

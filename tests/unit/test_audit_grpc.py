@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from shipping import ship_until_idle
 from sqlalchemy import text
 
 from pgwarden._proto import audit_pb2, audit_pb2_grpc
@@ -105,15 +106,7 @@ def test_an_event_policyd_refuses_is_quarantined_and_the_rest_flows(
     spool.close()
     shipper = SpoolShipper(spool_path, GrpcSink(target), writer_id="tap-q", batch_size=8,
                            interval=0.01)
-    import threading
-
-    t = threading.Thread(target=shipper.run, daemon=True)
-    t.start()
-    assert shipper.idle.wait(20)
-    shipper.stopping.set()
-    shipper.notify()
-    t.join(10)
-    shipper.close()
+    ship_until_idle(shipper)
     with store.engine.connect() as c:
         seqs = [r[0] for r in c.execute(text(
             "SELECT statement_seq FROM audit_statements ORDER BY seq"))]

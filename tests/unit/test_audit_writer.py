@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from shipping import ship_until_idle
 from sqlalchemy import text
 
 from policyd.audit.events import Event, GatewayEvent, StatementEvent
@@ -256,8 +257,6 @@ def test_a_spooled_line_the_store_cannot_take_is_quarantined_by_the_direct_sink(
         tmp_path: Path) -> None:
     """The direct (StoreSink) path: an event without a type cannot become a
     row; it is set aside like one policyd refuses, and the others are stored."""
-    import threading
-
     from policyd.audit.sinks import StoreSink
     from policyd.audit.spool import Spool
     from policyd.audit.writer import SpoolShipper
@@ -270,13 +269,7 @@ def test_a_spooled_line_the_store_cannot_take_is_quarantined_by_the_direct_sink(
     spool.close()
     url = f"sqlite:///{tmp_path / 'a.db'}"
     shipper = SpoolShipper(spool_path, StoreSink(url), writer_id="w", interval=0.01)
-    t = threading.Thread(target=shipper.run, daemon=True)
-    t.start()
-    assert shipper.idle.wait(20)
-    shipper.stopping.set()
-    shipper.notify()
-    t.join(10)
-    shipper.close()
+    ship_until_idle(shipper)
     with AuditStore(url) as store, store.engine.connect() as c:
         seqs = [r[0] for r in c.execute(text(
             "SELECT statement_seq FROM audit_statements ORDER BY seq"))]
