@@ -240,7 +240,17 @@ class SpoolShipper:
                 self.stats.stored += len(entries)
                 self.stats.batches += 1
                 backoff = 0.1
-                self._recovered()
+                if self._recovered():
+                    continue
+                if entries[0].n and len(entries) < self.batch_size:
+                    # A partial batch: let the next one fill for up to an
+                    # interval (a full batch or flush() wakes it sooner).
+                    # Shipping again at once made batches as small as one
+                    # store round trip, and the store's cost per batch
+                    # (head lock, session heads, commit) the bulk of its work.
+                    with self.wake:
+                        if not self.stopping.is_set():
+                            self.wake.wait(self.interval)
             except Exception as exc:
                 if entries and not entries[0].n and self._is_gateway_batch(entries):
                     # our own outage/recovery records: keep them for the retry

@@ -277,3 +277,35 @@ def test_a_spooled_line_the_store_cannot_take_is_quarantined_by_the_direct_sink(
     assert seqs == [1, 2, 3] and actions == ["event_quarantined"]
     [line] = shipper.quarantine_path.read_text().splitlines()
     assert json.loads(line)["n"] == 2 and json.loads(line)["event"] == '{"session_id":"d"}'
+
+
+def test_a_busy_shipper_lets_batches_fill_instead_of_shipping_back_to_back(
+        tmp_path: Path) -> None:
+    """Under a steady load a shipper that shipped again as soon as a batch
+    was stored made batches as small as one store round trip (the store's
+    fixed cost per batch then dominated policyd's CPU). A partial batch now
+    waits up to one ship interval for the next events."""
+    import time
+
+    from policyd.audit.sinks import StoreSink
+
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    sizes: list[int] = []
+
+    class SlowStore(StoreSink):
+        def append(self, writer_id, entries):  # type: ignore[no-untyped-def]
+            sizes.append(len(entries))
+            time.sleep(0.02)  # a store under load
+            return super().append(writer_id, entries)
+
+    w = writer(tmp_path, url, sink=SlowStore(url), ship_interval=0.2).start()
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() - started < 1.0:
+        n += 1
+        assert w.submit(stmts("busy", 1, start=n))
+        time.sleep(0.002)
+    assert w.close()
+    assert statement_order(url) == [("busy", i) for i in range(1, n + 1)]
+    # back to back, 1 s of 20 ms appends made ~50 batches; with the wait ~6
+    assert len(sizes) <= 15, sizes
