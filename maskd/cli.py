@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import typer
@@ -30,4 +29,6 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--key-file") from exc
     if metrics:
         pgmetrics.serve(metrics)
-    asyncio.run(MaskServer(listen, key).serve_forever())
+    from pgwarden import loop
+
+    loop.run(MaskServer(listen, key).serve_forever())

@@ -3,7 +3,6 @@ policy sees, or run a local OPA on rego/."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +46,9 @@ def serve(
         # ready: OPA answers; a policyd without OPA refuses every statement.
         exposition = serve_metrics(metrics_addr, ready=lambda: server.engine.ready)
     try:
-        asyncio.run(server.serve_forever())
+        from pgwarden import loop
+
+        loop.run(server.serve_forever())
     finally:
         if exposition is not None:
             exposition.close()

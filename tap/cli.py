@@ -9,7 +9,6 @@ log at start.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -122,7 +121,7 @@ def _drain_seconds(loaded: object | None) -> float:
 
 
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    import uvloop
+    from pgwarden import loop
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -131,11 +130,7 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    # grpc.aio measured faster on uvloop than on the default loop here.
-    if os.environ.get("PGWARDEN_EVENT_LOOP", "uvloop") == "uvloop":
-        uvloop.run(runner())
-    else:
-        asyncio.run(runner())
+    loop.run(runner())
 
 
 @app.command()
