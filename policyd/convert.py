@@ -112,6 +112,7 @@ def decision_to_pb(decision: Decision, *, params_read: tuple[int, ...] = (),
         analysis_json=json.dumps(decision.analysis, separators=(",", ":")),
         params_read=list(params_read),
         cacheable=cacheable,
+        max_result_bytes=decision.max_result_bytes or 0,
     )
 
 
@@ -150,4 +151,5 @@ def decision_from_pb(msg: pb.DecideResponse) -> Decision:
         record_rows=record_rows,
         record_rows_cap=msg.record_rows_cap,
         analysis=analysis,
+        max_result_bytes=msg.max_result_bytes if msg.max_result_bytes > 0 else None,
     )

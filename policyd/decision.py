@@ -126,6 +126,7 @@ def from_document(doc: Any, *, revision: str, analysis: Analysis,
         mask = _mask(doc.get("mask"))
         approval = _approval(doc.get("approval"))
         record_rows = RecordRows(doc.get("record_rows", RecordRows.COUNT.value))
+        max_result_bytes = _result_limit(doc.get("max_result_bytes"))
     except (ValueError, TypeError) as exc:
         return deny(f"malformed policy decision: {exc}", revision=revision,
                     analysis=summary, decision_id=decision_id)
@@ -142,7 +143,23 @@ def from_document(doc: Any, *, revision: str, analysis: Analysis,
         record_rows=record_rows,
         record_rows_cap=cap if isinstance(cap, int) and cap >= 0 else 100,
         analysis=summary,
+        max_result_bytes=max_result_bytes,
     )
+
+
+def _result_limit(value: Any) -> int | None:
+    """``max_result_bytes`` of a decision: absent or null is no limit; a
+    positive integer is the limit; anything else is a malformed decision
+    (a deny: a limit the policy meant to set is never silently dropped)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("max_result_bytes must be a whole number of bytes or null")
+    if isinstance(value, float) and not value.is_integer():  # also inf and nan
+        raise ValueError("max_result_bytes must be a whole number of bytes or null")
+    if not 1 <= value < 2**63:
+        raise ValueError("max_result_bytes must be at least 1 (and fit 64 bits)")
+    return int(value)
 
 
 def _mask(doc: Any) -> MaskPlan:

@@ -115,6 +115,9 @@ class Decision:
     record_rows_cap: int = 100
     analysis: dict[str, Any] = field(default_factory=dict)
     approval_id: str = ""  # set when a hold was created
+    # Bytes of DataRow/CopyData one execution may return, by policy; None:
+    # no limit from the policy (tap.max_result_bytes may still set one).
+    max_result_bytes: int | None = None
 
     @property
     def allowed(self) -> bool:

@@ -156,6 +156,7 @@ class _Expect:
     binding: _Portal | None = None
     rows: int = 0
     size: int = 0  # bytes of DataRow and CopyData messages so far
+    limit: int = sys.maxsize  # past it the session ends (see Session._limit_of)
     tags: list[str] | None = None
     error: tuple[str, str] | None = None
     maskers: list[ResultMasker] | None = None
@@ -662,7 +663,8 @@ class Session:
                 self._expect.append(_Expect("D", describe_target=("P", portal), internal=True,
                                             binding=p))
                 self._fwd.append(describe)
-            self._forward(msg, _Expect("E", stmt=stmt, portal=portal, binding=p), out)
+            self._forward(msg, _Expect("E", stmt=stmt, portal=portal, binding=p,
+                                       limit=self._limit_of(stmt)), out)
         elif t == b"D":
             kind = msg.body[:1].decode("latin-1")
             name, _ = pg.cstring(msg.body, 1)
@@ -740,13 +742,13 @@ class Session:
             self._forward(msg, _Expect("B"), out)
             return
         if t == b"Q":
-            self._forward(msg, _Expect("Q", stmt=stmt), out)
+            self._forward(msg, _Expect("Q", stmt=stmt, limit=self._limit_of(stmt)), out)
         elif t == b"P":
             parse = pg.decode_parse(msg.body)
             self._statements[parse.name] = (parse.query, stmt, None)
             self._forward(msg, _Expect("P", stmt=stmt), out)
         elif t == b"F":
-            self._forward(msg, _Expect("F", stmt=stmt), out)
+            self._forward(msg, _Expect("F", stmt=stmt, limit=self._limit_of(stmt)), out)
 
     def _refuse(self, msg: pg.Message, stmt: _Statement, out: list[Action]) -> None:
         nonce = secrets.token_hex(8)
@@ -869,13 +871,12 @@ class Session:
             if t in slow:
                 return False
         expect = self._expect
-        limit = self._result_limit
         for t, s, e in frames:
             if t == 0x44 or t == 0x64:  # D DataRow, d CopyData
                 if expect:
                     head = expect[0]
                     head.size += e - s
-                    if head.size > limit:
+                    if head.size > head.limit:
                         self._over_limit = head
                         self._cut = s
                         return True  # nothing from here on is passed on or counted
@@ -1150,12 +1151,18 @@ class Session:
         else:
             self.search_path = value
 
+    def _limit_of(self, stmt: _Statement | None) -> int:
+        """The result limit of one execution: the smaller of the gateway's
+        (``tap.max_result_bytes``) and the statement's decision's."""
+        policy = stmt.decision.max_result_bytes if stmt is not None else None
+        return self._result_limit if policy is None else min(policy, self._result_limit)
+
     def _past_limit(self, head: _Expect, size: int) -> bool:
         """Count ``size`` bytes of result for the execution at ``head``; True
-        once it passed ``max_result_bytes`` (the pass-through path counts
-        inline, per row)."""
+        once it passed its limit (the pass-through path counts inline, per
+        row)."""
         head.size += size
-        if head.size > self._result_limit:
+        if head.size > head.limit:
             self._over_limit = head
             return True
         return False
@@ -1168,9 +1175,12 @@ class Session:
         without reading all of it)."""
         e = self._over_limit
         assert e is not None
-        limit = self.config.max_result_bytes
-        message = (f"pgwarden: the result of this statement passed the gateway's limit of "
-                   f"{limit} bytes (tap.max_result_bytes); the session is ended")
+        if e.limit < self._result_limit:  # the statement's decision set it
+            message = (f"pgwarden: the result of this statement passed the limit of {e.limit} "
+                       "bytes its policy decision sets (max_result_bytes); the session is ended")
+        else:
+            message = (f"pgwarden: the result of this statement passed the gateway's limit of "
+                       f"{e.limit} bytes (tap.max_result_bytes); the session is ended")
         if e.stmt is not None:
             e.error = (pg.PROGRAM_LIMIT_EXCEEDED, message)
             self._statement_end(e)

@@ -115,7 +115,7 @@ class Approval(_message.Message):
     def __init__(self, required: _Optional[bool] = ..., reason: _Optional[str] = ..., approver_groups: _Optional[_Iterable[str]] = ..., hold_seconds: _Optional[float] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("verdict", "reasons", "decision_id", "policy_revision", "sqlstate", "mask", "approval", "record_rows", "record_rows_cap", "analysis_json", "params_read", "cacheable")
+    __slots__ = ("verdict", "reasons", "decision_id", "policy_revision", "sqlstate", "mask", "approval", "record_rows", "record_rows_cap", "analysis_json", "params_read", "cacheable", "max_result_bytes")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class DecideResponse(_message.Message):
     ANALYSIS_JSON_FIELD_NUMBER: _ClassVar[int]
     PARAMS_READ_FIELD_NUMBER: _ClassVar[int]
     CACHEABLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESULT_BYTES_FIELD_NUMBER: _ClassVar[int]
     verdict: Verdict
     reasons: _containers.RepeatedScalarFieldContainer[str]
     decision_id: str
@@ -140,7 +141,8 @@ class DecideResponse(_message.Message):
     analysis_json: str
     params_read: _containers.RepeatedScalarFieldContainer[int]
     cacheable: bool
-    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., decision_id: _Optional[str] = ..., policy_revision: _Optional[str] = ..., sqlstate: _Optional[str] = ..., mask: _Optional[_Union[MaskPlan, _Mapping]] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ..., record_rows: _Optional[str] = ..., record_rows_cap: _Optional[int] = ..., analysis_json: _Optional[str] = ..., params_read: _Optional[_Iterable[int]] = ..., cacheable: _Optional[bool] = ...) -> None: ...
+    max_result_bytes: int
+    def __init__(self, verdict: _Optional[_Union[Verdict, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., decision_id: _Optional[str] = ..., policy_revision: _Optional[str] = ..., sqlstate: _Optional[str] = ..., mask: _Optional[_Union[MaskPlan, _Mapping]] = ..., approval: _Optional[_Union[Approval, _Mapping]] = ..., record_rows: _Optional[str] = ..., record_rows_cap: _Optional[int] = ..., analysis_json: _Optional[str] = ..., params_read: _Optional[_Iterable[int]] = ..., cacheable: _Optional[bool] = ..., max_result_bytes: _Optional[int] = ...) -> None: ...
 
 class DecideConnectRequest(_message.Message):
     __slots__ = ("identity", "database", "session")

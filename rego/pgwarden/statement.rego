@@ -143,6 +143,21 @@ record_rows := "masked_rows" if {
 	}
 } else := "count"
 
+# Bytes of DataRow and CopyData one execution may return: the most generous
+# of the identity's querying groups (groups add up), where a group without
+# `max_result_bytes` sets no limit. null: no limit from the policy (the
+# gateway's tap.max_result_bytes may still set one; the smaller applies).
+result_limits := [n | some g in querying_groups; n := object.get(group_table[g], "max_result_bytes", null)]
+
+default max_result_bytes := null
+
+max_result_bytes := max(result_limits) if {
+	count(result_limits) > 0
+	every n in result_limits {
+		is_number(n)
+	}
+}
+
 allow_reasons contains msg if {
 	allow
 	some i, _ in statements
@@ -162,6 +177,7 @@ decision := {
 	"mask": mask,
 	"record_rows": record_rows,
 	"sqlstate": rules.sqlstate,
+	"max_result_bytes": max_result_bytes,
 }
 
 default needs_approval := false

@@ -100,3 +100,19 @@ test_mixed_groups_masked_unless_unmasked_group_permits_all if {
 	not d.mask.unmasked
 	d.mask.rules == [{"column": "public.payments.card_number", "style": "last4"}]
 }
+
+test_result_limit_per_group if {
+	decide(["fraud-readers"], [read_pan]).max_result_bytes == 268435456
+	decide(["payments-writers"], [f.statement({})]).max_result_bytes == 67108864
+	decide(["dba"], [read_pan]).max_result_bytes == null
+}
+
+test_result_limit_most_generous_group_wins if {
+	# groups add up: the larger limit of two, and no limit when one has none
+	decide(["fraud-readers", "payments-writers"], [read_pan]).max_result_bytes == 268435456
+	decide(["fraud-readers", "dba"], [read_pan]).max_result_bytes == null
+}
+
+test_result_limit_ignores_groups_that_may_not_query if {
+	decide(["fraud-readers", "approvers"], [read_pan]).max_result_bytes == 268435456
+}

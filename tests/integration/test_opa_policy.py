@@ -111,6 +111,18 @@ async def test_dba_reads_unmasked_and_is_recorded(service: PolicyService) -> Non
     assert d.record_rows.value == "masked_rows"
 
 
+async def test_result_limits_come_from_the_groups(service: PolicyService) -> None:
+    """rego/pgwarden_data/groups.json: 256 MiB per execution for fraud-readers,
+    none for dba; groups add up, so a reader who is also a dba has none."""
+    sql = "SELECT id, amount FROM payments WHERE id = 1"
+    assert (await decide(service, request(sql, "fraud-readers"))).max_result_bytes == 256 << 20
+    assert (await decide(service, request(sql, "dba"))).max_result_bytes is None
+    both = request(sql, "fraud-readers")
+    both = StatementRequest(identity=Identity(subject="a", groups=("fraud-readers", "dba")),
+                            session=both.session, sql=sql)
+    assert (await decide(service, both)).max_result_bytes is None
+
+
 async def test_denials_carry_42501_and_reason(service: PolicyService) -> None:
     d = await decide(service, request("/* x */ dRoP DATABASE shop", "dba"))
     assert d.verdict.value == "deny"

@@ -91,3 +91,50 @@ def test_the_cut_reaches_a_tls_client(stack: Any, mode: str, limited: str) -> No
             for _ in cur.stream(BIG, size=1000):
                 received += 1
     assert received > 0
+
+
+@pytest.fixture
+def policy_limit(stack: Any) -> Iterator[int]:
+    """fraud-readers' max_result_bytes (rego/pgwarden_data/groups.json) lowered
+    through OPA's data API for one test, and put back afterwards. Decisions
+    are taken from OPA's current data at once; the statements below have
+    texts of their own, so no decision cached before applies to them."""
+    import json
+    import urllib.request
+
+    url = (stack.extra_env["PGWARDEN_OPA_URL"]
+           + "/v1/data/pgwarden_data/groups/fraud-readers/max_result_bytes")
+
+    def put(value: int) -> None:
+        req = urllib.request.Request(url, data=json.dumps(value).encode(), method="PUT",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status in (200, 204)
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        original = json.loads(resp.read())["result"]
+    put(LIMIT)
+    try:
+        yield LIMIT
+    finally:
+        put(original)
+
+
+def test_a_limit_the_policy_sets_ends_an_agent_session(stack: Any, mode: str,
+                                                       policy_limit: int) -> None:
+    """An agent of fraud-readers through the governed tap: the decision's
+    max_result_bytes (smaller than the gateway's own) cuts the result."""
+    from agent import agent_dsn, mint
+
+    token = mint(stack, f"limit-agent-{mode}", ["fraud-readers"])
+    received = 0
+    with psycopg.connect(agent_dsn(stack, mode), password=token, autocommit=True) as conn:
+        with pytest.raises(errors.ProgramLimitExceeded) as info, conn.cursor() as cur:
+            for _ in cur.stream(f"{BIG} {mode}-policy", size=1000):
+                received += 1
+        assert "policy decision" in str(info.value) and str(policy_limit) in str(info.value)
+    assert 0 < received <= policy_limit // 60
+    # a result under the limit, for the same agent, arrives whole
+    with psycopg.connect(agent_dsn(stack, mode), password=token, autocommit=True) as conn:
+        got = conn.execute(f"SELECT g FROM generate_series(1, 1000) g  -- {mode}-small").fetchall()
+        assert len(got) == 1000

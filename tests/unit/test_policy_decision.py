@@ -64,10 +64,32 @@ def test_approval_makes_a_hold() -> None:
     {"mask": "none"},
     {"approval": {"required": True, "hold_seconds": -1}},
     {"record_rows": "everything"},
+    {"max_result_bytes": 0},
+    {"max_result_bytes": -5},
+    {"max_result_bytes": 2.5},
+    {"max_result_bytes": "1MB"},
+    {"max_result_bytes": True},
+    {"max_result_bytes": 2**63},
 ])
 def test_malformed_allow_is_a_deny(bad: dict[str, Any]) -> None:
     d = from_document(doc(**bad), revision="r", analysis=ANALYSIS)
     assert d.verdict is Verdict.DENY and "malformed" in d.reasons[0]
+
+
+def test_the_result_limit_of_a_decision() -> None:
+    assert from_document(doc(), revision="r", analysis=ANALYSIS).max_result_bytes is None
+    assert from_document(doc(max_result_bytes=None), revision="r",
+                         analysis=ANALYSIS).max_result_bytes is None
+    d = from_document(doc(max_result_bytes=1048576), revision="r", analysis=ANALYSIS)
+    assert d.verdict is Verdict.ALLOW and d.max_result_bytes == 1048576
+    assert from_document(doc(max_result_bytes=1e6), revision="r",
+                         analysis=ANALYSIS).max_result_bytes == 1_000_000
+    # on the wire 0 means "no limit from the policy"
+    assert decision_from_pb(decision_to_pb(d)).max_result_bytes == 1048576
+    no_limit = Decision(verdict=Verdict.ALLOW)
+    assert decision_from_pb(decision_to_pb(no_limit)).max_result_bytes is None
+    assert decision_from_pb(pb.DecideResponse(verdict=pb.VERDICT_ALLOW, max_result_bytes=-1)
+                            ).max_result_bytes is None
 
 
 def test_bad_sqlstate_falls_back() -> None:
@@ -104,7 +126,7 @@ def test_decision_round_trip() -> None:
                  mask=MaskPlan(rules=(ColumnRule("a.b.c"),), derived_columns=(1,),
                                scan_content=False, unmasked=True),
                  record_rows=RecordRows.MASKED_ROWS, record_rows_cap=7,
-                 analysis={"commands": ["select"]})
+                 analysis={"commands": ["select"]}, max_result_bytes=4096)
     assert decision_from_pb(decision_to_pb(d)) == d
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tap import protocol as pg
 from tap.actions import Close, Event, SendDownstream
-from tap.hooks import ALLOW_ALL
+from tap.hooks import ALLOW_ALL, Decision, MaskPlan, Verdict
 from tap.masking import MaskingFactory
 from tap.session import Hooks, Session, SessionConfig
 
@@ -178,6 +178,57 @@ def test_a_masked_result_is_limited_and_nothing_raw_passes() -> None:
     assert end["sqlstate"] == "54000"
     delivered = sum(1 for m in pg.iter_frames(out) if m.type == b"D")
     assert end["rows"] == delivered and 0 < delivered * 95 <= LIMIT
+
+
+def policy_session(policy_limit: int | None, config_limit: int | None) -> Session:
+    """A session whose statements are allowed with ``max_result_bytes`` set
+    by the decision (the policy), next to the gateway's own limit."""
+    decision = Decision(verdict=Verdict.ALLOW, max_result_bytes=policy_limit,
+                        mask=MaskPlan(scan_content=False))
+    s = Session(SessionConfig(session_id="p", max_result_bytes=config_limit),
+                Hooks(decide_cached=lambda _r: decision))
+    s.on_read(pg.encode_startup({"user": "app", "database": "shop"}))
+    s.on_write(pg.AUTH_OK + pg.encode_backend_key(1, b"abcd") + pg.ready_for_query(b"I"))
+    return s
+
+
+def test_a_limit_from_the_policy_decision_ends_the_session() -> None:
+    s = policy_session(LIMIT, None)
+    s.on_read(pg.simple_query("select v from t"))
+    acts = fed(s, result(1000), chunk=1500)
+    assert_cut(acts, delivered_rows=LIMIT // len(rows(1)[0]))
+    message = pg.decode_fields(list(pg.iter_frames(down(acts)))[-1].body)["M"]
+    assert "policy decision" in message and "tap.max_result_bytes" not in message
+
+
+def test_the_smaller_of_the_policy_and_gateway_limits_applies() -> None:
+    row = len(rows(1)[0])
+    for policy, config in ((LIMIT, 10 * LIMIT), (10 * LIMIT, LIMIT)):
+        s = policy_session(policy, config)
+        s.on_read(msg(b"P", b"\0select v from t\0\0\0") + msg(b"B", b"\0\0\0\0\0\0\0\0")
+                  + msg(b"D", b"P\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S"))
+        reply = (msg(b"1") + msg(b"2") + ROW_DESC + b"".join(rows(1000))
+                 + msg(b"C", b"SELECT 1000\0") + pg.ready_for_query(b"I"))
+        acts = fed(s, reply, chunk=1000)
+        assert_cut(acts, delivered_rows=LIMIT // row)
+        message = pg.decode_fields(list(pg.iter_frames(down(acts)))[-1].body)["M"]
+        assert ("policy decision" in message) is (policy < config), message
+
+
+def test_a_policy_limit_is_per_statement() -> None:
+    """Only the executions whose decision carries a limit are limited."""
+    limited = Decision(verdict=Verdict.ALLOW, max_result_bytes=LIMIT,
+                       mask=MaskPlan(scan_content=False))
+    s = Session(SessionConfig(session_id="p"), Hooks(
+        decide_cached=lambda r: limited if "limited" in r.sql else ALLOW_ALL))
+    s.on_read(pg.encode_startup({"user": "app", "database": "shop"}))
+    s.on_write(pg.AUTH_OK + pg.encode_backend_key(1, b"abcd") + pg.ready_for_query(b"I"))
+    s.on_read(pg.simple_query("select v from free"))
+    data = result(1000)
+    acts = fed(s, data, chunk=4096)
+    assert down(acts) == data and not any(isinstance(a, Close) for a in acts)
+    s.on_read(pg.simple_query("select v from limited"))
+    assert_cut(fed(s, result(1000), chunk=4096), delivered_rows=LIMIT // len(rows(1)[0]))
 
 
 def test_the_error_message_names_no_value() -> None:
