@@ -1,0 +1,104 @@
+"""What the taps add over a Python process that does no protocol work.
+
+Runs the local stack (no services) twice per round, once with the real
+taps and once with bench/echo_tap.py in their place (an ext_proc echo and a
+bare uvloop byte pipe, started through ``PGWARDEN_TAP_COMMAND``), behind the
+same Envoy configurations, and measures ``pgbench -S -n`` with one client
+(latency) and with ``-c 8 -j 2`` (throughput) against direct PostgreSQL and
+Envoy tcp_proxy alone and both gateways:
+
+    .venv/bin/python bench/floors.py [--seconds 6] [--rounds 2]
+
+Prints medians per target; nothing is written. Figures are quoted, with the
+date, in bench/RESULTS.md. Issue 2 calibrates its targets with the same two
+floors (a bare uvloop pipe behind Envoy 0.50 of tcp_proxy, a bare Python
+ext_proc echo 0.22).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import psycopg  # noqa: E402
+import run as bench_run  # noqa: E402
+from psycopg import sql  # noqa: E402
+from psycopg.conninfo import make_conninfo  # noqa: E402
+
+from pgwarden import stack as st  # noqa: E402
+
+DB = "pgwarden_floors"
+TARGETS = ("direct", "envoy_tcp", "inline", "extproc")
+
+
+def one_stack(label: str, seconds: int, samples: dict[tuple[str, str, str], list[float]]) -> None:
+    if label == "echo":
+        os.environ["PGWARDEN_TAP_COMMAND"] = shlex.join([sys.executable,
+                                                         str(HERE / "echo_tap.py")])
+    else:
+        os.environ.pop("PGWARDEN_TAP_COMMAND", None)
+    workdir = Path(tempfile.mkdtemp(prefix="pgwarden-floors-"))
+    try:
+        with st.running_stack(workdir, pg_settings=bench_run.QUIET_PG, services=False) as stack:
+            with psycopg.connect(stack.upstream_dsn, autocommit=True) as admin:
+                admin.execute(sql.SQL("CREATE DATABASE {} OWNER app").format(sql.Identifier(DB)))
+            dsns = {
+                "direct": stack.app_dsn_direct,
+                "envoy_tcp": stack.envoy_tcp_dsn,
+                "inline": stack.gateway_dsn["inline"],
+                "extproc": stack.gateway_dsn["extproc"],
+            }
+            dsns = {k: make_conninfo(v, dbname=DB, sslmode="disable") for k, v in dsns.items()}
+            init = bench_run.pgbench(["-i", "-q", "-s", "1"], dsns["direct"], timeout=600)
+            if init.returncode != 0:
+                raise RuntimeError(init.stderr[-500:])
+            for target in TARGETS:
+                for kind, opts in (("c1", ["-c", "1"]), ("c8", ["-c", "8", "-j", "2"])):
+                    run = bench_run.pgbench(["-S", "-n", *opts, "-T", str(seconds)],
+                                            dsns[target], timeout=seconds * 4 + 60)
+                    tps, ms = bench_run.parse(run.stdout)
+                    samples.setdefault((label, target, kind), []).append(
+                        ms if kind == "c1" else tps)
+                    print(f"[floors] {label} {target} {kind}: {tps:.0f} tps, {ms:.3f} ms",
+                          flush=True)
+    finally:
+        os.environ.pop("PGWARDEN_TAP_COMMAND", None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    for rnd in range(args.rounds):
+        for label in (("tap", "echo") if rnd % 2 == 0 else ("echo", "tap")):
+            one_stack(label, args.seconds, samples)
+    for label in ("tap", "echo"):
+        direct = statistics.median(samples[(label, "direct", "c1")])
+        for target in TARGETS:
+            ms = statistics.median(samples[(label, target, "c1")])
+            tps = statistics.median(samples[(label, target, "c8")])
+            print(f"{label:<5} {target:<8} c1 {ms:.3f} ms (+{ms - direct:.3f} over direct)  "
+                  f"c8 {tps:.0f} tps")
+    for target in ("inline", "extproc"):
+        tap = statistics.median(samples[("tap", target, "c8")])
+        echo = statistics.median(samples[("echo", target, "c8")])
+        tcp = statistics.median(samples[("tap", "envoy_tcp", "c8")]
+                                + samples[("echo", "envoy_tcp", "c8")])
+        print(f"{target}: c8 throughput vs envoy_tcp: tap {tap / tcp:.2f}, floor {echo / tcp:.2f};"
+              f" tap / floor {tap / echo:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
