@@ -22,7 +22,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Engine, create_engine, event, func, or_, select, update
+from sqlalchemy import JSON, Engine, bindparam, create_engine, event, func, or_, select, update
 from sqlalchemy.engine import Connection, make_url
 
 from policyd.audit.events import Event
@@ -332,11 +332,17 @@ class AuditStore:
         ]
         if new:
             conn.execute(t.insert(), new)
-        for s in sorted(touched & known):
+        moved = [
+            {"sid": s, "sseq": heads[s][0], "shash": heads[s][1]} for s in sorted(touched & known)
+        ]
+        if moved:
+            # One executemany, not one statement per session: with PostgreSQL
+            # each was a round trip, and a batch can touch many sessions.
             conn.execute(
                 update(t)
-                .where(t.c.session_id == s)
-                .values(session_seq=heads[s][0], hash=heads[s][1])
+                .where(t.c.session_id == bindparam("sid"))
+                .values(session_seq=bindparam("sseq"), hash=bindparam("shash")),
+                moved,
             )
 
     def _set_writer_position(self, conn: Connection, writer_id: str, spool_n: int) -> None:

@@ -240,3 +240,23 @@ def test_two_writers_extend_one_chain(pg: LocalPostgres, tmp_path: Path) -> None
                 "SELECT session_id, count(*) FROM audit_statements GROUP BY session_id")).all())
         assert per_session == {"s-0": 200, "s-1": 200}
         assert problems(tmp_path, st) == []
+
+
+def test_batches_that_move_many_session_heads_verify(pg: LocalPostgres, tmp_path: Path) -> None:
+    """Sessions taking turns: each batch moves the heads of sessions the
+    store already knows in one executemany (PostgreSQL: one pipeline, not a
+    round trip per session)."""
+    url = pg.create_db("audit_many_heads")
+    sids = [f"m{k}" for k in range(7)]
+    events: list[Event] = [StatementEvent(session_id=sid, statement_seq=i, sql=f"SELECT {i}",
+                                          verdict="allow")
+                           for i in range(1, 7) for sid in sids]
+    w = write(tmp_path, url, events, batch_size=5)
+    assert w.close()
+    with AuditStore(url) as st:
+        assert problems(tmp_path, st) == []
+        with st.engine.connect() as c:
+            heads = dict(c.execute(text(
+                "SELECT session_id, session_seq FROM audit_session_heads")).all())
+    # (session '' chains the writer's own gateway start and stop records)
+    assert {k: v for k, v in heads.items() if k} == {sid: 6 for sid in sids}

@@ -236,3 +236,35 @@ def _rechain(st: AuditStore) -> None:
                 )
             )
         c.execute(update(table_of(ChainHead)).values(hash=prev))
+
+
+def interleaved(sids: list[str], n: int) -> list[Event]:
+    """Statements of several sessions taking turns: every stored batch moves
+    the chain head of sessions it already knows (one executemany)."""
+    return [StatementEvent(session_id=sid, statement_seq=i, sql=f"SELECT {i}", verdict="allow")
+            for i in range(1, n + 1) for sid in sids]
+
+
+def session_heads_match_their_last_records(st: AuditStore) -> None:
+    with st.engine.connect() as c:
+        heads = {r[0]: (r[1], r[2]) for r in c.execute(text(
+            "SELECT session_id, session_seq, hash FROM audit_session_heads"))}
+        last: dict[str, tuple[int, str]] = {}
+        for table in record_tables():
+            for sid, sseq, shash in c.execute(text(
+                    f"SELECT session_id, session_seq, session_hash FROM {table}")):
+                if sid not in last or sseq > last[sid][0]:
+                    last[sid] = (sseq, shash)
+    assert heads == last
+
+
+def test_batches_that_move_many_session_heads_verify(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    sids = [f"m{k}" for k in range(7)]
+    write(tmp_path, url, interleaved(sids, 6), batch_size=5)
+    with AuditStore(url) as st:
+        report = run_verify(tmp_path, st)
+        assert report.ok, report.problems
+        session_heads_match_their_last_records(st)
+        with st.engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM audit_statements")).scalar_one() == 42
