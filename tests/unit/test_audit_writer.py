@@ -309,3 +309,32 @@ def test_a_busy_shipper_lets_batches_fill_instead_of_shipping_back_to_back(
     assert statement_order(url) == [("busy", i) for i in range(1, n + 1)]
     # back to back, 1 s of 20 ms appends made ~50 batches; with the wait ~6
     assert len(sizes) <= 15, sizes
+
+
+def test_a_spooled_line_missing_a_chain_column_is_quarantined_not_retried_forever(
+        tmp_path: Path) -> None:
+    """A line with a type but without session_id converts, then fails in the
+    chain: it is the line's fault, so it is set aside like a refused one and
+    the events after it are stored (it used to count as a store outage and
+    block the spool)."""
+    from policyd.audit.sinks import StoreSink
+    from policyd.audit.spool import Spool
+    from policyd.audit.writer import SpoolShipper
+
+    spool_path = tmp_path / "s.spool"
+    good = [StatementEvent(session_id="d", statement_seq=i, sql="SELECT 1",
+                           verdict="allow").model_dump_json() for i in (1, 2, 3)]
+    spool = Spool(spool_path)
+    spool.append([good[0], '{"type":"gateway","action":"start"}', good[1], good[2]])
+    spool.close()
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    shipper = SpoolShipper(spool_path, StoreSink(url), writer_id="w", interval=0.01)
+    ship_until_idle(shipper)
+    assert shipper.stats.outages == 0
+    with AuditStore(url) as store, store.engine.connect() as c:
+        seqs = [r[0] for r in c.execute(text(
+            "SELECT statement_seq FROM audit_statements ORDER BY seq"))]
+        actions = [r[0] for r in c.execute(text("SELECT action FROM audit_gateway_events"))]
+    assert seqs == [1, 2, 3] and actions == ["event_quarantined"]
+    [line] = shipper.quarantine_path.read_text().splitlines()
+    assert json.loads(line)["n"] == 2
