@@ -7,7 +7,7 @@ with the same bytes (read_data to upstream, write_data to the client);
 command line shape (``MODE --listen HOST:PORT [--upstream HOST:PORT] ...``,
 other options ignored), so the local stack runs it in the tap's place with
 ``PGWARDEN_TAP_COMMAND="python bench/echo_tap.py"`` (bench/floors.py does).
-The ext_proc server gets the tap's gRPC options (tap/drivers/ext_proc.py).
+The ext_proc server gets the tap's gRPC options (``SERVER_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pgwarden._proto import network_ext_proc_pb2 as pb
 from pgwarden._proto import network_ext_proc_pb2_grpc as pb_grpc
+from tap.drivers.ext_proc import SERVER_OPTIONS
 
 _MODIFIED = pb.ProcessingResponse.MODIFIED
 SERVICE = "envoy.service.network_ext_proc.v3.NetworkExternalProcessor"
@@ -41,16 +42,7 @@ class Echo(pb_grpc.NetworkExternalProcessorServicer):
 
 
 async def serve_echo(listen: str) -> None:
-    server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-        ("grpc.max_send_message_length", 256 * 1024 * 1024),
-        ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", 1024 * 1024),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-        ("grpc.http2.max_ping_strikes", 0),
-    ])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_NetworkExternalProcessorServicer_to_server(Echo(), server)  # type: ignore[no-untyped-call]
     checks = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)

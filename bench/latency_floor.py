@@ -6,7 +6,8 @@ run, ``pgbench -S -n -c 1`` against:
 
 * ``direct``: PostgreSQL;
 * ``bare_pipe``: a bare uvloop byte pipe (no framing, nothing inspected) to
-  PostgreSQL, started here: the floor for any Python process on the path;
+  PostgreSQL, ``bench/echo_tap.py inline``: the floor for any Python process
+  on the path;
 * ``tap_inline``: the inline tap itself, without Envoy;
 * ``envoy_tcp``: Envoy tcp_proxy alone;
 * ``gateway_inline``: Envoy in front of the inline tap (what ``make bench`` reports).
@@ -25,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,39 +41,6 @@ from pgwarden import stack as st  # noqa: E402
 
 DB = "pgwarden_floor"
 
-# A byte pipe and nothing else: each side's data_received writes to the other.
-PIPE = textwrap.dedent("""
-    import asyncio, sys, uvloop
-
-    class Side(asyncio.Protocol):
-        def __init__(self):
-            self.peer, self.transport, self.early = None, None, []
-        def connection_made(self, transport):
-            self.transport = transport
-            if self.peer is not None and self.peer.early:
-                transport.write(b"".join(self.peer.early))
-                self.peer.early.clear()
-        def data_received(self, data):
-            if self.peer.transport is None:
-                self.early.append(data)  # the upstream connection is on its way
-            else:
-                self.peer.transport.write(data)
-        def connection_lost(self, exc):
-            if self.peer is not None and self.peer.transport is not None:
-                self.peer.transport.close()
-
-    async def main(listen, upstream):
-        loop = asyncio.get_running_loop()
-        def factory():
-            client, server = Side(), Side()
-            client.peer, server.peer = server, client
-            loop.create_task(loop.create_connection(lambda: server, "127.0.0.1", upstream))
-            return client
-        srv = await loop.create_server(factory, "127.0.0.1", listen)
-        await srv.serve_forever()
-
-    uvloop.run(main(int(sys.argv[1]), int(sys.argv[2])))
-""")
 
 
 
@@ -87,7 +54,9 @@ def main() -> int:
         with psycopg.connect(stack.upstream_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {} OWNER app").format(sql.Identifier(DB)))
         port = st.free_port()
-        pipe = subprocess.Popen([sys.executable, "-c", PIPE, str(port), str(stack.postgres.port)],
+        pipe = subprocess.Popen([sys.executable, str(HERE / "echo_tap.py"), "inline",
+                                 "--listen", f"127.0.0.1:{port}",
+                                 "--upstream", f"127.0.0.1:{stack.postgres.port}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             asyncio.run(_wait_port(port))

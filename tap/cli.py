@@ -125,9 +125,9 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     async def runner() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        running = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            running.add_signal_handler(sig, stop.set)
         await main(stop)
 
     loop.run(runner())

@@ -236,6 +236,10 @@ def spooled_to_content(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     second pydantic round trip on the writer's hot path."""
     row = dict(data)
     kind = row.pop("type")
+    if not isinstance(row.get("session_id"), str):
+        # Both chains are keyed on it: a line without one cannot be stored
+        # (KeyError: the caller's "not an event this store knows").
+        raise KeyError("session_id")
     for key in _TIME_FIELDS:
         value = row.get(key)
         if isinstance(value, str):

@@ -121,12 +121,6 @@ class StoreSink:
             raise SinkRejected(f"event cannot be stored ({type(exc).__name__})") from exc
         try:
             stored_n, _dups = store.append_spooled(writer_id, items)
-        except (KeyError, TypeError) as exc:
-            # A line that converts but lacks a column the chain needs (e.g.
-            # no session_id): the data, not the store, is at fault. Rejected,
-            # the shipper narrows the batch down to it and sets it aside
-            # instead of retrying it as an outage forever.
-            raise SinkRejected(f"event cannot be stored ({type(exc).__name__})") from exc
         except Exception:
             self._reset()
             raise

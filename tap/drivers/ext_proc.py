@@ -34,8 +34,30 @@ from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
 from tap.runtime import Runtime, cancelled_decision
 from tap.session import Session, SessionConfig
 
-# Bytes one stream may have in flight from Envoy to the tap (see serve()).
+# Bytes one stream may have in flight from Envoy to the tap (see SERVER_OPTIONS).
 RECEIVE_WINDOW = 1024 * 1024
+
+# The gRPC server's options (bench/echo_tap.py serves its floor with the same).
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+    # A fixed HTTP/2 receive window per stream. Envoy's network ext_proc
+    # filter sends every chunk it reads from PostgreSQL without waiting
+    # for the tap, so what the tap holds for one session is its receive
+    # window: with gRPC's BDP probing that window grows with the load
+    # (a 1,000,000-row result parked 20-56 MB in the tap); fixed at
+    # RECEIVE_WINDOW it stays there, at no cost in throughput measured
+    # (bench/slow_client_memory.py, bench/RESULTS.md).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW),
+    # Envoy keeps the HTTP/2 connection alive with pings while a stream
+    # waits (a statement held for approval can wait minutes): accept them,
+    # or gRPC answers "too many pings" and drops every session on it.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 _MODIFIED = pb.ProcessingResponse.MODIFIED
 _CLOSE = pb.ProcessingResponse.CLOSE
@@ -198,26 +220,7 @@ async def serve(host: str, port: int, runtime: Runtime,
                 drain_seconds: float = 10.0) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-        ("grpc.max_send_message_length", 256 * 1024 * 1024),
-        ("grpc.so_reuseport", 0),
-        # A fixed HTTP/2 receive window per stream. Envoy's network ext_proc
-        # filter sends every chunk it reads from PostgreSQL without waiting
-        # for the tap, so what the tap holds for one session is its receive
-        # window: with gRPC's BDP probing that window grows with the load
-        # (a 1,000,000-row result parked 20-56 MB in the tap); fixed at
-        # RECEIVE_WINDOW it stays there, at no cost in throughput measured
-        # (bench/slow_client_memory.py, bench/RESULTS.md).
-        ("grpc.http2.bdp_probe", 0),
-        ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW),
-        # Envoy keeps the HTTP/2 connection alive with pings while a stream
-        # waits (a statement held for approval can wait minutes): accept them,
-        # or gRPC answers "too many pings" and drops every session on it.
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-        ("grpc.http2.max_ping_strikes", 0),
-    ])
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     servicer = NetworkExtProc(runtime)
     pb_grpc.add_NetworkExternalProcessorServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
