@@ -65,6 +65,28 @@ if ! grep -qx "Version: ${OPA_VERSION#v}" <<<"${opa_have}"; then
         "github.com/open-policy-agent/opa@${OPA_VERSION}" </dev/null
 fi
 
+# --- drivers of other languages for tests/integration/test_clients_node_jdbc.py,
+# wherever the runtimes are (the tests skip a runtime this machine lacks)
+if command -v npm >/dev/null 2>&1; then
+    lock=tests/integration/clients/package-lock.json
+    if ! cmp -s "${lock}" .cache/node/package-lock.json || [ ! -d .cache/node/node_modules/pg ]; then
+        log "installing the Node.js test clients (node-postgres, postgres.js)"
+        mkdir -p .cache/node
+        cp tests/integration/clients/package.json "${lock}" .cache/node/
+        (cd .cache/node && npm ci --no-audit --no-fund --loglevel=error </dev/null)
+    fi
+fi
+if command -v mvn >/dev/null 2>&1 && command -v java >/dev/null 2>&1; then
+    jar=".cache/java/postgresql-${PGJDBC_VERSION}.jar"
+    if [ ! -f "${jar}" ]; then
+        log "fetching pgjdbc ${PGJDBC_VERSION} from Maven Central"
+        mkdir -p .cache/java
+        rm -f .cache/java/postgresql-*.jar
+        mvn -q -B -Dstyle.color=never dependency:copy -Dartifact="org.postgresql:postgresql:${PGJDBC_VERSION}" \
+            -DoutputDirectory=.cache/java </dev/null
+    fi
+fi
+
 # --- development TLS material (CA, server cert for 127.0.0.1/localhost, client cert)
 .venv/bin/python scripts/gen_certs.py .run/certs
 
