@@ -143,9 +143,10 @@ class AuditSink:
             counts = {**{f"column:{k}": int(v) for k, v in masked.get("by_column", {}).items()},
                       **{f"rule:{k}": int(v) for k, v in masked.get("by_rule", {}).items()}}
             tags = list(r.get("tags", []))
+            ts = _ts()
             return json.dumps({
-                "event_id": uuid.uuid4().hex, "ts": _ts(), "session_id": sid,
-                "type": "statement_result", "statement_seq": int(r["seq"]), "finished_at": _ts(),
+                "event_id": uuid.uuid4().hex, "ts": ts, "session_id": sid,
+                "type": "statement_result", "statement_seq": int(r["seq"]), "finished_at": ts,
                 "command_tag": "; ".join(tags), "rows_returned": int(r.get("rows", 0)),
                 "rows_affected": _affected(tags), "masked_counts": counts,
                 "error_sqlstate": str(r.get("sqlstate", "")),

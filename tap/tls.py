@@ -101,9 +101,10 @@ class TLSEndpoint:
             if not self.handshake_done:
                 return b""
         chunks = []
+        obj, incoming = self._obj, self._in
         while True:
             try:
-                chunk = self._obj.read(65536)
+                chunk = obj.read(65536)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
@@ -113,7 +114,12 @@ class TLSEndpoint:
             if not chunk:
                 break
             chunks.append(chunk)
-        return b"".join(chunks)
+            # Nothing left to decrypt (no ciphertext in the BIO, no plaintext
+            # buffered by OpenSSL): stop without provoking SSLWantReadError,
+            # whose exception was half the cost of a small record here.
+            if not incoming.pending and not obj.pending():
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def send(self, data: bytes) -> None:
         if not self.handshake_done:
