@@ -285,7 +285,7 @@ class Session:
             return out
         _, msg, request = self._waiting
         self._waiting = None
-        self._apply(msg, request, decision, out)
+        self._apply(msg, request.sql, request.path, decision, out)
         while self._held and self._waiting is None and self.phase != _CLOSED:
             self._client_message(self._held.popleft(), out)
         self._flush_forward(out)
@@ -630,19 +630,16 @@ class Session:
             self._send_upstream(out, msg.encode())
             return
         if t == b"Q":
-            sql = pg.query_text(msg.body)
-            self._decide(msg, self._request(sql, "simple"), out)
+            self._decide(msg, pg.query_text(msg.body), "simple", out)
         elif t == b"P":
             parse = pg.decode_parse(msg.body)
-            self._decide(msg, self._request(parse.query, "parse", parse.name), out)
+            self._decide(msg, parse.query, "parse", out, parse.name)
         elif t == b"B":
             bind = pg.decode_bind(msg.body)
             known = self._statements.get(bind.statement)
             if known is not None and known[1].decide_at_bind:
-                request = replace(self._request(known[0], "parse", bind.statement),
-                                  params=_param_texts(bind,
-                                                      self._param_types.get(bind.statement, ())))
-                self._decide(msg, request, out)
+                self._decide(msg, known[0], "parse", out, bind.statement,
+                             _param_texts(bind, self._param_types.get(bind.statement, ())))
                 return
             self._bind(bind)
             self._forward(msg, _Expect("B"), out)
@@ -686,7 +683,7 @@ class Session:
             self._fwd.append(msg.encode())
         elif t == b"F":
             (oid,) = _u32(msg.body, 0)
-            self._decide(msg, self._request(f"<function call oid {oid}>", "function_call"), out)
+            self._decide(msg, f"<function call oid {oid}>", "function_call", out)
         elif t == b"X":
             self.end_reason = "client_terminate"
             self._send_upstream(out, msg.encode())
@@ -694,33 +691,42 @@ class Session:
         else:
             raise pg.ProtocolError(f"invalid frontend message type {t!r}")
 
-    def _request(self, sql: str, path: str, name: str = "") -> StatementRequest:
+    def _request(self, sql: str, path: str, name: str = "",
+                 params: tuple[str | None, ...] | None = None) -> StatementRequest:
         return StatementRequest(
             identity=self.identity,
             session=self.info(),
             sql=sql,
             path=path,
             statement_name=name,
+            params=params,
         )
 
-    def _decide(self, msg: pg.Message, request: StatementRequest, out: list[Action]) -> None:
-        decision = self.hooks.decide_cached(request)
+    def _decide(self, msg: pg.Message, sql: str, path: str, out: list[Action], name: str = "",
+                params: tuple[str | None, ...] | None = None) -> None:
+        decide = self.hooks.decide_cached
+        if decide is _allow_all:
+            # The built-in allow-all hook reads no request: none is built.
+            self._apply(msg, sql, path, ALLOW_ALL, out)
+            return
+        request = self._request(sql, path, name, params)
+        decision = decide(request)
         if decision is None:
             self._flush_forward(out)  # the server works on those while policyd decides
             self._ticket += 1
             self._waiting = (self._ticket, msg, request)
             out.append(NeedDecision(self._ticket, request))
             return
-        self._apply(msg, request, decision, out)
+        self._apply(msg, sql, path, decision, out)
 
-    def _apply(self, msg: pg.Message, request: StatementRequest, decision: Decision,
+    def _apply(self, msg: pg.Message, sql: str, path: str, decision: Decision,
                out: list[Action]) -> None:
         self._seq += 1
-        stmt = _Statement(self._seq, request.sql, request.path, decision)
+        stmt = _Statement(self._seq, sql, path, decision)
         deferred = (msg.type == b"P" and decision.verdict is Verdict.HOLD
                     and bool(decision.analysis.get("params_used")))
         if not deferred:  # a deferred Parse is recorded with each Bind's decision
-            self._event(out, "statement", seq=stmt.seq, sql=request.sql, path=request.path,
+            self._event(out, "statement", seq=stmt.seq, sql=sql, path=path,
                         verdict=decision.verdict.value, reasons=list(decision.reasons),
                         decision_id=decision.decision_id,
                         policy_revision=decision.policy_revision,
