@@ -1,0 +1,159 @@
+"""The tap's own Python per transaction, with no socket, gRPC or other process.
+
+Feeds the byte strings of one ``pgbench -S`` transaction (simple protocol:
+Query; RowDescription, DataRow, CommandComplete, ReadyForQuery), again and
+again, to
+
+- the inline driver (``tap.drivers.inline.ClientSide`` over the sans-IO
+  session, with transports that drop what is written);
+- the ext_proc driver's ``Process`` handler, as grpc.aio would call it
+  (``ProcessingRequest`` messages in, ``ProcessingResponse`` messages out);
+- the ext_proc echo of ``bench/echo_tap.py`` (the floor: the same protobuf
+  work, no session).
+
+with the data path's default hooks (allow everything, no masking; events
+counted, not stored). CPU time per transaction, best of ``--repeat`` runs.
+Repeatable to a few percent on a quiet machine, which ``make bench``'s
+end-to-end ratios are not; use it to compare two versions of the core:
+
+    .venv/bin/python bench/core_bench.py [--transactions 30000] [--repeat 5]
+
+Nothing is written; figures quoted in bench/RESULTS.md carry the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import echo_tap  # noqa: E402
+import structlog  # noqa: E402
+
+from pgwarden._proto import network_ext_proc_pb2 as pb  # noqa: E402
+from tap import protocol as pg  # noqa: E402
+from tap.cancel import CancelRegistry  # noqa: E402
+from tap.drivers.ext_proc import NetworkExtProc  # noqa: E402
+from tap.drivers.inline import ClientSide, InlineSettings, UpstreamSide  # noqa: E402
+from tap.runtime import Runtime  # noqa: E402
+from tap.session import Session, SessionConfig  # noqa: E402
+
+
+def _msg(kind: bytes, body: bytes) -> bytes:
+    return pg.Message(kind, body).encode()
+
+
+STARTUP = pg.encode_startup({"user": "app", "database": "shop"})
+HELLO = pg.AUTH_OK + pg.encode_backend_key(4242, b"\x01\x02\x03\x04") + pg.ready_for_query(b"I")
+QUERY = _msg(b"Q", b"SELECT abalance FROM pgbench_accounts WHERE aid = 12345;\0")
+RESPONSE = (
+    _msg(b"T", struct.pack("!h", 1) + b"abalance\0" + struct.pack("!ihihih", 0, 0, 23, 4, -1, 0))
+    + _msg(b"D", struct.pack("!hi", 1, 1) + b"0")
+    + _msg(b"C", b"SELECT 1\0")
+    + pg.ready_for_query(b"I")
+)
+
+
+class _Sink:
+    """A transport that drops what is written."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def inline_run(n: int) -> Callable[[], None]:
+    """The driver's protocol objects without a loop (connection_made would
+    start the upstream connection): the session is set up as it does."""
+    runtime = Runtime()
+    client = ClientSide(InlineSettings(), runtime, CancelRegistry())
+    client.transport = _Sink()  # type: ignore[assignment]
+    config = SessionConfig(session_id="bench", client_addr="127.0.0.1:1", driver="inline",
+                           **runtime.session_options())
+    client.session = Session(config, runtime.hooks(), client.cancels)
+    upstream = UpstreamSide(client)
+    upstream.transport = _Sink()  # type: ignore[assignment]
+    client.upstream = upstream
+    client._upstream_ready = True
+    client.data_received(STARTUP)
+    upstream.data_received(HELLO)
+
+    def run() -> None:
+        for _ in range(n):
+            client.data_received(QUERY)
+            upstream.data_received(RESPONSE)
+    return run
+
+
+class _Context:
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def extproc_run(handler: Any, n: int) -> Callable[[], None]:
+    read = [pb.ProcessingRequest(read_data=pb.Data(data=QUERY)) for _ in range(n)]
+    write = [pb.ProcessingRequest(write_data=pb.Data(data=RESPONSE)) for _ in range(n)]
+    loop = asyncio.new_event_loop()
+
+    async def requests() -> AsyncIterator[pb.ProcessingRequest]:
+        yield pb.ProcessingRequest(read_data=pb.Data(data=STARTUP))
+        yield pb.ProcessingRequest(write_data=pb.Data(data=HELLO))
+        for r, w in zip(read, write, strict=True):
+            yield r
+            yield w
+
+    async def drive() -> None:
+        async for _ in handler.Process(requests(), _Context()):
+            pass
+
+    return lambda: loop.run_until_complete(drive())
+
+
+def best(run: Callable[[], None], repeat: int) -> float:
+    run()  # warm up
+    times = []
+    for _ in range(repeat):
+        started = time.process_time()
+        run()
+        times.append(time.process_time() - started)
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--transactions", type=int, default=30000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    n = args.transactions
+    cases = {
+        "inline driver + session": inline_run(n),
+        "ext_proc driver + session": extproc_run(NetworkExtProc(Runtime()), n),
+        "ext_proc echo (floor)": extproc_run(echo_tap.Echo(), n),
+    }
+    print(f"CPU µs per pgbench -S transaction, best of {args.repeat} runs of {n}:")
+    for name, run in cases.items():
+        print(f"  {name:<28} {best(run, args.repeat) / n * 1e6:6.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
