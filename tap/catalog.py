@@ -1,5 +1,8 @@
 """Which table column a result column is: RowDescription gives a table OID
-and an attribute number; masking rules name ``schema.table.column``.
+and an attribute number; masking rules name ``schema.table.column``. And
+which function a protocol-level FunctionCall names: it carries only the
+function's OID, and the policy decides on ``schema.function`` as it does for
+the same call written in SQL.
 
 The catalog is loaded per database, off the data path, over a connection of
 its own made with the gateway's credentials for ``catalog_role``; it is
@@ -12,10 +15,13 @@ first statement of the first session to a database after start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
 import structlog
+
+from tap.protocol import quote_ident
 
 log = structlog.get_logger("pgwarden.tap.catalog")
 
@@ -31,16 +37,29 @@ WHERE a.attnum > 0 AND NOT a.attisdropped
 LIMIT 500000
 """
 
-Loader = Callable[[str], Awaitable[list[tuple[int, int, str, str, str]]]]
+_FUNCTIONS = """
+SELECT p.oid::int8, n.nspname, p.proname
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+LIMIT 500000
+"""
+
+ColumnRow = tuple[int, int, str, str, str]  # table OID, attnum, schema, table, column
+FunctionRow = tuple[int, str, str]  # function OID, schema, name
+Loader = Callable[[str], Awaitable[tuple[list[ColumnRow], list[FunctionRow]]]]
+
+
 
 
 class Catalog:
-    """(database, table OID, attnum) -> "schema.table.column"."""
+    """(database, table OID, attnum) -> "schema.table.column", and
+    (database, function OID) -> the function's quoted qualified name."""
 
     def __init__(self, loader: Loader, *, max_age: float = 60.0) -> None:
         self._loader = loader
         self._max_age = max_age
         self._maps: dict[str, dict[tuple[int, int], str]] = {}
+        self._functions: dict[str, dict[int, str]] = {}
         self._loaded_at: dict[str, float] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
 
@@ -52,6 +71,24 @@ class Catalog:
             m = self._maps.get(database)
             return m.get((table_oid, column)) if m is not None else None
         return resolve
+
+    def function_name(self, database: str, oid: int) -> str | None:
+        """``"schema"."name"`` of the function with this OID, or None while
+        the database's catalog is not loaded or no such function exists."""
+        self.ensure(database)
+        m = self._functions.get(database)
+        return m.get(oid) if m is not None else None
+
+    async def wait_loaded(self, database: str, timeout: float) -> bool:
+        """Wait (up to ``timeout``) until the database's catalog is loaded;
+        True if it is. A FunctionCall that arrives before the first load
+        waits here instead of being refused as unknown."""
+        self.ensure(database)
+        task = self._loading.get(database)
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+        return database in self._functions
 
     def ensure(self, database: str) -> None:
         fresh = time.monotonic() - self._loaded_at.get(database, -1e9) < self._max_age
@@ -65,9 +102,11 @@ class Catalog:
 
     async def _load(self, database: str) -> None:
         try:
-            rows = await self._loader(database)
+            rows, functions = await self._loader(database)
             self._maps[database] = {(oid, att): f"{ns}.{rel}.{col}"
                                     for oid, att, ns, rel, col in rows}
+            self._functions[database] = {oid: f"{quote_ident(ns)}.{quote_ident(name)}"
+                                         for oid, ns, name in functions}
             self._loaded_at[database] = time.monotonic()
         except Exception as exc:
             log.warning("catalog_load_failed", database=database, error=exc.__class__.__name__)
@@ -81,7 +120,7 @@ class Catalog:
 
 def psycopg_loader(host: str, port: int, role: str, password: str | None,
                    sslmode: str = "prefer", sslrootcert: str | None = None) -> Loader:
-    async def load(database: str) -> list[tuple[int, int, str, str, str]]:
+    async def load(database: str) -> tuple[list[ColumnRow], list[FunctionRow]]:
         import psycopg
 
         kwargs: dict[str, object] = {"host": host, "port": port, "user": role, "dbname": database,
@@ -93,6 +132,9 @@ def psycopg_loader(host: str, port: int, role: str, password: str | None,
             kwargs["sslrootcert"] = sslrootcert
         async with await psycopg.AsyncConnection.connect(**kwargs) as conn:  # type: ignore[arg-type]
             cur = await conn.execute(_QUERY)
-            return [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]))
-                    for r in await cur.fetchall()]
+            columns = [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]))
+                       for r in await cur.fetchall()]
+            cur = await conn.execute(_FUNCTIONS)
+            functions = [(int(r[0]), str(r[1]), str(r[2])) for r in await cur.fetchall()]
+            return columns, functions
     return load

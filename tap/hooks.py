@@ -59,9 +59,11 @@ class StatementRequest:
 
     ``path`` is how the SQL arrived: ``simple`` (Query), ``parse`` (extended
     Parse, decided when first executed), ``function_call`` (FunctionCall by
-    OID, ``sql`` is ``"<function oid N>"``) or ``copy``.
+    OID: ``sql`` is the call in SQL, ``SELECT "schema"."name"($1, ...)``, or
+    ``"<function call oid N>"`` while the function is not known) or ``copy``.
     ``params`` are the Bind values in text form when known (None = NULL);
     binary parameters are given as ``b"\\x..."`` hex text.
+    ``function`` is a FunctionCall's (OID, argument count).
     """
 
     identity: Identity
@@ -70,6 +72,7 @@ class StatementRequest:
     path: str = "simple"
     statement_name: str = ""
     params: tuple[str | None, ...] | None = None
+    function: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -282,6 +282,63 @@ def decode_bind(body: bytes) -> Bind:
 
 
 @dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """The frontend FunctionCall ('F'): a function by OID and its arguments."""
+
+    oid: int
+    arg_formats: tuple[int, ...]
+    args: tuple[bytes | None, ...]
+    result_format: int
+
+
+def decode_function_call(body: bytes) -> FunctionCall:
+    try:
+        (oid,) = struct.unpack_from("!I", body, 0)
+        pos = 4
+        (nf,) = _I16.unpack_from(body, pos)
+        pos += 2
+        if nf < 0:
+            raise ProtocolError("negative count in FunctionCall message")
+        formats = struct.unpack_from(f"!{nf}h", body, pos) if nf else ()
+        pos += 2 * nf
+        (na,) = _I16.unpack_from(body, pos)
+        pos += 2
+        if na < 0:
+            raise ProtocolError("negative count in FunctionCall message")
+        args: list[bytes | None] = []
+        for _ in range(na):
+            (ln,) = _I32.unpack_from(body, pos)
+            pos += 4
+            if ln == -1:
+                args.append(None)
+                continue
+            if ln < 0 or pos + ln > len(body):
+                raise ProtocolError("FunctionCall argument length out of range")
+            args.append(body[pos:pos + ln])
+            pos += ln
+        (result_format,) = _I16.unpack_from(body, pos)
+    except struct.error as exc:
+        raise ProtocolError("FunctionCall message truncated") from exc
+    return FunctionCall(oid, tuple(formats), tuple(args), result_format)
+
+
+def quote_ident(name: str) -> str:
+    """An SQL identifier, always quoted (so case, keywords and odd
+    characters survive the round trip through the policy's parser)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def function_call_sql(oid: int, nargs: int, name: str | None) -> str:
+    """A FunctionCall as SQL the policy can analyse: the function ``name``
+    (quoted, qualified) with one parameter per argument; opaque (and so
+    refused by the policy) when the function is not known."""
+    if name is None:
+        return f"<function call oid {oid}>"
+    args = ", ".join(f"${i}" for i in range(1, nargs + 1))
+    return f"SELECT {name}({args})"
+
+
+@dataclass(frozen=True, slots=True)
 class Field:
     name: str
     table_oid: int

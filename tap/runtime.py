@@ -79,6 +79,8 @@ class Runtime:
     policy_client: Any = None
     audit: Any = None  # tap.audit_sink.AuditSink, or None: events go to the log only
     approvals: Any = None  # policyd.approvals.client.ApprovalClient, or None
+    catalog: Any = None  # tap.catalog.Catalog (names FunctionCall targets), or None
+    catalog_wait: float = 5.0  # how long a FunctionCall waits for a first catalog load
     holding: set[str] = field(default_factory=set)  # session ids waiting for approval
     driver: str = "inline"
     draining: bool = False
@@ -113,6 +115,8 @@ class Runtime:
         if not self.audit_ok:
             return AUDIT_DENY
         started = time.perf_counter()
+        if request.function is not None and request.sql.startswith("<"):
+            request = await self._name_function(request)
         decision = await self.decider(request)
         metrics.DECISION_LATENCY.labels(source="policyd").observe(time.perf_counter() - started)
         if decision.verdict is not Verdict.HOLD:
@@ -139,6 +143,23 @@ class Runtime:
                            reasons=(*decision.reasons, "the approval service is unavailable"))
         finally:
             self.holding.discard(request.session.session_id)
+
+    async def _name_function(self, request: StatementRequest) -> StatementRequest:
+        """A FunctionCall the session could not name because the catalog of
+        its database was not loaded yet: wait for the load (bounded), then
+        ask the policy about the named call. Still unknown: left opaque, and
+        the policy refuses it."""
+        assert request.function is not None
+        if self.catalog is None:
+            return request
+        database = request.session.database
+        if not await self.catalog.wait_loaded(database, self.catalog_wait):
+            return request
+        oid, nargs = request.function
+        name = self.catalog.function_name(database, oid)
+        if name is None:
+            return request
+        return replace(request, sql=pg.function_call_sql(oid, nargs, name))
 
     async def authenticate(self, need: NeedAuth) -> AuthResult:
         try:

@@ -68,7 +68,9 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
     else:
         runtime.decider = _deny_all
 
-    masking = _masking(config)
+    masking, catalog = _masking(config)
+    function_name = catalog.function_name if catalog is not None else None
+    runtime.catalog = catalog
 
     cached = decide_cached if decide_cached is not None else (lambda _r: None)
 
@@ -83,7 +85,7 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
         return found
 
     def hooks() -> Hooks:
-        return Hooks(decide_cached=guarded, masker_factory=masking)
+        return Hooks(decide_cached=guarded, masker_factory=masking, function_name=function_name)
 
     if tap.audit is not None:
         runtime.audit = _audit_sink(config, stack)
@@ -140,12 +142,15 @@ def _mask_key(config: PgwardenConfig) -> bytes:
     return pysecrets.token_bytes(32)
 
 
-def _masking(config: PgwardenConfig) -> Any:
+def _masking(config: PgwardenConfig) -> tuple[Any, Any]:
+    """The masking factory and the catalog (None without ``catalog_role``)
+    that names result columns and FunctionCall targets."""
     from tap.catalog import Catalog, psycopg_loader
     from tap.masking import MaskingFactory
 
     tap = config.tap
     lookup = None
+    catalog = None
     if tap.catalog_role is not None:
         from policyd.secrets import load_secrets
 
@@ -161,7 +166,7 @@ def _masking(config: PgwardenConfig) -> Any:
     factory = MaskingFactory(key=_mask_key(config))
     if lookup is not None:
         factory.catalog = lookup
-    return factory
+    return factory, catalog
 
 
 def _audit_sink(config: PgwardenConfig, stack: AsyncExitStack) -> Any:

@@ -115,6 +115,11 @@ class Hooks:
     # the session emits NeedDecision and waits for on_decision.
     decide_cached: Callable[[StatementRequest], Decision | None] = _allow_all
     masker_factory: ResultMaskerFactory | None = None
+    # (database, function OID) -> quoted "schema"."name" for a FunctionCall,
+    # None when unknown (then the call is decided as opaque, and refused).
+    # Called once with OID 0 when a session is ready, so that the catalog
+    # behind it starts loading before the session's first FunctionCall.
+    function_name: Callable[[str, int], str | None] | None = None
 
 
 @dataclass(slots=True)
@@ -285,7 +290,12 @@ class Session:
             return out
         _, msg, request = self._waiting
         self._waiting = None
-        self._apply(msg, request.sql, request.path, decision, out)
+        sql = request.sql
+        if msg.type == b"F":
+            # The runtime may have named the function meanwhile (it waits for
+            # the catalog): record the call as the policy saw it.
+            sql = self._function_call_sql(pg.decode_function_call(msg.body))
+        self._apply(msg, sql, request.path, decision, out)
         while self._held and self._waiting is None and self.phase != _CLOSED:
             self._client_message(self._held.popleft(), out)
         self._flush_forward(out)
@@ -682,8 +692,9 @@ class Session:
         elif t in (b"H", b"d", b"c", b"f"):
             self._fwd.append(msg.encode())
         elif t == b"F":
-            (oid,) = _u32(msg.body, 0)
-            self._decide(msg, f"<function call oid {oid}>", "function_call", out)
+            call = pg.decode_function_call(msg.body)
+            self._decide(msg, self._function_call_sql(call), "function_call", out,
+                         function=(call.oid, len(call.args)))
         elif t == b"X":
             self.end_reason = "client_terminate"
             self._send_upstream(out, msg.encode())
@@ -691,8 +702,18 @@ class Session:
         else:
             raise pg.ProtocolError(f"invalid frontend message type {t!r}")
 
+    def _function_call_sql(self, call: pg.FunctionCall) -> str:
+        """What a FunctionCall does, as SQL the policy can analyse: the
+        function named by its OID with one parameter per argument. A
+        function the catalog does not know (yet) stays opaque: the runtime
+        then waits for the catalog before asking the policy."""
+        namer = self.hooks.function_name
+        name = namer(self._database, call.oid) if namer is not None else None
+        return pg.function_call_sql(call.oid, len(call.args), name)
+
     def _request(self, sql: str, path: str, name: str = "",
-                 params: tuple[str | None, ...] | None = None) -> StatementRequest:
+                 params: tuple[str | None, ...] | None = None,
+                 function: tuple[int, int] | None = None) -> StatementRequest:
         return StatementRequest(
             identity=self.identity,
             session=self.info(),
@@ -700,16 +721,18 @@ class Session:
             path=path,
             statement_name=name,
             params=params,
+            function=function,
         )
 
     def _decide(self, msg: pg.Message, sql: str, path: str, out: list[Action], name: str = "",
-                params: tuple[str | None, ...] | None = None) -> None:
+                params: tuple[str | None, ...] | None = None,
+                function: tuple[int, int] | None = None) -> None:
         decide = self.hooks.decide_cached
         if decide is _allow_all:
             # The built-in allow-all hook reads no request: none is built.
             self._apply(msg, sql, path, ALLOW_ALL, out)
             return
-        request = self._request(sql, path, name, params)
+        request = self._request(sql, path, name, params, function)
         decision = decide(request)
         if decision is None:
             self._flush_forward(out)  # the server works on those while policyd decides
@@ -1011,6 +1034,10 @@ class Session:
         if t == b"Z":
             self.phase = _READY
             self._ready(m.body[:1].decode("latin-1"))
+            if self.hooks.function_name is not None:
+                # Start loading this database's catalog now, not at the
+                # session's first FunctionCall (which it would then refuse).
+                self.hooks.function_name(self._database, 0)
             info = self.info()
             ident = self.identity
             self._event(out, "session_start", database=info.database, user=info.user,

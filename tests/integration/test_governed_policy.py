@@ -826,3 +826,50 @@ def test_function_call_message_is_decided_too(stack: LocalStack, mode: str, who:
     mine = [line for line in log.splitlines() if f"/{app} " in line]
     assert any("SELECT 6 * 7" in line for line in mine), "the log does not cover the session"
     assert not any("fastpath" in line or "lo_import" in line for line in mine), mine
+
+
+# --------------------------------------------------------------------------- FunctionCall
+
+
+def _psql(stack: LocalStack, mode: str, who: str, command: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PGPASSWORD": token_for(stack, who),
+           "PGCONNECT_TIMEOUT": str(CONNECT_TIMEOUT)}
+    return subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", agent_dsn(stack, mode),
+                           "-c", command], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_function_calls_are_decided_by_the_function_they_name(stack: LocalStack, mode: str,
+                                                             tmp_path: Path) -> None:
+    """libpq's large-object API (psql's \\lo_import and \\lo_export) calls
+    lo_creat, lo_open, lowrite, loread... with the FunctionCall message, which
+    names a function by OID only. The tap names it from its catalog and the
+    policy decides as for the same call in SQL: dba may, fraud-readers may not
+    (their pack allows no large-object functions), and a refused call never
+    reaches PostgreSQL (which logs fastpath calls with log_statement=all)."""
+    content = ("large object through the gateway, " * 200).encode()
+    source, copy = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_bytes(content)
+
+    mark = stack.pg_log_mark()
+    refused = _psql(stack, mode, "reader", f"\\lo_import {source}")
+    assert refused.returncode != 0
+    assert "not permitted" in refused.stderr and "lo_import" not in refused.stdout
+    with connect(stack, mode, "dba") as conn:
+        log = probe(stack, conn, mark)
+    assert "fastpath function call" not in log, "a refused FunctionCall reached PostgreSQL"
+
+    mark = stack.pg_log_mark()
+    done = _psql(stack, mode, "dba", f"\\lo_import {source}")
+    assert done.returncode == 0, done.stderr[-300:]
+    oid = int(done.stdout.split()[-1])
+    try:
+        exported = _psql(stack, mode, "dba", f"\\lo_export {oid} {copy}")
+        assert exported.returncode == 0, exported.stderr[-300:]
+        assert copy.read_bytes() == content
+    finally:
+        _psql(stack, mode, "dba", f"\\lo_unlink {oid}")
+    with connect(stack, mode, "dba") as conn:
+        log = probe(stack, conn, mark)
+    assert 'fastpath function call: "lowrite"' in log  # the calls went as FunctionCall
+    assert 'fastpath function call: "loread"' in log

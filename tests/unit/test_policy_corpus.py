@@ -168,8 +168,16 @@ CORPUS: list[Case] = [
     blocked("SELEKT 1", "unparseable"),
     blocked("SELECT 1; DROP DATABSE shop", "unparseable"),
     blocked("SELECT '", "unparseable"),
-    # FunctionCall protocol message: the tap sends this placeholder, never run blind
-    blocked("<function oid 2620>", "unparseable"),
+    # FunctionCall protocol message: a function the tap's catalog does not
+    # know arrives as this placeholder, never run blind
+    blocked("<function call oid 2620>", "unparseable"),
+    # ... one it knows arrives as its SQL call (tap/session.py _function_call_sql)
+    blocked('SELECT "pg_catalog"."lo_export"($1, $2)', "fn:lo_export"),
+    blocked('SELECT "pg_catalog"."pg_read_file"($1)', "fn:pg_read_file"),
+    blocked('SELECT "pg_catalog"."lo_import"($1)', "fn:lo_import"),
+    case('SELECT "pg_catalog"."loread"($1, $2)', "fn:loread"),
+    case('SELECT "pg_catalog"."lo_open"($1, $2)', "fn:lo_open"),
+    case('SELECT "pg_catalog"."upper"($1)', "fn:upper", fraud="allow", writer="allow"),
     # --- the same statement, decided by group
     case("SELECT * FROM payments WHERE amount > 10000", "cmp:amount>10000",
          "rel:public.payments:read", fraud="hold"),
