@@ -259,18 +259,7 @@ def decode_bind(body: bytes) -> Bind:
         pformats = struct.unpack_from(f"!{nf}h", body, pos) if nf > 0 else ()
         pos += 2 * max(nf, 0)
         (np_,) = _I16.unpack_from(body, pos)
-        pos += 2
-        params: list[bytes | None] = []
-        for _ in range(np_):
-            (ln,) = _I32.unpack_from(body, pos)
-            pos += 4
-            if ln == -1:
-                params.append(None)
-                continue
-            if ln < 0 or pos + ln > len(body):
-                raise ProtocolError("Bind parameter length out of range")
-            params.append(body[pos : pos + ln])
-            pos += ln
+        params, pos = _values(body, pos + 2, np_, "Bind parameter")
         (nr,) = _I16.unpack_from(body, pos)
         pos += 2
         rformats = struct.unpack_from(f"!{nr}h", body, pos) if nr > 0 else ()
@@ -279,6 +268,23 @@ def decode_bind(body: bytes) -> Bind:
     if nf < 0 or np_ < 0 or nr < 0:
         raise ProtocolError("negative count in Bind message")
     return Bind(portal, statement, tuple(pformats), tuple(params), tuple(rformats))
+
+
+def _values(body: bytes, pos: int, count: int, what: str) -> tuple[list[bytes | None], int]:
+    """``count`` length-prefixed values (length -1: NULL) from ``pos``; the
+    values and the offset after them. struct.error when truncated."""
+    values: list[bytes | None] = []
+    for _ in range(count):
+        (ln,) = _I32.unpack_from(body, pos)
+        pos += 4
+        if ln == -1:
+            values.append(None)
+            continue
+        if ln < 0 or pos + ln > len(body):
+            raise ProtocolError(f"{what} length out of range")
+        values.append(body[pos:pos + ln])
+        pos += ln
+    return values, pos
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,20 +308,9 @@ def decode_function_call(body: bytes) -> FunctionCall:
         formats = struct.unpack_from(f"!{nf}h", body, pos) if nf else ()
         pos += 2 * nf
         (na,) = _I16.unpack_from(body, pos)
-        pos += 2
         if na < 0:
             raise ProtocolError("negative count in FunctionCall message")
-        args: list[bytes | None] = []
-        for _ in range(na):
-            (ln,) = _I32.unpack_from(body, pos)
-            pos += 4
-            if ln == -1:
-                args.append(None)
-                continue
-            if ln < 0 or pos + ln > len(body):
-                raise ProtocolError("FunctionCall argument length out of range")
-            args.append(body[pos:pos + ln])
-            pos += ln
+        args, pos = _values(body, pos + 2, na, "FunctionCall argument")
         (result_format,) = _I16.unpack_from(body, pos)
     except struct.error as exc:
         raise ProtocolError("FunctionCall message truncated") from exc
