@@ -12,7 +12,11 @@ again, to
   work, no session).
 
 with the data path's default hooks (allow everything, no masking; events
-counted, not stored). CPU time per transaction, best of ``--repeat`` runs.
+counted, not stored); and the governed point read of ``make bench``
+(``pgbench -M prepared``: Bind, Describe, Execute, Sync) through the inline
+driver with a cached decision carrying the default pack's masking plan,
+masking on, and each execution's record appended to a real spool (no TLS,
+no shipping). CPU time per transaction, best of ``--repeat`` runs.
 Repeatable to a few percent on a quiet machine, which ``make bench``'s
 end-to-end ratios are not; use it to compare two versions of the core:
 
@@ -28,6 +32,7 @@ import asyncio
 import logging
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -127,6 +132,73 @@ def extproc_run(handler: Any, n: int) -> Callable[[], None]:
     return lambda: loop.run_until_complete(drive())
 
 
+POINT_READ = "SELECT amount, merchant FROM payments WHERE id = $1"
+PAYMENTS_OID = 16384
+
+
+def _point_read_exchange() -> tuple[bytes, bytes, bytes, bytes]:
+    """libpq's PQprepare and PQexecPrepared for the governed bench's point
+    read: (prepare, its answer, one execution, its answer)."""
+    prepare = (pg.parse_message("p1", POINT_READ)
+               + _msg(b"D", b"Sp1\0") + _msg(b"S", b""))
+    row_description = _msg(b"T", struct.pack("!h", 2)
+                           + b"amount\0" + struct.pack("!IhIhih", PAYMENTS_OID, 4, 1700, -1, -1, 0)
+                           + b"merchant\0" + struct.pack("!IhIhih", PAYMENTS_OID, 5, 25, -1, -1, 0))
+    prepared = (_msg(b"1", b"") + _msg(b"t", struct.pack("!hI", 1, 20)) + row_description
+                + pg.ready_for_query(b"I"))
+    bind = _msg(b"B", b"\0p1\0" + struct.pack("!hhi", 0, 1, 4) + b"1234" + struct.pack("!h", 0))
+    execute = bind + _msg(b"D", b"P\0") + _msg(b"E", b"\0" + struct.pack("!i", 0)) + _msg(b"S", b"")
+    row = _msg(b"D", struct.pack("!hi", 2, 6) + b"123.45" + struct.pack("!i", 14) + b"Corner grocery")
+    answer = (_msg(b"2", b"") + row_description + row + _msg(b"C", b"SELECT 1\0")
+              + pg.ready_for_query(b"I"))
+    return prepare, prepared, execute, answer
+
+
+def governed_run(n: int, spool: Path) -> Callable[[], None]:
+    """The governed point read's own work without TLS: a cached decision
+    with the default pack's masking plan for fraud-readers, masking of every
+    row, and both statement records appended to a real spool (fsync'd by
+    the writer's thread, not shipped)."""
+    from policyd.audit.writer import AuditWriter
+    from tap.audit_sink import AuditSink
+    from tap.hooks import ColumnRule, Decision, MaskPlan, Verdict
+    from tap.masking import MaskingFactory
+    from tap.session import Hooks
+
+    decision = Decision(verdict=Verdict.ALLOW, decision_id="bench", policy_revision="bench",
+                        mask=MaskPlan(rules=(ColumnRule("public.payments.card_number", "last4"),),
+                                      scan_content=True))
+    names = {(PAYMENTS_OID, 2): "public.payments.card_number",
+             (PAYMENTS_OID, 4): "public.payments.amount",
+             (PAYMENTS_OID, 5): "public.payments.merchant"}
+    factory = MaskingFactory(key=b"k" * 32,
+                             catalog=lambda _db: lambda table, column: names.get((table, column)))
+    writer = AuditWriter(None, spool / "bench.spool", ship=False, create_key=False).start()
+    runtime = Runtime(hook_factory=lambda: Hooks(decide_cached=lambda _r: decision,
+                                                 masker_factory=factory))
+    runtime.audit = AuditSink(writer)
+    client = ClientSide(InlineSettings(), runtime, CancelRegistry())
+    client.transport = _Sink()  # type: ignore[assignment]
+    config = SessionConfig(session_id="bench", client_addr="127.0.0.1:1", driver="inline",
+                           **runtime.session_options())
+    client.session = Session(config, runtime.hooks(), client.cancels)
+    upstream = UpstreamSide(client)
+    upstream.transport = _Sink()  # type: ignore[assignment]
+    client.upstream = upstream
+    client._upstream_ready = True
+    client.data_received(STARTUP)
+    upstream.data_received(HELLO)
+    prepare, prepared, execute, answer = _point_read_exchange()
+    client.data_received(prepare)
+    upstream.data_received(prepared)
+
+    def run() -> None:
+        for _ in range(n):
+            client.data_received(execute)
+            upstream.data_received(answer)
+    return run
+
+
 def best(run: Callable[[], None], repeat: int) -> float:
     run()  # warm up
     times = []
@@ -152,6 +224,12 @@ def main() -> int:
     print(f"CPU µs per pgbench -S transaction, best of {args.repeat} runs of {n}:")
     for name, run in cases.items():
         print(f"  {name:<28} {best(run, args.repeat) / n * 1e6:6.1f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="pgwarden-core-bench-") as spool:
+        governed = governed_run(n, Path(spool))
+        print("CPU µs per governed point read (-M prepared; inline driver, cached decision, "
+              "masking, both records spooled; no TLS):")
+        print(f"  {'inline driver + session':<28} {best(governed, args.repeat) / n * 1e6:6.1f}",
+              flush=True)
     return 0
 
 
