@@ -228,6 +228,7 @@ _NOT_LOGGED = frozenset({"statement", "statement_end", "statement_error", "state
 
 
 _STATEMENT_SERIES: dict[Any, Any] = {}
+_MASKED_SERIES: dict[Any, Any] = {}
 
 
 def _count(records: list[dict[str, Any]], driver: str) -> None:
@@ -244,7 +245,10 @@ def _count(records: list[dict[str, Any]], driver: str) -> None:
             masked = r.get("masked")
             if masked:
                 for rule, n in masked.get("by_rule", {}).items():
-                    metrics.MASKED_VALUES.labels(rule=rule).inc(n)
+                    series = _MASKED_SERIES.get(rule)
+                    if series is None:
+                        series = _MASKED_SERIES[rule] = metrics.MASKED_VALUES.labels(rule=rule)
+                    series.inc(n)
         elif kind == "protocol_error":
             metrics.PROTOCOL_ERRORS.labels(direction="frontend").inc()
         elif kind == "fatal" and str(r.get("reason", "")).startswith("upstream"):

@@ -881,9 +881,23 @@ class Session:
                 pending.append(masker.data_rows(block, frames, i, j))
                 i = j
                 continue
-            rewritten = self._server_message(pg.Message(block[s:s + 1], block[s + 5:e]), out)
-            if rewritten is not None:
-                pending.append(rewritten)
+            if t in _PASSED_AS_IS:
+                # What _server_message does for these, without building and
+                # re-encoding a message: bookkeeping, then the bytes as they came.
+                if t == 0x43:  # C CommandComplete
+                    self._complete_command(block[s + 5:e - 1].decode("utf-8", "replace"))
+                elif t == 0x5A:  # Z ReadyForQuery
+                    self._ready(chr(block[s + 5]))
+                elif t == 0x73 or t == 0x49:  # s PortalSuspended, I EmptyQueryResponse
+                    if self._expect and self._expect[0].kind == "E":
+                        self._end_execute()
+                elif self._expect and self._expect[0].kind in "PBCD":  # 1 2 3
+                    self._expect.popleft()
+                pending.append(block[s:e])
+            else:
+                rewritten = self._server_message(pg.Message(block[s:s + 1], block[s + 5:e]), out)
+                if rewritten is not None:
+                    pending.append(rewritten)
             if self.phase == _CLOSED or self._close_after or self._over_limit is not None:
                 break
             i += 1
@@ -1360,6 +1374,9 @@ class Session:
 # keys), NegotiateProtocolVersion, authentication and ParameterStatus
 # (settings that change how SQL is read).
 _SLOW_TYPES = frozenset(b"ENAKvRS")
+# Server messages the slow path passes on unchanged after its bookkeeping
+# (_server_frames; the same handling as in _server_message).
+_PASSED_AS_IS = frozenset(b"CZsI123")
 
 
 def _hint_for(d: Decision) -> str:
