@@ -95,3 +95,36 @@ def test_derived_pan_in_an_error_never_reaches_the_store(tmp_path: Path) -> None
     assert hexed not in line and event is not None and hexed not in event.model_dump_json()
     assert PAN[::-1] not in (sink.fast_line({**r, "error": f"bad {PAN[::-1]}"}) or "")
     writer.spool.close()
+
+
+def test_event_ids_are_distinct_uuid4_hex() -> None:
+    import uuid
+
+    from tap.audit_sink import _event_id
+
+    ids = [_event_id() for _ in range(1000)]  # crosses the 256-id pool several times
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(hex=text)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, text)
+
+
+def test_record_timestamps_are_iso_utc_with_microseconds_and_current() -> None:
+    import datetime as dt
+    import re
+    import time
+
+    from tap.audit_sink import _ts
+
+    # (1 µs of slack: the fraction is truncated from a float)
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(microseconds=1)
+    stamps = []
+    for _ in range(5):
+        stamps.append(_ts())
+        time.sleep(0.3)  # crosses at least one second boundary
+    after = dt.datetime.now(dt.UTC)
+    for text in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", text), text
+        assert before <= dt.datetime.fromisoformat(text) <= after
+    parsed = [dt.datetime.fromisoformat(t) for t in stamps]
+    assert parsed == sorted(parsed)
