@@ -57,7 +57,9 @@ def test_each_form_is_caught() -> None:
 
 
 def test_an_ordinary_statement_record_skips_the_second_scrub() -> None:
-    event = StatementEvent(session_id="s-1", statement_seq=7, subject="bot",
+    # A fixed event id: a random one holds 13 digits in a row in about one
+    # case in 25, which the pre-check rightly cannot tell from a PAN.
+    event = StatementEvent(event_id="ab" * 16, session_id="s-1", statement_seq=7, subject="bot",
                            sql="SELECT amount, merchant FROM payments WHERE id = $1",
                            fingerprint="9aedfa76451cf50d", verdict="allow",
                            reasons=["fraud-readers may read payments"],
