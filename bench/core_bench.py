@@ -157,8 +157,9 @@ def _point_read_exchange() -> tuple[bytes, bytes, bytes, bytes]:
 def governed_run(n: int, spool: Path) -> Callable[[], None]:
     """The governed point read's own work without TLS: a cached decision
     with the default pack's masking plan for fraud-readers, masking of every
-    row, and both statement records appended to a real spool (fsync'd by
-    the writer's thread, not shipped)."""
+    row, and each execution's record appended to a real spool (fsync'd by
+    the writer's thread, not shipped; the statement's own record was
+    written once, at its Parse)."""
     from policyd.audit.writer import AuditWriter
     from tap.audit_sink import AuditSink
     from tap.hooks import ColumnRule, Decision, MaskPlan, Verdict
@@ -227,7 +228,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pgwarden-core-bench-") as spool:
         governed = governed_run(n, Path(spool))
         print("CPU µs per governed point read (-M prepared; inline driver, cached decision, "
-              "masking, both records spooled; no TLS):")
+              "masking, each execution's record spooled; no TLS):")
         print(f"  {'inline driver + session':<28} {best(governed, args.repeat) / n * 1e6:6.1f}",
               flush=True)
     return 0
