@@ -85,10 +85,10 @@ class _Sink:
         pass
 
 
-def inline_run(n: int) -> Callable[[], None]:
-    """The driver's protocol objects without a loop (connection_made would
-    start the upstream connection): the session is set up as it does."""
-    runtime = Runtime()
+def _inline_pair(runtime: Runtime) -> tuple[ClientSide, UpstreamSide]:
+    """The inline driver's protocol objects for one logged-in session,
+    without a loop (connection_made would start the upstream connection):
+    the session is set up as it does."""
     client = ClientSide(InlineSettings(), runtime, CancelRegistry())
     client.transport = _Sink()  # type: ignore[assignment]
     config = SessionConfig(session_id="bench", client_addr="127.0.0.1:1", driver="inline",
@@ -100,12 +100,21 @@ def inline_run(n: int) -> Callable[[], None]:
     client._upstream_ready = True
     client.data_received(STARTUP)
     upstream.data_received(HELLO)
+    return client, upstream
 
+
+def _exchange(client: ClientSide, upstream: UpstreamSide, request: bytes, answer: bytes,
+              n: int) -> Callable[[], None]:
     def run() -> None:
         for _ in range(n):
-            client.data_received(QUERY)
-            upstream.data_received(RESPONSE)
+            client.data_received(request)
+            upstream.data_received(answer)
     return run
+
+
+def inline_run(n: int) -> Callable[[], None]:
+    client, upstream = _inline_pair(Runtime())
+    return _exchange(client, upstream, QUERY, RESPONSE, n)
 
 
 class _Context:
@@ -178,26 +187,11 @@ def governed_run(n: int, spool: Path) -> Callable[[], None]:
     runtime = Runtime(hook_factory=lambda: Hooks(decide_cached=lambda _r: decision,
                                                  masker_factory=factory))
     runtime.audit = AuditSink(writer)
-    client = ClientSide(InlineSettings(), runtime, CancelRegistry())
-    client.transport = _Sink()  # type: ignore[assignment]
-    config = SessionConfig(session_id="bench", client_addr="127.0.0.1:1", driver="inline",
-                           **runtime.session_options())
-    client.session = Session(config, runtime.hooks(), client.cancels)
-    upstream = UpstreamSide(client)
-    upstream.transport = _Sink()  # type: ignore[assignment]
-    client.upstream = upstream
-    client._upstream_ready = True
-    client.data_received(STARTUP)
-    upstream.data_received(HELLO)
+    client, upstream = _inline_pair(runtime)
     prepare, prepared, execute, answer = _point_read_exchange()
     client.data_received(prepare)
     upstream.data_received(prepared)
-
-    def run() -> None:
-        for _ in range(n):
-            client.data_received(execute)
-            upstream.data_received(answer)
-    return run
+    return _exchange(client, upstream, execute, answer, n)
 
 
 def best(run: Callable[[], None], repeat: int) -> float:
