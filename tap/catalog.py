@@ -49,8 +49,6 @@ FunctionRow = tuple[int, str, str]  # function OID, schema, name
 Loader = Callable[[str], Awaitable[tuple[list[ColumnRow], list[FunctionRow]]]]
 
 
-
-
 class Catalog:
     """(database, table OID, attnum) -> "schema.table.column", and
     (database, function OID) -> the function's quoted qualified name."""

@@ -114,9 +114,9 @@ class Runtime:
         waiting for a human's approval (or its refusal, expiry, a cancel)."""
         if not self.audit_ok:
             return AUDIT_DENY
-        started = time.perf_counter()
-        if request.function is not None and request.sql.startswith("<"):
+        if request.function is not None:
             request = await self._name_function(request)
+        started = time.perf_counter()
         decision = await self.decider(request)
         metrics.DECISION_LATENCY.labels(source="policyd").observe(time.perf_counter() - started)
         if decision.verdict is not Verdict.HOLD:
@@ -150,12 +150,12 @@ class Runtime:
         ask the policy about the named call. Still unknown: left opaque, and
         the policy refuses it."""
         assert request.function is not None
-        if self.catalog is None:
-            return request
+        oid, nargs = request.function
+        if self.catalog is None or request.sql != pg.function_call_sql(oid, nargs, None):
+            return request  # no catalog, or the session named it already
         database = request.session.database
         if not await self.catalog.wait_loaded(database, self.catalog_wait):
             return request
-        oid, nargs = request.function
         name = self.catalog.function_name(database, oid)
         if name is None:
             return request

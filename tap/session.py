@@ -882,17 +882,8 @@ class Session:
                 i = j
                 continue
             if t in _PASSED_AS_IS:
-                # What _server_message does for these, without building and
-                # re-encoding a message: bookkeeping, then the bytes as they came.
-                if t == 0x43:  # C CommandComplete
-                    self._complete_command(block[s + 5:e - 1].decode("utf-8", "replace"))
-                elif t == 0x5A:  # Z ReadyForQuery
-                    self._ready(chr(block[s + 5]))
-                elif t == 0x73 or t == 0x49:  # s PortalSuspended, I EmptyQueryResponse
-                    if self._expect and self._expect[0].kind == "E":
-                        self._end_execute()
-                elif self._expect and self._expect[0].kind in "PBCD":  # 1 2 3
-                    self._expect.popleft()
+                # No message is built and re-encoded for these.
+                self._passed_on(t, block, s, e)
                 pending.append(block[s:e])
             else:
                 rewritten = self._server_message(pg.Message(block[s:s + 1], block[s + 5:e]), out)
@@ -925,17 +916,27 @@ class Session:
                         return True  # nothing from here on is passed on or counted
                     if t == 0x44:
                         head.rows += 1
-            elif t == 0x43:  # C CommandComplete
-                self._complete_command(block[s + 5:e - 1].decode("utf-8", "replace"))
-            elif t == 0x5A:  # Z ReadyForQuery
-                self._ready(chr(block[s + 5]))
-            elif t in (0x31, 0x32, 0x33, 0x6E, 0x54):  # 1 2 3 n T
-                if expect and expect[0].kind in ("PBCD" if t != 0x54 else "D"):
+            elif t in _PASSED_AS_IS:
+                self._passed_on(t, block, s, e)
+            elif t == 0x6E or t == 0x54:  # n T (nothing to mask on this path)
+                if expect and expect[0].kind in ("PBCD" if t == 0x6E else "D"):
                     expect.popleft()
-            elif t in (0x73, 0x49):  # s I end an Execute
-                if expect and expect[0].kind == "E":
-                    self._end_execute()
         return True
+
+    def _passed_on(self, t: int, data: bytes, s: int, e: int) -> None:
+        """The bookkeeping of a server message passed on unchanged:
+        ``data[s:e]`` is the whole message, of type ``t`` in _PASSED_AS_IS
+        (or NoData outside a Describe, which ends its step as 1, 2, 3 do)."""
+        expect = self._expect
+        if t == 0x43:  # C CommandComplete
+            self._complete_command(data[s + 5:e - 1].decode("utf-8", "replace"))
+        elif t == 0x5A:  # Z ReadyForQuery
+            self._ready(chr(data[s + 5]) if e > s + 5 else "")
+        elif t == 0x73 or t == 0x49:  # s PortalSuspended, I EmptyQueryResponse end an Execute
+            if expect and expect[0].kind == "E":
+                self._end_execute()
+        elif expect and expect[0].kind in "PBCD":  # 1 2 3 (n): a step of the batch done
+            expect.popleft()
 
     def _server_message(self, m: pg.Message, out: list[Action]) -> bytes | None:
         """Handle one server message; return the bytes to pass on (or None)."""
@@ -960,12 +961,10 @@ class Session:
             internal = bool(self._expect) and self._expect[0].internal
             self._row_description(fields)
             return None if internal else m.encode()
-        if t == b"C":
-            self._complete_command(m.body[:-1].decode("utf-8", "replace"))
-            return m.encode()
-        if t == b"Z":
-            self._ready(m.body[:1].decode("latin-1"))
-            return m.encode()
+        if t in _PASSED_AS_IS_BYTES:
+            frame = m.encode()
+            self._passed_on(frame[0], frame, 0, len(frame))
+            return frame
         if t == b"E":
             return self._server_error(m, out)
         if t == b"d":
@@ -979,19 +978,14 @@ class Session:
                 if masked is not None:
                     return masked
             return m.encode()
-        if t in (b"1", b"2", b"3", b"n"):
-            if t == b"n" and self._expect and self._expect[0].kind == "D":
+        if t == b"n":
+            if self._expect and self._expect[0].kind == "D":
                 internal = self._expect[0].internal
                 self._describe_done(None)
-                if internal:
-                    return None
-            elif self._expect and self._expect[0].kind in "PBCD":
-                self._expect.popleft()
-            return m.encode()
-        if t in (b"s", b"I"):
-            if self._expect and self._expect[0].kind == "E":
-                self._end_execute()
-            return m.encode()
+                return None if internal else m.encode()
+            frame = m.encode()
+            self._passed_on(frame[0], frame, 0, len(frame))
+            return frame
         if t == b"K":
             return self._backend_key(m)
         if t == b"S":
@@ -1374,9 +1368,9 @@ class Session:
 # keys), NegotiateProtocolVersion, authentication and ParameterStatus
 # (settings that change how SQL is read).
 _SLOW_TYPES = frozenset(b"ENAKvRS")
-# Server messages the slow path passes on unchanged after its bookkeeping
-# (_server_frames; the same handling as in _server_message).
+# Server messages passed on unchanged after their bookkeeping (_passed_on).
 _PASSED_AS_IS = frozenset(b"CZsI123")
+_PASSED_AS_IS_BYTES = frozenset(bytes([t]) for t in _PASSED_AS_IS)
 
 
 def _hint_for(d: Decision) -> str:

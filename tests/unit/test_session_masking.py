@@ -250,3 +250,76 @@ def test_a_reused_result_shape_follows_catalog_changes_and_counts_afresh() -> No
         out, ends = run()
         assert b"1234" not in out
         assert ends[0]["masked"]["values"] == 1
+
+
+def _suspended_portal_exchange(refused_after: bool = False) -> tuple[Session, bytes]:
+    """A masked portal read two rows at a time (Execute with a row limit,
+    PortalSuspended, Execute again), then the statement closed. With
+    ``refused_after``, the client pipelines a refused Query behind it: the
+    tap then reads the reply message by message (it looks for its marker)."""
+    refuse = Decision(verdict=Verdict.DENY, reasons=("no",))
+    factory = MaskingFactory(key=b"k" * 32, catalog=lambda _db: lambda t, c: None)
+    s = Session(SessionConfig(session_id="m"), Hooks(
+        decide_cached=lambda r: refuse if "drop" in r.sql else ALLOW_ALL, masker_factory=factory))
+    s.on_read(pg.encode_startup({"user": "app", "database": "shop"}))
+    s.on_write(pg.AUTH_OK + pg.encode_backend_key(1, b"abcd") + pg.ready_for_query(b"I"))
+    s.on_read(pg.parse_message("s1", "select card_number from payments") + msg(b"D", b"Ss1\0")
+              + msg(b"S"))
+    s.on_write(msg(b"1") + msg(b"t", b"\x00\x00") + row_description(("card_number", 0, 0, 25))
+               + pg.ready_for_query(b"I"))
+    execute = msg(b"E", b"\0" + struct.pack("!i", 2))
+    s.on_read(msg(b"B", b"\0s1\0\0\0\0\0\0\0") + execute + execute + msg(b"C", b"Ss1\0")
+              + msg(b"S") + (pg.simple_query("drop table payments") if refused_after else b""))
+    reply = (msg(b"2") + pg.encode_data_row([PAN]) + pg.encode_data_row([AMEX]) + msg(b"s")
+             + pg.encode_data_row([PAN]) + msg(b"C", b"SELECT 1\0") + msg(b"3")
+             + pg.ready_for_query(b"T"))
+    return s, reply
+
+
+def _check_suspended_portal(s: Session, acts: list) -> None:  # type: ignore[type-arg]
+    out = down(acts)
+    assert PAN not in out and AMEX not in out
+    assert [m.type for m in pg.iter_frames(out)] == [b"2", b"D", b"D", b"s", b"D", b"C", b"3",
+                                                     b"Z"]
+    ends = [a.record for a in acts if isinstance(a, Event) and a.record["type"] == "statement_end"]
+    # one record per Execute: the suspended one and the one that completed
+    assert [e["rows"] for e in ends] == [2, 1]
+    assert not s.busy and s.transaction_status == "T"
+
+
+def test_a_suspended_masked_portal_in_one_chunk() -> None:
+    """PortalSuspended, CloseComplete and ReadyForQuery of a masked result
+    pass on as they came (the framed path), with their bookkeeping done."""
+    s, reply = _suspended_portal_exchange()
+    _check_suspended_portal(s, s.on_write(reply))
+
+
+def test_a_suspended_masked_portal_byte_by_byte() -> None:
+    """The same reply a byte at a time (each message completes alone)."""
+    s, reply = _suspended_portal_exchange()
+    acts: list = []  # type: ignore[type-arg]
+    for i in range(len(reply)):
+        acts += s.on_write(reply[i:i + 1])
+    _check_suspended_portal(s, acts)
+
+
+def test_a_suspended_masked_portal_read_message_by_message() -> None:
+    """With a refused statement pipelined behind, the same reply takes the
+    message-by-message path; the refusal's own answer follows."""
+    s, reply = _suspended_portal_exchange(refused_after=True)
+    acts = s.on_write(reply)
+    out = down(acts)
+    assert PAN not in out and AMEX not in out
+    assert [m.type for m in pg.iter_frames(out)] == [b"2", b"D", b"D", b"s", b"D", b"C", b"3",
+                                                     b"Z"]
+    ends = [a.record for a in acts if isinstance(a, Event) and a.record["type"] == "statement_end"]
+    assert [e["rows"] for e in ends] == [2, 1]
+    assert s.busy  # the refused Query's marker is still in flight
+
+
+def test_an_empty_query_on_a_masked_session_ends_its_statement() -> None:
+    s = session()
+    s.on_read(pg.simple_query(""))
+    acts = s.on_write(msg(b"I") + pg.ready_for_query(b"I"))
+    assert [m.type for m in pg.iter_frames(down(acts))] == [b"I", b"Z"]
+    assert not s.busy
