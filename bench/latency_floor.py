@@ -42,8 +42,6 @@ from pgwarden import stack as st  # noqa: E402
 DB = "pgwarden_floor"
 
 
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=8)
