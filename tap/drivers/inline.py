@@ -6,6 +6,15 @@ Back-pressure is end to end: when the client reads slowly, the client
 transport's write buffer fills, asyncio calls ``pause_writing`` and the
 driver stops reading from PostgreSQL, so a large result never accumulates in
 the tap (and the other way round for COPY FROM).
+
+When the gateway ends a session (FATAL: protocol violation, shutdown, token
+expiry, ...) the client may already have more bytes on the way. Closing a
+socket with unread bytes makes the kernel send a reset, and a reset can
+overtake the FATAL: Envoy, seeing its upstream reset, drops what it has not
+yet written to the client. So the client socket is closed in order: the
+FATAL is flushed, the write side shut down (FIN), what the client still
+sends is read and dropped, and the socket closes when the client closes its
+side, or after ``LINGER_SECONDS``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from tap.protocol import SYSTEM_ERROR as AUDIT_UNAVAILABLE
 from tap.runtime import Runtime, cancelled_decision
 from tap.session import Session, SessionConfig
 
+LINGER_SECONDS = 2.0  # how long a closed session's client socket waits for the client's FIN
+
 
 @dataclass(slots=True)
 class InlineSettings:
@@ -35,6 +46,7 @@ class InlineSettings:
     connect_timeout: float = 10.0
     drain_seconds: float = 10.0
     sessions: set[ClientSide] = field(default_factory=set)
+    lingering: set[ClientSide] = field(default_factory=set)  # ended, client socket closing
 
 
 class UpstreamSide(asyncio.Protocol):
@@ -80,6 +92,7 @@ class ClientSide(asyncio.Protocol):
         self._decision: asyncio.Task[None] | None = None
         self._cancel_reason = False
         self._held = False
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- client socket ------------------------------------------------------
 
@@ -125,6 +138,8 @@ class ClientSide(asyncio.Protocol):
             self.run(self.session.on_read(chunk))
 
     def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return  # the session has ended: what the client still sends is dropped
         self.session.touch(time.monotonic())
         if not self._upstream_ready:
             self._early.append(data)
@@ -132,12 +147,17 @@ class ClientSide(asyncio.Protocol):
         self.run(self.session.on_read(data))
 
     def eof_received(self) -> bool | None:
-        return None
+        return None  # the transport closes itself; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed:
             self.run(self.session.on_client_closed())
         self._close_all()
+        self.transport = None
+        self.settings.lingering.discard(self)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
     def pause_writing(self) -> None:
         if self.upstream is not None and self.upstream.transport is not None:
@@ -237,10 +257,20 @@ class ClientSide(asyncio.Protocol):
         self._closed = True
         self.settings.sessions.discard(self)
         self.runtime.session_closed(self.session)
-        if self.transport is not None:
-            self.transport.close()  # flushes what is buffered first
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()  # flushes what is buffered first
+            return
+        # Close in order (see the module docstring): FIN after the buffered
+        # bytes, keep reading (and dropping) until the client's FIN.
+        transport.write_eof()
+        transport.resume_reading()
+        self.settings.lingering.add(self)
+        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
 
 
 async def _tick(settings: InlineSettings) -> None:
@@ -288,6 +318,9 @@ async def serve(settings: InlineSettings, runtime: Runtime,
             await asyncio.sleep(0.05)
         for s in list(settings.sessions):
             s.run(s.session.terminate(*SHUTDOWN))
+        deadline = time.monotonic() + LINGER_SECONDS
+        while time.monotonic() < deadline and settings.lingering:
+            await asyncio.sleep(0.05)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5)
         runtime.emit({"type": "gateway", "action": "stop", "component": "tap",

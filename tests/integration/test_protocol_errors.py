@@ -16,6 +16,7 @@ describes them; only the SCRAM arithmetic comes from scramp.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import struct
@@ -77,6 +78,7 @@ class Wire:
     def __init__(self, host: str, port: int) -> None:
         self.sock: socket.socket = socket.create_connection((host, port), timeout=READ_TIMEOUT)
         self.buffer = b""
+        self.reset = False  # the connection ended with a reset, not an orderly close
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -85,7 +87,8 @@ class Wire:
         while len(self.buffer) < n:
             try:
                 chunk = self.sock.recv(65536)
-            except (ConnectionResetError, ssl.SSLEOFError):
+            except (ConnectionResetError, ssl.SSLEOFError) as exc:
+                self.reset = self.reset or isinstance(exc, ConnectionResetError)
                 chunk = b""
             if not chunk:
                 return False
@@ -428,3 +431,72 @@ def test_connection_cut_mid_copy(target: Target) -> None:
     w.send(message(b"d", b"row 1\n") + b"d" + struct.pack("!i", 1000) + b"row 2")
     w.close()
     target.assert_no_backend_left()
+
+
+# --------------------------------------------------------------------------- a client that keeps sending
+
+
+def send_until_closed(w: Wire, first: bytes, filler: bytes, timeout: float = READ_TIMEOUT) -> str:
+    """Send ``first``, then ``filler`` over and over while reading whatever
+    comes back into ``w.buffer``, until the gateway ends the connection.
+    One thread, non-blocking (an SSL socket must not be read and written from
+    two threads). Returns how the connection ended: "eof" or "reset"."""
+    w.sock.setblocking(False)
+    pending = first
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            readable, writable, _ = select.select([w.sock], [w.sock] if pending is not None else [],
+                                                  [], 0.5)
+            if writable and pending is not None:
+                try:
+                    sent = w.sock.send(pending)
+                    pending = pending[sent:] or filler
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    pass
+                except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                    pending = None  # the gateway stopped reading: keep reading its answer
+            if readable or (isinstance(w.sock, ssl.SSLSocket) and w.sock.pending()):
+                try:
+                    chunk = w.sock.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    continue
+                except ConnectionResetError:
+                    return "reset"
+                except ssl.SSLEOFError:
+                    return "eof"
+                if not chunk:
+                    return "eof"
+                w.buffer += chunk
+        raise AssertionError("the gateway did not end the connection")
+    finally:
+        w.sock.setblocking(True)
+
+
+@pytest.mark.parametrize("via", ["envoy", "tap"])
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_fatal_reaches_a_client_that_keeps_sending(target: Target, tls: bool, via: str) -> None:
+    """A pipelining client has more bytes on the way when the gateway ends its
+    session. Closing a socket with unread bytes makes the kernel answer with
+    a reset, and a proxy that sees a reset may drop what it had not yet
+    passed on (the FATAL). The gateway therefore closes in order: the client
+    reads the ErrorResponse and then an orderly end of stream, never a reset."""
+    if via == "tap":
+        if target.mode != "inline":
+            pytest.skip("only the inline tap has a client socket of its own")
+        target.port = target.stack.procs["tap-inline"].ports["listen"]
+    w = target.logged_in(tls=tls)
+    try:
+        ending = send_until_closed(w, message(b"\x01", b"junk"), message(b"S", b"") * 2048)
+        kinds = []
+        while (msg := w.read_message()) is not None:
+            kinds.append(msg[0])
+            if msg[0] == b"E":
+                fields = error_fields(msg[1])
+                assert (fields.get("S"), fields.get("C")) == ("FATAL", "08P01"), fields
+        assert b"E" in kinds, f"the connection ended ({ending}) without the FATAL: {kinds}"
+        assert ending == "eof", "the gateway reset the connection instead of closing it"
+    finally:
+        w.close()
+    target.assert_no_backend_left()
+    target.assert_protocol_error_recorded()
