@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import hashlib
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -372,3 +374,57 @@ def test_parameter_status_changes_reach_the_client(
     assert results[1] == results[0]
     assert results[0][:4] == ("Asia/Tokyo", "German, DMY", "renamed by SET", dt.timedelta(hours=9))
     assert results[0][5] == ("31.01.2024",)
+
+
+
+def _terminated_by_postgresql(conn: psycopg.Connection[Any], admin_dsn: str,
+                              busy: bool) -> tuple[str | None, str | None]:
+    """End ``conn``'s backend with pg_terminate_backend (while idle, or while
+    it runs a statement) and return what the client saw: (SQLSTATE, message)."""
+    conn.autocommit = True
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    pid = row[0]
+
+    def terminate(when_running: bool) -> None:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            deadline = time.monotonic() + 10
+            while when_running and time.monotonic() < deadline:
+                state = admin.execute("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                                      (pid,)).fetchone()
+                if state and state[0] == "active":
+                    break
+                time.sleep(0.02)
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    with pytest.raises(psycopg.OperationalError) as info:
+        if busy:
+            killer = threading.Thread(target=terminate, args=(True,))
+            killer.start()
+            try:
+                conn.execute("SELECT pg_sleep(30)")
+            finally:
+                killer.join()
+        else:
+            terminate(False)
+            for _ in range(100):  # the FATAL arrives on its own; the next statement reads it
+                conn.execute("SELECT 1")
+                time.sleep(0.05)
+    assert conn.broken or conn.closed
+    return info.value.sqlstate, info.value.diag.message_primary
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "running"])
+def test_backend_terminated_by_postgresql(
+    stack: Any, mode: str, sslmode: str, direct: psycopg.Connection[Any],
+    gateway: psycopg.Connection[Any], busy: bool,
+) -> None:
+    """When PostgreSQL ends a backend (pg_terminate_backend, a restart), its
+    FATAL 57P01 reaches the client through the gateway as it does directly,
+    whether the session was idle or running a statement; and the gateway
+    takes new sessions afterwards."""
+    seen = [_terminated_by_postgresql(c, stack.upstream_dsn, busy) for c in _both(direct, gateway)]
+    assert seen[1] == seen[0]
+    assert seen[0] == ("57P01", "terminating connection due to administrator command")
+    with psycopg.connect(make_conninfo(stack.gateway_dsn[mode], sslmode=sslmode)) as fresh:
+        assert fresh.execute("SELECT 'after'").fetchone() == ("after",)
