@@ -323,6 +323,29 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def execute_sql(statement: str, nargs: int) -> str:
+    """A Bind of a statement the session did not Parse, as the SQL EXECUTE
+    it amounts to (SQL PREPARE and protocol Parse share one namespace). The
+    unnamed statement can only come from Parse; it is named ``<unnamed>``."""
+    args = ", ".join(f"${i}" for i in range(1, nargs + 1))
+    return f"EXECUTE {quote_ident(statement or '<unnamed>')}" + (f"({args})" if args else "")
+
+
+def fetch_sql(portal: str, max_rows: int) -> str:
+    """An Execute of a portal the session did not Bind (a cursor from SQL
+    DECLARE: the same namespace), as the SQL FETCH it amounts to."""
+    count = str(max_rows) if max_rows > 0 else "ALL"
+    return f"FETCH FORWARD {count} FROM {quote_ident(portal or '<unnamed>')}"
+
+
+def execute_max_rows(body: bytes) -> int:
+    """The row limit of an Execute message (0: no limit)."""
+    _, pos = cstring(body, 0)
+    if len(body) < pos + 4:
+        raise ProtocolError("Execute message too short")
+    return int.from_bytes(body[pos:pos + 4], "big", signed=True)
+
+
 def function_call_sql(oid: int, nargs: int, name: str | None) -> str:
     """A FunctionCall as SQL the policy can analyse: the function ``name``
     (quoted, qualified) with one parameter per argument; opaque (and so

@@ -651,27 +651,33 @@ class Session:
                 self._decide(msg, known[0], "parse", out, bind.statement,
                              _param_texts(bind, self._param_types.get(bind.statement, ())))
                 return
+            if known is None and bind.statement and self.hooks.decide_cached is not _allow_all:
+                # A named statement this session never Parsed: SQL-level
+                # PREPARE shares the namespace, so this may run a text
+                # prepared in an earlier message with values the policy never
+                # saw. It is decided as the SQL EXECUTE it amounts to. (The
+                # unnamed statement only ever comes from Parse, and a refused
+                # Parse drops it in the server too, so an unknown unnamed one
+                # does not exist there: the server refuses that Bind itself.)
+                self._decide(msg, pg.execute_sql(bind.statement, len(bind.params)), "parse",
+                             out, bind.statement, _param_texts(bind))
+                return
             self._bind(bind)
             self._forward(msg, _Expect("B"), out)
         elif t == b"E":
             portal, _ = pg.cstring(msg.body, 0)
             p = self._portals.get(portal)
+            if p is None and portal and self.hooks.decide_cached is not _allow_all:
+                # A named portal this session never Bound: a cursor from SQL
+                # DECLARE (the same namespace). Decided as the FETCH it is.
+                # (The unnamed portal only ever comes from Bind.)
+                self._decide(msg, pg.fetch_sql(portal, pg.execute_max_rows(msg.body)), "parse",
+                             out, portal)
+                return
             known = self._statements.get(p.statement) if p is not None else None
             stmt = p.stmt if p is not None and p.stmt is not None else (
                 known[1] if known is not None else None)
-            if self.hooks.masker_factory is not None and (
-                    p is None or (p.fields is None and not p.described)):
-                # Rows of a portal whose shape the tap never saw (a statement
-                # executed without Describe): ask the server first, so binary
-                # values are masked by type, never passed unread. (When the
-                # client described this binding itself, as libpq does before
-                # every Execute, that answer arrives before the rows.)
-                describe = pg.Message(b"D", b"P" + portal.encode() + b"\0").encode()
-                self._expect.append(_Expect("D", describe_target=("P", portal), internal=True,
-                                            binding=p))
-                self._fwd.append(describe)
-            self._forward(msg, _Expect("E", stmt=stmt, portal=portal, binding=p,
-                                       limit=self._limit_of(stmt)), out)
+            self._execute(msg, portal, p, stmt, out)
         elif t == b"D":
             kind = msg.body[:1].decode("latin-1")
             name, _ = pg.cstring(msg.body, 1)
@@ -701,6 +707,23 @@ class Session:
             self._finish(out)
         else:
             raise pg.ProtocolError(f"invalid frontend message type {t!r}")
+
+    def _execute(self, msg: pg.Message, portal: str, p: _Portal | None,
+                 stmt: _Statement | None, out: list[Action]) -> None:
+        if self.hooks.masker_factory is not None and (
+                p is None or (p.fields is None and not p.described)):
+            # Rows of a portal whose shape the tap never saw (a statement
+            # executed without Describe, a cursor from DECLARE): ask the
+            # server first, so binary values are masked by type, never passed
+            # unread. (When the client described this binding itself, as
+            # libpq does before every Execute, that answer arrives before the
+            # rows.)
+            describe = pg.Message(b"D", b"P" + portal.encode() + b"\0").encode()
+            self._expect.append(_Expect("D", describe_target=("P", portal), internal=True,
+                                        binding=p))
+            self._fwd.append(describe)
+        self._forward(msg, _Expect("E", stmt=stmt, portal=portal, binding=p,
+                                   limit=self._limit_of(stmt)), out)
 
     def _function_call_sql(self, call: pg.FunctionCall) -> str:
         """What a FunctionCall does, as SQL the policy can analyse: the
@@ -778,6 +801,9 @@ class Session:
             self._forward(msg, _Expect("P", stmt=stmt), out)
         elif t == b"F":
             self._forward(msg, _Expect("F", stmt=stmt, limit=self._limit_of(stmt)), out)
+        elif t == b"E":
+            portal, _ = pg.cstring(msg.body, 0)
+            self._execute(msg, portal, None, stmt, out)
 
     def _refuse(self, msg: pg.Message, stmt: _Statement, out: list[Action]) -> None:
         nonce = secrets.token_hex(8)
@@ -790,12 +816,20 @@ class Session:
             self._statements.pop(parse.name, None)
             self._send_upstream(out, pg.parse_message(parse.name, marker))
             self._expect.append(_Expect("P", stmt=stmt))
-        elif msg.type == b"B":
-            # A Bind refused with its values: a Parse of the marker under a
-            # name of its own takes its place (it fails, so nothing is
-            # created), and the server skips the rest of the batch to Sync.
+        elif msg.type in (b"B", b"E"):
+            # A Bind refused with its values, or an Execute of a cursor: a
+            # Parse of the marker under a name of its own takes its place (it
+            # fails, so nothing is created), and the server skips the rest of
+            # the batch to Sync.
             self._send_upstream(out, pg.parse_message(marker, marker))
             self._expect.append(_Expect("P", stmt=stmt))
+            if msg.type == b"B":
+                # The client believes in this portal: an Execute of it is
+                # known to belong to the refused statement (the server has
+                # no such portal and answers that itself).
+                bind = pg.decode_bind(msg.body)
+                self._portals[bind.portal] = _Portal(bind.statement, bind.result_formats, None,
+                                                     stmt)
         else:
             # Query and FunctionCall: one complete cycle ending in ReadyForQuery.
             self._send_upstream(out, pg.simple_query(marker))
@@ -995,8 +1029,7 @@ class Session:
             if self.hooks.masker_factory is not None:
                 if self._masker is None:
                     head = self._expect[0] if self._expect else None
-                    self._start_masking(head.stmt if head is not None else None, None,
-                                        default=ALLOW_ALL)
+                    self._start_masking(head.stmt if head is not None else None, None)
                 if self._masker is not None:
                     self._masker.copy_out_started(m.body)
             return m.encode()
@@ -1285,11 +1318,13 @@ class Session:
                     portal.fields = _with_formats(fields, portal.result_formats)
         self._expect.popleft()
 
-    def _start_masking(self, stmt: _Statement | None, fields: tuple[pg.Field, ...] | None,
-                       default: Decision | None = None) -> None:
+    def _start_masking(self, stmt: _Statement | None,
+                       fields: tuple[pg.Field, ...] | None) -> None:
         factory = self.hooks.masker_factory
-        decision = stmt.decision if stmt is not None else default
-        if factory is None or decision is None:
+        # Rows of no statement the tap decided are never passed unread: they
+        # get the ambient plan (content detection) at least.
+        decision = stmt.decision if stmt is not None else ALLOW_ALL
+        if factory is None:
             self._masker = None
             return
         self._masker = factory(decision, fields, self._database)

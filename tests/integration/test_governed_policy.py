@@ -268,6 +268,81 @@ def test_extended_protocol_refusal_psycopg_prepared(stack: LocalStack, mode: str
         assert_never_reached(stack, conn, mark, "pg_read_file")
 
 
+def _raw_pans(stack: LocalStack, ids: tuple[int, ...]) -> list[str]:
+    with psycopg.connect(stack.upstream_dsn, dbname="shop") as su:
+        rows = su.execute("SELECT card_number FROM payments WHERE id = ANY(%s)",
+                          (list(ids),)).fetchall()
+    assert len(rows) == len(ids)
+    return [r[0] for r in rows]
+
+
+def test_protocol_bind_to_a_sql_prepared_statement_is_decided(stack: LocalStack,
+                                                              mode: str) -> None:
+    """SQL-level PREPARE and protocol-level Bind share one namespace of
+    statement names: a client can PREPARE a text in a simple Query and then
+    run it with Bind/Execute (here libpq's PQexecPrepared), with parameter
+    values the policy never saw at PREPARE time. Such a Bind is decided like
+    SQL ``EXECUTE name`` in a later message: opaque to the policy, so refused
+    (42501), and PostgreSQL never executes it. (Before, it ran undecided and
+    its rows came back unmasked: a raw PAN to a fraud-reader.)"""
+    tag = uuid.uuid4().hex.translate(str.maketrans("0123456789", "ghijklmnop"))
+    name = f"pgw_sqlprep_{tag}"
+    pans = _raw_pans(stack, (1,))
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, "reader") as conn:
+        conn.execute(f"PREPARE {name} AS SELECT id, card_number, '{tag}' AS tag "
+                     "FROM payments WHERE id = $1")
+        result = conn.pgconn.exec_prepared(name.encode(), [b"1"])
+        shown = [result.get_value(r, c) for r in range(result.ntuples)
+                 for c in range(result.nfields)]
+        assert not any(p.encode() in (v or b"") for p in pans for v in shown), "a raw PAN"
+        assert result.status == psycopg.pq.ExecStatus.FATAL_ERROR, result.status
+        assert result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42501"
+        assert conn.pgconn.transaction_status == TransactionStatus.IDLE
+        # The session carries on; SQL EXECUTE of it is refused the same way.
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(f"EXECUTE {name}(1)")
+        assert_refused(info.value)
+        log = probe(stack, conn, mark)
+    assert f"execute {name}" not in log, "PostgreSQL executed the SQL-prepared statement"
+
+
+def test_protocol_execute_of_a_cursor_declared_in_sql_is_masked(stack: LocalStack,
+                                                                 mode: str) -> None:
+    """A cursor from SQL DECLARE is a portal: a protocol Execute naming it
+    reads its rows without any FETCH text. The tap decides it as the FETCH it
+    is and masks the rows; the cursor's card numbers never come back raw."""
+    from test_protocol_errors import Wire, error_fields, message
+
+    ids = (1, 2, 3)
+    pans = _raw_pans(stack, ids)
+    parts = conninfo_to_dict(agent_dsn(stack, mode))
+    w = Wire(str(parts["host"]), int(str(parts["port"])))
+    try:
+        w.start_tls()
+        w.login("agent", token_for(stack, "reader"), "shop", unique("pgw-declare"))
+        for sql in ("BEGIN", "DECLARE pgw_c CURSOR FOR SELECT id, card_number FROM payments "
+                             "WHERE id IN (1, 2, 3) ORDER BY id"):
+            replies = w.query(sql)
+            assert not [error_fields(b) for k, b in replies if k == b"E"], sql
+        w.send(message(b"E", b"pgw_c\0" + struct.pack("!i", 0)) + message(b"S", b""))
+        replies = []
+        while (m := w.read_message()) is not None:
+            replies.append(m)
+            if m[0] == b"Z":
+                break
+        assert not [error_fields(b) for k, b in replies if k == b"E"], replies
+        rows = [b for k, b in replies if k == b"D"]
+        assert len(rows) == len(ids), replies
+        everything = b"".join(b for _, b in replies)
+        for pan in pans:
+            assert pan.encode() not in everything, "a raw PAN through Execute of a cursor"
+            assert pan[-4:].encode() in everything  # masked, last four kept
+        assert [k for k, _ in w.query("COMMIT")][-1] == b"Z"
+    finally:
+        w.close()
+
+
 def _asyncpg_kwargs(stack: LocalStack, mode: str, token: str) -> dict[str, Any]:
     import ssl
 

@@ -1,0 +1,152 @@
+"""SQL-level PREPARE and DECLARE share their namespaces with the protocol's
+statements and portals: a client can PREPARE a text in a simple Query and run
+it with Bind/Execute, or DECLARE a cursor and read it with Execute. The tap
+never lets such a Bind or Execute run undecided in a governed session: a Bind
+of a named statement it did not see parsed is decided as the SQL ``EXECUTE``
+it amounts to (with its values), an Execute of a named portal it did not see
+bound as the SQL ``FETCH``; and rows of no decided statement are masked with
+the ambient plan (content detection), never passed unread. Bytes only."""
+
+from __future__ import annotations
+
+import struct
+
+from test_session import events, ready_session, up
+from test_session_masking import AMEX, PAN, down, msg, row_description
+
+from tap import protocol as pg
+from tap.actions import NeedDecision
+from tap.hooks import ALLOW_ALL, Decision, StatementRequest, Verdict
+from tap.masking import MaskingFactory
+from tap.session import Hooks, Session
+
+DENY = Decision(verdict=Verdict.DENY, reasons=("opaque statement",), decision_id="d-1")
+
+
+def bind(statement: str, *values: bytes, portal: str = "") -> bytes:
+    body = portal.encode() + b"\0" + statement.encode() + b"\0" + struct.pack("!h", 0)
+    body += struct.pack("!h", len(values))
+    for v in values:
+        body += struct.pack("!i", len(v)) + v
+    return msg(b"B", body + struct.pack("!h", 0))
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return msg(b"E", portal.encode() + b"\0" + struct.pack("!i", max_rows))
+
+
+def governed(asked: list[StatementRequest], answer: Decision | None = None,
+             masking: bool = False) -> Session:
+    def decide(r: StatementRequest) -> Decision | None:
+        asked.append(r)
+        return None if answer is None else answer
+
+    factory = MaskingFactory(key=b"k" * 32, catalog=lambda _db: lambda t, c: None) if masking \
+        else None
+    s, _ = ready_session(Hooks(decide_cached=decide, masker_factory=factory))
+    return s
+
+
+def test_bind_of_a_statement_prepared_in_sql_is_decided_as_execute_with_its_values() -> None:
+    asked: list[StatementRequest] = []
+    s = governed(asked)
+    acts = s.on_read(bind("pgw_p", b"20000") + execute() + msg(b"S"))
+    need = [a for a in acts if isinstance(a, NeedDecision)]
+    assert len(need) == 1 and up(acts) == b""  # nothing runs while it is decided
+    assert need[0].request.sql == 'EXECUTE "pgw_p"($1)'
+    assert need[0].request.params == ("20000",)
+    assert need[0].request.path == "parse"
+    refused = list(pg.iter_frames(up(s.on_decision(need[0].ticket, DENY))))
+    # A Parse of the marker takes the Bind's place; the server skips to Sync.
+    assert [m.type for m in refused] == [b"P", b"E", b"S"]
+    marker = pg.decode_parse(refused[0].body).query
+    assert marker.startswith("pgwarden_refused_")
+    out = list(pg.iter_frames(down(s.on_write(
+        pg.error_response("42601", f'syntax error at or near "{marker}"')
+        + pg.ready_for_query(b"I")))))
+    assert [m.type for m in out] == [b"E", b"Z"]
+    assert pg.decode_fields(out[0].body)["C"] == "42501"
+
+
+def test_an_allowed_execute_runs_and_its_rows_are_masked_by_its_decision() -> None:
+    asked: list[StatementRequest] = []
+    s = governed(asked, ALLOW_ALL, masking=True)
+    sent = list(pg.iter_frames(up(s.on_read(bind("pgw_p", b"1") + execute() + msg(b"S")))))
+    assert [a.sql for a in asked] == ['EXECUTE "pgw_p"($1)']
+    # Forwarded as sent, with a Describe of the portal ahead of the Execute
+    # (the tap never saw this statement's row shape).
+    assert [m.type for m in sent] == [b"B", b"D", b"E", b"S"]
+    acts = s.on_write(msg(b"2") + row_description(("card_number", 0, 0, 25))
+                      + pg.encode_data_row([PAN]) + msg(b"C", b"SELECT 1\0")
+                      + pg.ready_for_query(b"I"))
+    out = down(acts)
+    assert PAN not in out and b"1111" in out
+    assert [m.type for m in pg.iter_frames(out)] == [b"2", b"D", b"C", b"Z"]
+    assert events(acts, "statement_end")[0]["rows"] == 1
+
+
+def test_execute_of_a_cursor_declared_in_sql_is_decided_as_fetch() -> None:
+    asked: list[StatementRequest] = []
+    s = governed(asked, ALLOW_ALL, masking=True)
+    sent = list(pg.iter_frames(up(s.on_read(execute("pgw_cur", 10) + msg(b"S")))))
+    assert [a.sql for a in asked] == ['FETCH FORWARD 10 FROM "pgw_cur"']
+    assert [m.type for m in sent] == [b"D", b"E", b"S"]
+    assert [m.body for m in sent][1] == b"pgw_cur\0" + struct.pack("!i", 10)
+    acts = s.on_write(row_description(("card_number", 0, 0, 25))
+                      + pg.encode_data_row([AMEX]) + msg(b"s") + pg.ready_for_query(b"T"))
+    out = down(acts)
+    assert AMEX not in out and b"0005" in out
+    # The internal Describe's answer is not passed on.
+    assert [m.type for m in pg.iter_frames(out)] == [b"D", b"s", b"Z"]
+
+
+def test_a_refused_fetch_never_reaches_the_server() -> None:
+    asked: list[StatementRequest] = []
+    s = governed(asked, DENY)
+    sent = list(pg.iter_frames(up(s.on_read(execute("pgw_cur") + msg(b"S")))))
+    assert [a.sql for a in asked] == ['FETCH FORWARD ALL FROM "pgw_cur"']
+    assert [m.type for m in sent] == [b"P", b"S"]
+    assert pg.decode_parse(sent[0].body).query.startswith("pgwarden_refused_")
+
+
+def test_known_statements_and_portals_are_not_asked_again() -> None:
+    asked: list[StatementRequest] = []
+    s = governed(asked, ALLOW_ALL)
+    s.on_read(pg.parse_message("s1", "select 1") + bind("s1", portal="c1")
+              + execute("c1", 1) + msg(b"S"))
+    assert [a.sql for a in asked] == ["select 1"]
+
+
+def test_a_refused_bind_leaves_its_portal_known_to_belong_to_the_refusal() -> None:
+    asked: list[StatementRequest] = []
+    s = governed(asked, DENY)
+    acts = s.on_read(bind("pgw_p", portal="c1") + execute("c1") + msg(b"S"))
+    assert [a.sql for a in asked] == ['EXECUTE "pgw_p"']  # the Execute is not asked about
+    assert [m.type for m in pg.iter_frames(up(acts))] == [b"P", b"E", b"S"]
+    recorded = events(acts, "statement")
+    assert [(e["sql"], e["verdict"]) for e in recorded] == [('EXECUTE "pgw_p"', "deny")]
+
+
+def test_unnamed_statement_and_portal_are_left_to_the_server() -> None:
+    """The unnamed statement and portal only ever come from Parse and Bind:
+    unknown to the tap, they do not exist in the server either."""
+    asked: list[StatementRequest] = []
+    s = governed(asked, DENY)
+    sent = list(pg.iter_frames(up(s.on_read(bind("") + execute() + msg(b"S")))))
+    assert asked == [] and [m.type for m in sent] == [b"B", b"E", b"S"]
+
+
+def test_rows_of_no_decided_statement_are_content_scanned() -> None:
+    asked: list[StatementRequest] = []
+    s = governed(asked, ALLOW_ALL, masking=True)
+    sent = list(pg.iter_frames(up(s.on_read(execute() + msg(b"S")))))
+    assert asked == [] and [m.type for m in sent] == [b"D", b"E", b"S"]
+    out = down(s.on_write(row_description(("x", 0, 0, 25)) + pg.encode_data_row([PAN])
+                          + msg(b"C", b"SELECT 1\0") + pg.ready_for_query(b"I")))
+    assert PAN not in out and b"1111" in out
+
+
+def test_ungoverned_sessions_pass_such_messages_on_undecided() -> None:
+    s, _ = ready_session()
+    frames = bind("pgw_p", b"1") + execute("pgw_cur") + msg(b"S")
+    assert up(s.on_read(frames)) == frames
