@@ -138,6 +138,12 @@ class Analysis:
     error: str = ""
     fingerprint: str = ""
     params_used: tuple[int, ...] = ()  # $n referenced anywhere in the message
+    # Prepared-statement and portal names this message creates or drops at
+    # the SQL level (PREPARE, DEALLOCATE, DECLARE, CLOSE; "*" for all of
+    # them): the protocol shares those namespaces, so the tap forgets what
+    # it knew under these names.
+    statement_names: tuple[str, ...] = ()
+    portal_names: tuple[str, ...] = ()
 
     def bind(self, params: tuple[str | None, ...]) -> Analysis:
         """This analysis with the Bind values placed in its comparisons.
@@ -167,7 +173,8 @@ class Analysis:
             statements.append({**stmt, "comparisons": comparisons, "params_read": sorted(read)})
         return Analysis(sql=self.sql, parseable=self.parseable, statements=statements,
                         error=self.error, fingerprint=self.fingerprint,
-                        params_used=self.params_used)
+                        params_used=self.params_used, statement_names=self.statement_names,
+                        portal_names=self.portal_names)
 
     def to_input(self) -> dict[str, Any]:
         """The ``input.analysis`` document given to the policy."""
@@ -182,7 +189,10 @@ class Analysis:
 
     def summary(self) -> dict[str, Any]:
         """A short form for decisions and audit records."""
-        return {
+        names = ({"sql_names": {"statements": list(self.statement_names),
+                                "portals": list(self.portal_names)}}
+                 if self.statement_names or self.portal_names else {})
+        return names | {
             "parseable": self.parseable,
             "error": self.error,
             "fingerprint": self.fingerprint,
@@ -232,7 +242,9 @@ def analyse(
     ctx = _Message(parse_search_path(search_path), user)
     statements = [ctx.statement(raw) for raw in tree.get("stmts", [])]
     result = Analysis(sql=sql, parseable=True, statements=statements, fingerprint=fingerprint,
-                      params_used=tuple(sorted(ctx.params_used)))
+                      params_used=tuple(sorted(ctx.params_used)),
+                      statement_names=tuple(sorted(ctx.statement_names)),
+                      portal_names=tuple(sorted(ctx.portal_names)))
     return result if params is None else result.bind(params)
 
 
@@ -326,6 +338,10 @@ class _Scope:
         return None
 
 
+_NAME_STMTS = frozenset({"PrepareStmt", "DeallocateStmt", "DeclareCursorStmt",
+                         "ClosePortalStmt", "DiscardStmt"})
+
+
 class _Message:
     """State shared by the statements of one message (search_path, PREPAREs)."""
 
@@ -334,6 +350,23 @@ class _Message:
         self.user = user
         self.params_used: set[int] = set()
         self.prepared: set[str] = set()  # PREPAREd earlier in this message
+        self.statement_names: set[str] = set()  # see Analysis.statement_names
+        self.portal_names: set[str] = set()
+
+    def names_changed(self, kind: str, body: Node) -> None:
+        """Note the SQL-level statement and portal names a statement creates
+        or drops ("*": all of them)."""
+        if kind == "PrepareStmt":
+            self.statement_names.add(body.get("name", ""))
+        elif kind == "DeallocateStmt":
+            self.statement_names.add("*" if body.get("isall") else body.get("name", ""))
+        elif kind == "DeclareCursorStmt":
+            self.portal_names.add(body.get("portalname", ""))
+        elif kind == "ClosePortalStmt":
+            self.portal_names.add(body.get("portalname") or "*")
+        elif kind == "DiscardStmt" and body.get("target") == "DISCARD_ALL":
+            self.statement_names.add("*")
+            self.portal_names.add("*")
 
     def statement(self, raw: Node) -> dict[str, Any]:
         return _Statement(self).run(raw.get("stmt", {}))
@@ -405,6 +438,8 @@ class _Statement:
         columns reach the client (defaults to ``top``).
         """
         emit = top if emit is None else emit
+        if kind in _NAME_STMTS:
+            self.msg.names_changed(kind, body)
         if kind == "SelectStmt":
             if top:
                 self.command = "select"

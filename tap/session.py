@@ -788,6 +788,9 @@ class Session:
         if decision.verdict is not Verdict.ALLOW:
             self._refuse(msg, stmt, out)
             return
+        names = decision.analysis.get("sql_names")
+        if names:
+            self._forget_names(names)
         if t == b"B":
             bind = pg.decode_bind(msg.body)
             self._bind(bind, stmt)
@@ -804,6 +807,20 @@ class Session:
         elif t == b"E":
             portal, _ = pg.cstring(msg.body, 0)
             self._execute(msg, portal, None, stmt, out)
+
+    def _forget_names(self, names: dict[str, list[str]]) -> None:
+        """An allowed statement creates or drops SQL-level prepared statements
+        or cursors (PREPARE, DEALLOCATE, DECLARE, CLOSE, DISCARD ALL; "*" for
+        all). The protocol shares those names, so what the tap knew under
+        them no longer holds: a later Bind or Execute of such a name is
+        decided afresh. The unnamed statement and portal are protocol-only."""
+        for key, table in (("statements", self._statements), ("portals", self._portals)):
+            for name in names.get(key, ()):
+                gone = [n for n in table if n] if name == "*" else [name]
+                for n in gone:
+                    table.pop(n, None)
+                    if key == "statements":
+                        self._param_types.pop(n, None)
 
     def _refuse(self, msg: pg.Message, stmt: _Statement, out: list[Action]) -> None:
         nonce = secrets.token_hex(8)

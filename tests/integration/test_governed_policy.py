@@ -307,6 +307,32 @@ def test_protocol_bind_to_a_sql_prepared_statement_is_decided(stack: LocalStack,
     assert f"execute {name}" not in log, "PostgreSQL executed the SQL-prepared statement"
 
 
+def test_a_protocol_statement_replaced_in_sql_is_decided_again(stack: LocalStack,
+                                                                mode: str) -> None:
+    """psycopg prepares a statement at the protocol level (``_pg3_0``); the
+    agent then replaces it in SQL (DEALLOCATE, PREPARE under the same name)
+    with another text. psycopg's next execution Binds the name it cached:
+    the tap must not run the new text under the old text's decision."""
+    tag = uuid.uuid4().hex.translate(str.maketrans("0123456789", "ghijklmnop"))
+    mark = stack.pg_log_mark()
+    with connect(stack, mode, "reader") as conn:
+        query = "SELECT %s::int + 1 AS n"
+        for _ in range(2):
+            assert conn.execute(query, (41,), prepare=True).fetchone() == (42,)
+        name = conn.execute("SELECT name FROM pg_prepared_statements "
+                            "WHERE NOT from_sql").fetchone()
+        assert name is not None
+        conn.execute(f"DEALLOCATE {name[0]}; PREPARE {name[0]} AS "
+                     f"SELECT id, '{tag}' AS tag FROM payments WHERE id = $1")
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(query, (1,), prepare=True).fetchall()
+        assert_refused(info.value)
+        assert conn.execute("SELECT 'still usable'").fetchone() == ("still usable",)
+        log = probe(stack, conn, mark)
+    assert not [line for line in log.splitlines() if "execute" in line and tag in line
+                and "PREPARE" in line.split("execute", 1)[1][:80]], "the replaced text ran"
+
+
 def test_protocol_execute_of_a_cursor_declared_in_sql_is_masked(stack: LocalStack,
                                                                  mode: str) -> None:
     """A cursor from SQL DECLARE is a portal: a protocol Execute naming it

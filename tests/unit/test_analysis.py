@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -243,3 +244,22 @@ def test_passwords_never_reach_the_analysis() -> None:
     text = repr(a.to_input()) + repr(a.summary())
     assert "hunter2" not in text and "p4ss" not in text
     assert all(s["role_statement"] for s in a.statements)
+
+
+@pytest.mark.parametrize(("sql", "statements", "portals"), [
+    ("PREPARE p1 AS SELECT 1; EXECUTE p1", ["p1"], []),
+    ("DEALLOCATE p1", ["p1"], []),
+    ("DEALLOCATE PREPARE ALL", ["*"], []),
+    ("DECLARE c1 CURSOR FOR SELECT 1", [], ["c1"]),
+    ("CLOSE c1; CLOSE ALL", [], ["*", "c1"]),
+    ("DISCARD ALL", ["*"], ["*"]),
+])
+def test_sql_level_names_a_message_creates_or_drops(sql: str, statements: list[str],
+                                                    portals: list[str]) -> None:
+    """The protocol shares these names with SQL: the tap forgets what it knew
+    under them (tests/unit/test_sql_level_names.py)."""
+    assert analyse(sql).summary()["sql_names"] == {"statements": statements, "portals": portals}
+
+
+def test_ordinary_statements_change_no_sql_level_names() -> None:
+    assert "sql_names" not in analyse("SELECT 1; DISCARD PLANS; FETCH ALL FROM c1").summary()

@@ -150,3 +150,60 @@ def test_ungoverned_sessions_pass_such_messages_on_undecided() -> None:
     s, _ = ready_session()
     frames = bind("pgw_p", b"1") + execute("pgw_cur") + msg(b"S")
     assert up(s.on_read(frames)) == frames
+
+
+def _answer(analysis: dict) -> Decision:  # type: ignore[type-arg]
+    return Decision(verdict=Verdict.ALLOW, analysis=analysis)
+
+
+def test_sql_deallocate_and_prepare_make_the_tap_forget_a_parsed_statement() -> None:
+    """Parse s1 (decided), then DEALLOCATE s1; PREPARE s1 AS <other text> in
+    SQL: a Bind of s1 would run the other text under s1's old decision. The
+    tap forgets s1 when the SQL is allowed, so that Bind is decided again."""
+    asked: list[str] = []
+
+    def decide(r: StatementRequest) -> Decision | None:
+        asked.append(r.sql)
+        if r.sql.startswith("DEALLOCATE"):
+            return _answer({"sql_names": {"statements": ["s1"], "portals": []}})
+        return ALLOW_ALL
+
+    s, _ = ready_session(Hooks(decide_cached=decide))
+    s.on_read(pg.parse_message("s1", "select 1") + msg(b"S"))
+    s.on_write(msg(b"1") + pg.ready_for_query(b"I"))
+    s.on_read(bind("s1") + execute() + msg(b"S"))
+    s.on_write(msg(b"2") + msg(b"C", b"SELECT 1\0") + pg.ready_for_query(b"I"))
+    assert asked == ["select 1"]  # known: not asked again
+    s.on_read(pg.simple_query("DEALLOCATE s1; PREPARE s1 AS SELECT 2"))
+    s.on_write(msg(b"C", b"DEALLOCATE\0") + msg(b"C", b"PREPARE\0") + pg.ready_for_query(b"I"))
+    s.on_read(bind("s1") + execute() + msg(b"S"))
+    assert asked[-1] == 'EXECUTE "s1"'
+
+
+def test_sql_close_and_discard_make_the_tap_forget_portals_and_statements() -> None:
+    asked: list[str] = []
+    answers = {"CLOSE ALL": {"statements": [], "portals": ["*"]},
+               "DISCARD ALL": {"statements": ["*"], "portals": ["*"]}}
+
+    def decide(r: StatementRequest) -> Decision | None:
+        asked.append(r.sql)
+        names = answers.get(r.sql)
+        return _answer({"sql_names": names}) if names else ALLOW_ALL
+
+    s, _ = ready_session(Hooks(decide_cached=decide))
+    s.on_read(pg.parse_message("s1", "select 1") + bind("s1", portal="c1")
+              + pg.parse_message("", "select 2") + bind("", portal="") + msg(b"S"))
+    s.on_write(msg(b"1") + msg(b"2") + msg(b"1") + msg(b"2") + pg.ready_for_query(b"T"))
+    s.on_read(pg.simple_query("CLOSE ALL"))
+    s.on_write(msg(b"C", b"CLOSE CURSOR ALL\0") + pg.ready_for_query(b"T"))
+    asked.clear()
+    s.on_read(execute("c1") + execute("") + bind("s1", portal="c2") + msg(b"S"))
+    # c1 was closed in SQL: its Execute is decided as a FETCH; the unnamed
+    # portal is protocol-only, and s1 is still known.
+    assert asked == ['FETCH FORWARD ALL FROM "c1"']
+    s.on_write(msg(b"E", b"SERROR\0C34000\0Mcursor does not exist\0\0") + pg.ready_for_query(b"T"))
+    s.on_read(pg.simple_query("DISCARD ALL"))
+    s.on_write(msg(b"C", b"DISCARD ALL\0") + pg.ready_for_query(b"I"))
+    asked.clear()
+    s.on_read(bind("s1") + bind("") + msg(b"S"))
+    assert asked == ['EXECUTE "s1"']
