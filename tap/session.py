@@ -166,6 +166,8 @@ class _Expect:
     error: tuple[str, str] | None = None
     maskers: list[ResultMasker] | None = None
     internal: bool = False  # the tap's own request: its answer is not passed on
+    # A Parse's statement name and decision, forgotten if the server refuses it.
+    parsed: tuple[str, _Statement] | None = None
 
 
 class Session:
@@ -781,9 +783,10 @@ class Session:
         if deferred:
             stmt.decide_at_bind = True
             parse = pg.decode_parse(msg.body)
-            self._statements[parse.name] = (parse.query, stmt, None)
-            self._param_types[parse.name] = parse.param_types
-            self._forward(msg, _Expect("P"), out)
+            parsed = self._parsed(parse, stmt)
+            if parsed is not None:
+                self._param_types[parse.name] = parse.param_types
+            self._forward(msg, _Expect("P", parsed=parsed), out)
             return
         if decision.verdict is not Verdict.ALLOW:
             self._refuse(msg, stmt, out)
@@ -800,13 +803,24 @@ class Session:
             self._forward(msg, _Expect("Q", stmt=stmt, limit=self._limit_of(stmt)), out)
         elif t == b"P":
             parse = pg.decode_parse(msg.body)
-            self._statements[parse.name] = (parse.query, stmt, None)
-            self._forward(msg, _Expect("P", stmt=stmt), out)
+            self._forward(msg, _Expect("P", stmt=stmt, parsed=self._parsed(parse, stmt)), out)
         elif t == b"F":
             self._forward(msg, _Expect("F", stmt=stmt, limit=self._limit_of(stmt)), out)
         elif t == b"E":
             portal, _ = pg.cstring(msg.body, 0)
             self._execute(msg, portal, None, stmt, out)
+
+    def _parsed(self, parse: pg.Parse, stmt: _Statement) -> tuple[str, _Statement] | None:
+        """Record what a Parse the tap passes on prepares, as the client
+        sees it (a Bind in the same batch refers to it); returns the name to
+        forget again if the server refuses the Parse. A named statement the
+        tap already knows is not replaced: the server refuses a second Parse
+        of a name in use (42P05) and keeps the first, so the first's
+        decision is the one that must stay."""
+        if parse.name and parse.name in self._statements:
+            return None
+        self._statements[parse.name] = (parse.query, stmt, None)
+        return parse.name, stmt
 
     def _forget_names(self, names: dict[str, list[str]]) -> None:
         """An allowed statement creates or drops SQL-level prepared statements
@@ -829,8 +843,10 @@ class Session:
         self._inspect_server = True
         if msg.type == b"P":
             parse = pg.decode_parse(msg.body)
-            # Forget any earlier statement of that name the marker replaces.
-            self._statements.pop(parse.name, None)
+            # The server drops the unnamed statement when a Parse of it
+            # starts, even one that fails; a named one it keeps.
+            if not parse.name:
+                self._statements.pop("", None)
             self._send_upstream(out, pg.parse_message(parse.name, marker))
             self._expect.append(_Expect("P", stmt=stmt))
         elif msg.type in (b"B", b"E"):
@@ -1383,6 +1399,12 @@ class Session:
                 e = self._expect.popleft()
                 if first and e.kind == "E" and e.stmt is not None:
                     self._statement_end(e)
+                if e.parsed is not None:
+                    # That Parse failed or was skipped: nothing was prepared.
+                    name, parsed = e.parsed
+                    known = self._statements.get(name)
+                    if known is not None and known[1] is parsed:
+                        del self._statements[name]
                 first = False
         self._masker = None
         if stmt is not None:

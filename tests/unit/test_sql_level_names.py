@@ -207,3 +207,75 @@ def test_sql_close_and_discard_make_the_tap_forget_portals_and_statements() -> N
     asked.clear()
     s.on_read(bind("s1") + bind("") + msg(b"S"))
     assert asked == ['EXECUTE "s1"']
+
+
+def _hold_over_10000(asked: list[tuple[str, tuple[str | None, ...] | None]]):  # type: ignore[no-untyped-def]
+    def decide(r: StatementRequest) -> Decision | None:
+        asked.append((r.sql, r.params))
+        if "amount" in r.sql:
+            if r.params is None:
+                return Decision(verdict=Verdict.HOLD, analysis={"params_used": [1]})
+            value = r.params[0]
+            return ALLOW_ALL if value is not None and int(value) <= 10000 else DENY
+        return ALLOW_ALL
+    return decide
+
+
+def test_a_second_parse_of_a_name_in_use_does_not_replace_the_first() -> None:
+    """The server refuses a Parse of a name in use (42P05) and keeps the
+    first statement: a Bind of the name runs the first text, so the first
+    text's decision (here: decided again at Bind, with the values) stays."""
+    asked: list[tuple[str, tuple[str | None, ...] | None]] = []
+    s, _ = ready_session(Hooks(decide_cached=_hold_over_10000(asked)))
+    s.on_read(pg.parse_message("s1", "select * from payments where amount > $1") + msg(b"S"))
+    s.on_write(msg(b"1") + pg.ready_for_query(b"I"))
+    s.on_read(pg.parse_message("s1", "select $1::int") + msg(b"S"))
+    s.on_write(pg.error_response("42P05", 'prepared statement "s1" already exists')
+               + pg.ready_for_query(b"I"))
+    acts = s.on_read(bind("s1", b"20000") + execute() + msg(b"S"))
+    assert asked[-1] == ("select * from payments where amount > $1", ("20000",))
+    assert [m.type for m in pg.iter_frames(up(acts))] == [b"P", b"E", b"S"]  # refused
+
+
+def test_a_parse_the_server_refused_leaves_no_statement_behind() -> None:
+    asked: list[tuple[str, tuple[str | None, ...] | None]] = []
+    s, _ = ready_session(Hooks(decide_cached=_hold_over_10000(asked)))
+    s.on_read(pg.parse_message("s1", "select $1::int from no_such_table") + bind("s1", b"1")
+              + execute() + pg.parse_message("s2", "select 2") + msg(b"S"))
+    s.on_write(pg.error_response("42P01", 'relation "no_such_table" does not exist')
+               + pg.ready_for_query(b"I"))
+    # Neither s1 (failed) nor s2 (skipped) exists in the server now: a Bind
+    # of either is decided as the EXECUTE of an unknown name.
+    asked.clear()
+    s.on_read(bind("s1", b"1") + bind("s2") + msg(b"S"))
+    assert [a[0] for a in asked] == ['EXECUTE "s1"($1)', 'EXECUTE "s2"']
+
+
+def test_a_pipelined_parse_is_known_to_the_bind_behind_it() -> None:
+    asked: list[tuple[str, tuple[str | None, ...] | None]] = []
+    s, _ = ready_session(Hooks(decide_cached=_hold_over_10000(asked)))
+    sent = up(s.on_read(pg.parse_message("S_1", "select $1::int") + bind("S_1", b"7")
+                        + execute() + msg(b"S")))
+    assert [m.type for m in pg.iter_frames(sent)] == [b"P", b"B", b"E", b"S"]
+    assert [a[0] for a in asked] == ["select $1::int"]
+    s.on_write(msg(b"1") + msg(b"2") + pg.encode_data_row([b"7"]) + msg(b"C", b"SELECT 1\0")
+               + pg.ready_for_query(b"I"))
+    asked.clear()
+    s.on_read(bind("S_1", b"8") + execute() + msg(b"S"))
+    assert asked == []  # prepared in the server: known
+
+
+def test_a_refused_parse_of_a_name_in_use_keeps_the_first_statement() -> None:
+    def decide(r: StatementRequest) -> Decision | None:
+        return DENY if "pg_read_file" in r.sql or r.sql.startswith("EXECUTE") else ALLOW_ALL
+
+    s, _ = ready_session(Hooks(decide_cached=decide))
+    s.on_read(pg.parse_message("s1", "select 1") + msg(b"S"))
+    s.on_write(msg(b"1") + pg.ready_for_query(b"I"))
+    sent = list(pg.iter_frames(up(s.on_read(pg.parse_message("s1", "select pg_read_file('x')")
+                                            + msg(b"S")))))
+    marker = pg.decode_parse(sent[0].body).query
+    s.on_write(pg.error_response("42601", f'syntax error at or near "{marker}"')
+               + pg.ready_for_query(b"I"))
+    sent = list(pg.iter_frames(up(s.on_read(bind("s1") + execute() + msg(b"S")))))
+    assert [m.type for m in sent] == [b"B", b"E", b"S"]  # still the known, allowed s1
