@@ -148,6 +148,10 @@ class _Portal:
     described: bool = False  # the client sent Describe for this binding
 
 
+# A Bind's portal name, the binding it replaced (None: none) and its own.
+_Rebound = tuple[str, "_Portal | None", "_Portal"]
+
+
 @dataclass(slots=True)
 class _Expect:
     """A response the server owes for a client message, in wire order."""
@@ -168,6 +172,7 @@ class _Expect:
     internal: bool = False  # the tap's own request: its answer is not passed on
     # A Parse's statement name and decision, forgotten if the server refuses it.
     parsed: tuple[str, _Statement] | None = None
+    rebound: _Rebound | None = None  # a Bind's portal, put back if the server refuses it
 
 
 class Session:
@@ -664,8 +669,7 @@ class Session:
                 self._decide(msg, pg.execute_sql(bind.statement, len(bind.params)), "parse",
                              out, bind.statement, _param_texts(bind))
                 return
-            self._bind(bind)
-            self._forward(msg, _Expect("B"), out)
+            self._forward(msg, _Expect("B", rebound=self._bind(bind)), out)
         elif t == b"E":
             portal, _ = pg.cstring(msg.body, 0)
             p = self._portals.get(portal)
@@ -796,8 +800,7 @@ class Session:
             self._forget_names(names)
         if t == b"B":
             bind = pg.decode_bind(msg.body)
-            self._bind(bind, stmt)
-            self._forward(msg, _Expect("B"), out)
+            self._forward(msg, _Expect("B", rebound=self._bind(bind, stmt)), out)
             return
         if t == b"Q":
             self._forward(msg, _Expect("Q", stmt=stmt, limit=self._limit_of(stmt)), out)
@@ -868,11 +871,17 @@ class Session:
             self._send_upstream(out, pg.simple_query(marker))
             self._expect.append(_Expect("Q", stmt=stmt))
 
-    def _bind(self, bind: pg.Bind, stmt: _Statement | None = None) -> None:
+    def _bind(self, bind: pg.Bind, stmt: _Statement | None = None) -> _Rebound:
+        """Record the portal a Bind creates, as the client sees it; returns
+        what to put back if the server refuses the Bind (a named portal
+        still open keeps its first binding there)."""
         known = self._statements.get(bind.statement)
         fields = known[2] if known else None
-        self._portals[bind.portal] = _Portal(bind.statement, bind.result_formats,
-                                             _with_formats(fields, bind.result_formats), stmt)
+        portal = _Portal(bind.statement, bind.result_formats,
+                         _with_formats(fields, bind.result_formats), stmt)
+        previous = self._portals.get(bind.portal)
+        self._portals[bind.portal] = portal
+        return bind.portal, previous, portal
 
     def _forward(self, msg: pg.Message, expect: _Expect, out: list[Action]) -> None:
         self._expect.append(expect)
@@ -1399,6 +1408,14 @@ class Session:
                 e = self._expect.popleft()
                 if first and e.kind == "E" and e.stmt is not None:
                     self._statement_end(e)
+                if e.rebound is not None:
+                    # That Bind failed or was skipped: the portal is as before.
+                    name, previous, bound = e.rebound
+                    if self._portals.get(name) is bound:
+                        if previous is None:
+                            del self._portals[name]
+                        else:
+                            self._portals[name] = previous
                 if e.parsed is not None:
                     # That Parse failed or was skipped: nothing was prepared.
                     name, parsed = e.parsed

@@ -279,3 +279,34 @@ def test_a_refused_parse_of_a_name_in_use_keeps_the_first_statement() -> None:
                + pg.ready_for_query(b"I"))
     sent = list(pg.iter_frames(up(s.on_read(bind("s1") + execute() + msg(b"S")))))
     assert [m.type for m in sent] == [b"B", b"E", b"S"]  # still the known, allowed s1
+
+
+def test_a_bind_the_server_refuses_leaves_the_open_portal_as_it_was() -> None:
+    """A cursor declared WITH HOLD stays open after its transaction; a Bind
+    of its name is refused by the server (42P03), which keeps the cursor. An
+    Execute of the name reads the cursor, so it is decided as the FETCH it
+    is, not run under the refused Bind's decision (here: unmasked)."""
+    from tap.hooks import MaskPlan
+
+    raw = Decision(verdict=Verdict.ALLOW, mask=MaskPlan(unmasked=True, scan_content=False))
+    asked: list[str] = []
+
+    def decide(r: StatementRequest) -> Decision | None:
+        asked.append(r.sql)
+        if r.sql.startswith("declare"):
+            return _answer({"sql_names": {"statements": [], "portals": ["c1"]}})
+        return raw if "raw" in r.sql else ALLOW_ALL
+
+    factory = MaskingFactory(key=b"k" * 32, catalog=lambda _db: lambda t, c: None)
+    s, _ = ready_session(Hooks(decide_cached=decide, masker_factory=factory))
+    s.on_read(pg.simple_query("declare c1 cursor with hold for select card"))
+    s.on_write(msg(b"C", b"DECLARE CURSOR\0") + pg.ready_for_query(b"I"))
+    s.on_read(pg.parse_message("sb", "select raw") + bind("sb", portal="c1") + msg(b"S"))
+    s.on_write(msg(b"1") + pg.error_response("42P03", 'cursor "c1" already exists')
+               + pg.ready_for_query(b"I"))
+    asked.clear()
+    s.on_read(execute("c1") + msg(b"S"))
+    assert asked == ['FETCH FORWARD ALL FROM "c1"']
+    out = down(s.on_write(row_description(("card", 0, 0, 25)) + pg.encode_data_row([PAN])
+                          + msg(b"C", b"FETCH 1\0") + pg.ready_for_query(b"I")))
+    assert PAN not in out and b"1111" in out
