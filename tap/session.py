@@ -142,7 +142,9 @@ class _Statement:
 @dataclass(slots=True)
 class _Portal:
     statement: str
-    result_formats: tuple[int, ...]
+    # Bind's result-format codes; None for a cursor from DECLARE, whose
+    # formats are those of the server's description of it.
+    result_formats: tuple[int, ...] | None
     fields: tuple[pg.Field, ...] | None = None
     stmt: _Statement | None = None  # the Bind-time decision, when there was one
     described: bool = False  # the client sent Describe for this binding
@@ -716,6 +718,11 @@ class Session:
 
     def _execute(self, msg: pg.Message, portal: str, p: _Portal | None,
                  stmt: _Statement | None, out: list[Action]) -> None:
+        if p is None and self.hooks.masker_factory is not None:
+            # A portal the tap never saw bound (a cursor from DECLARE): this
+            # execution's own binding, to hold the shape the Describe below
+            # brings (its format codes are the server's: a BINARY cursor).
+            p = _Portal("", None, None, stmt)
         if self.hooks.masker_factory is not None and (
                 p is None or (p.fields is None and not p.described)):
             # Rows of a portal whose shape the tap never saw (a statement
@@ -1529,10 +1536,10 @@ def _u32(body: bytes, pos: int) -> tuple[int]:
 
 
 def _with_formats(fields: tuple[pg.Field, ...] | None,
-                  formats: tuple[int, ...]) -> tuple[pg.Field, ...] | None:
+                  formats: tuple[int, ...] | None) -> tuple[pg.Field, ...] | None:
     """Apply Bind's result-format codes to a statement's RowDescription."""
-    if fields is None:
-        return None
+    if fields is None or formats is None:
+        return fields
     if len(formats) <= 1:
         fmt = formats[0] if formats else 0
         if all(f.format == fmt for f in fields):

@@ -333,11 +333,16 @@ def test_a_protocol_statement_replaced_in_sql_is_decided_again(stack: LocalStack
                 and "PREPARE" in line.split("execute", 1)[1][:80]], "the replaced text ran"
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
 def test_protocol_execute_of_a_cursor_declared_in_sql_is_masked(stack: LocalStack,
-                                                                 mode: str) -> None:
+                                                                 mode: str, binary: bool) -> None:
     """A cursor from SQL DECLARE is a portal: a protocol Execute naming it
     reads its rows without any FETCH text. The tap decides it as the FETCH it
-    is and masks the rows; the cursor's card numbers never come back raw."""
+    is and masks the rows; the cursor's card numbers never come back raw,
+    also from a BINARY cursor holding them as int8. (PostgreSQL 15 answers
+    a protocol Execute of a BINARY cursor in text: the binary option applies
+    to FETCH. The tap would mask binary values by the types its Describe of
+    the portal reports: tests/unit/test_sql_level_names.py.)"""
     from test_protocol_errors import Wire, error_fields, message
 
     ids = (1, 2, 3)
@@ -347,8 +352,9 @@ def test_protocol_execute_of_a_cursor_declared_in_sql_is_masked(stack: LocalStac
     try:
         w.start_tls()
         w.login("agent", token_for(stack, "reader"), "shop", unique("pgw-declare"))
-        for sql in ("BEGIN", "DECLARE pgw_c CURSOR FOR SELECT id, card_number FROM payments "
-                             "WHERE id IN (1, 2, 3) ORDER BY id"):
+        declare = ("DECLARE pgw_c BINARY CURSOR FOR SELECT id, card_number::int8 "
+                   if binary else "DECLARE pgw_c CURSOR FOR SELECT id, card_number ")
+        for sql in ("BEGIN", declare + "FROM payments WHERE id IN (1, 2, 3) ORDER BY id"):
             replies = w.query(sql)
             assert not [error_fields(b) for k, b in replies if k == b"E"], sql
         w.send(message(b"E", b"pgw_c\0" + struct.pack("!i", 0)) + message(b"S", b""))
@@ -363,6 +369,7 @@ def test_protocol_execute_of_a_cursor_declared_in_sql_is_masked(stack: LocalStac
         everything = b"".join(b for _, b in replies)
         for pan in pans:
             assert pan.encode() not in everything, "a raw PAN through Execute of a cursor"
+            assert int(pan).to_bytes(8, "big") not in everything, "a raw binary PAN"
             assert pan[-4:].encode() in everything  # masked, last four kept
         assert [k for k, _ in w.query("COMMIT")][-1] == b"Z"
     finally:

@@ -310,3 +310,23 @@ def test_a_bind_the_server_refuses_leaves_the_open_portal_as_it_was() -> None:
     out = down(s.on_write(row_description(("card", 0, 0, 25)) + pg.encode_data_row([PAN])
                           + msg(b"C", b"FETCH 1\0") + pg.ready_for_query(b"I")))
     assert PAN not in out and b"1111" in out
+
+
+def test_a_binary_cursor_read_by_execute_is_masked_by_its_described_types() -> None:
+    """DECLARE ... BINARY CURSOR returns binary values; read with a protocol
+    Execute, its shape comes from the tap's own Describe of the portal,
+    whose format codes are the server's (binary here): a card number held as
+    a binary int8 is masked by type, not passed as opaque bytes."""
+    asked: list[StatementRequest] = []
+    s = governed(asked, ALLOW_ALL, masking=True)
+    sent = list(pg.iter_frames(up(s.on_read(execute("pgw_bin") + msg(b"S")))))
+    assert [m.type for m in sent] == [b"D", b"E", b"S"]
+    binary_int8 = msg(b"T", struct.pack("!h", 1) + b"card_number\0"
+                      + struct.pack("!IhIhih", 0, 0, 20, 8, -1, 1))
+    pan = int(PAN).to_bytes(8, "big")
+    out = down(s.on_write(binary_int8 + pg.encode_data_row([pan]) + msg(b"C", b"FETCH 1\0")
+                          + pg.ready_for_query(b"T")))
+    frames = list(pg.iter_frames(out))
+    assert [m.type for m in frames] == [b"D", b"C", b"Z"]
+    value = pg.decode_data_row(frames[0].body)[0]
+    assert value is not None and value != pan
