@@ -34,6 +34,7 @@ from policyd.audit.events import (
     EvidenceAccessEvent,
     GatewayEvent,
     SessionEndEvent,
+    SessionStartEvent,
     StatementEvent,
     StatementResultEvent,
 )
@@ -199,7 +200,8 @@ def scrub_event(event: Event) -> Event:
 
     Identity fields (subject, groups, addresses) are kept as given: they are
     the evidence. Anything a client or a database can put text into is
-    scrubbed.
+    scrubbed, the start-up parameters a client chooses (user name, database,
+    application_name) included.
     """
     if isinstance(event, StatementEvent):
         sql, params = scrub_sql(event.sql, event.params)
@@ -225,7 +227,15 @@ def scrub_event(event: Event) -> Event:
         return event.model_copy(update=result_changes)
     if isinstance(event, SessionEndEvent):
         return event.model_copy(update={"detail": scrub_text(event.detail)})
-    if isinstance(event, AuthEvent | ApprovalEvent):
+    if isinstance(event, SessionStartEvent):
+        return event.model_copy(update={
+            "user": scrub_text(event.user), "database": scrub_text(event.database),
+            "application_name": scrub_text(event.application_name)})
+    if isinstance(event, AuthEvent):
+        return event.model_copy(update={
+            "reason": scrub_text(event.reason), "user": scrub_text(event.user),
+            "database": scrub_text(event.database)})
+    if isinstance(event, ApprovalEvent):
         return event.model_copy(update={"reason": scrub_text(event.reason)})
     if isinstance(event, GatewayEvent | EvidenceAccessEvent):
         return event.model_copy(update={"detail": _scrub_json(event.detail)})
