@@ -50,6 +50,18 @@ def deny_drop(req: StatementRequest) -> Decision | None:
     return ALLOW_ALL
 
 
+def answer_refused_bind(s: Session, refused: list[pg.Message]) -> list[pg.Message]:
+    """A refused Bind reached the server as a Parse of a marker (then the
+    Execute and Sync behind it); answer it as PostgreSQL does and return
+    what the client gets."""
+    assert [m.type for m in refused] == [b"P", b"E", b"S"]
+    marker = pg.decode_parse(refused[0].body).query
+    assert marker.startswith("pgwarden_refused_")
+    return list(pg.iter_frames(down(s.on_write(
+        pg.error_response("42601", f'syntax error at or near "{marker}"')
+        + pg.ready_for_query(b"I")))))
+
+
 def ready_session(hooks: Hooks | None = None, registry: CancelRegistry | None = None,
                   version: int = pg.PROTOCOL_3_0) -> tuple[Session, list]:  # type: ignore[type-arg]
     s = Session(SessionConfig(session_id="s1", client_addr="127.0.0.1:1"), hooks, registry)
@@ -405,12 +417,7 @@ def test_parameter_dependent_hold_is_decided_again_at_bind_with_the_values() -> 
     s.on_write(msg(b"2") + msg(b"C", b"SELECT 0\0") + pg.ready_for_query(b"I"))
     refused = list(pg.iter_frames(up(s.on_read(bind(b"20000") + msg(b"E", b"\0\0\0\0\0")
                                                + msg(b"S")))))
-    assert [m.type for m in refused] == [b"P", b"E", b"S"]
-    marker = pg.decode_parse(refused[0].body).query
-    assert marker.startswith("pgwarden_refused_")
-    out = list(pg.iter_frames(down(s.on_write(
-        pg.error_response("42601", f'syntax error at or near "{marker}"')
-        + pg.ready_for_query(b"I")))))
+    out = answer_refused_bind(s, refused)
     assert pg.decode_fields(out[0].body)["C"] == "42501" and out[-1].type == b"Z"
     assert asked == [None, ("5",), ("20000",)]
 
