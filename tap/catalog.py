@@ -38,26 +38,28 @@ LIMIT 500000
 """
 
 _FUNCTIONS = """
-SELECT p.oid::int8, n.nspname, p.proname
+SELECT p.oid::int8, n.nspname, p.proname, p.prorettype::int8
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 LIMIT 500000
 """
 
 ColumnRow = tuple[int, int, str, str, str]  # table OID, attnum, schema, table, column
-FunctionRow = tuple[int, str, str]  # function OID, schema, name
+FunctionRow = tuple[int, str, str, int]  # function OID, schema, name, result type OID
 Loader = Callable[[str], Awaitable[tuple[list[ColumnRow], list[FunctionRow]]]]
 
 
 class Catalog:
     """(database, table OID, attnum) -> "schema.table.column", and
-    (database, function OID) -> the function's quoted qualified name."""
+    (database, function OID) -> the function's quoted qualified name and its
+    result type (a FunctionCall's result is masked by that type)."""
 
     def __init__(self, loader: Loader, *, max_age: float = 60.0) -> None:
         self._loader = loader
         self._max_age = max_age
         self._maps: dict[str, dict[tuple[int, int], str]] = {}
         self._functions: dict[str, dict[int, str]] = {}
+        self._result_types: dict[str, dict[int, int]] = {}
         self._loaded_at: dict[str, float] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
 
@@ -75,6 +77,12 @@ class Catalog:
         the database's catalog is not loaded or no such function exists."""
         self.ensure(database)
         m = self._functions.get(database)
+        return m.get(oid) if m is not None else None
+
+    def function_result_type(self, database: str, oid: int) -> int | None:
+        """The result type OID of the function with this OID, or None while
+        the database's catalog is not loaded or no such function exists."""
+        m = self._result_types.get(database)
         return m.get(oid) if m is not None else None
 
     async def wait_loaded(self, database: str, timeout: float) -> bool:
@@ -104,7 +112,8 @@ class Catalog:
             self._maps[database] = {(oid, att): f"{ns}.{rel}.{col}"
                                     for oid, att, ns, rel, col in rows}
             self._functions[database] = {oid: f"{quote_ident(ns)}.{quote_ident(name)}"
-                                         for oid, ns, name in functions}
+                                         for oid, ns, name, _ in functions}
+            self._result_types[database] = {oid: rettype for oid, _, _, rettype in functions}
             self._loaded_at[database] = time.monotonic()
         except Exception as exc:
             log.warning("catalog_load_failed", database=database, error=exc.__class__.__name__)
@@ -133,6 +142,7 @@ def psycopg_loader(host: str, port: int, role: str, password: str | None,
             columns = [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]))
                        for r in await cur.fetchall()]
             cur = await conn.execute(_FUNCTIONS)
-            functions = [(int(r[0]), str(r[1]), str(r[2])) for r in await cur.fetchall()]
+            functions = [(int(r[0]), str(r[1]), str(r[2]), int(r[3]))
+                         for r in await cur.fetchall()]
             return columns, functions
     return load

@@ -70,6 +70,7 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
 
     masking, catalog = _masking(config)
     function_name = catalog.function_name if catalog is not None else None
+    result_type = catalog.function_result_type if catalog is not None else None
     runtime.catalog = catalog
 
     cached = decide_cached if decide_cached is not None else (lambda _r: None)
@@ -85,7 +86,8 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
         return found
 
     def hooks() -> Hooks:
-        return Hooks(decide_cached=guarded, masker_factory=masking, function_name=function_name)
+        return Hooks(decide_cached=guarded, masker_factory=masking, function_name=function_name,
+                     function_result_type=result_type)
 
     if tap.audit is not None:
         runtime.audit = _audit_sink(config, stack)

@@ -24,6 +24,7 @@ can never drift apart, in either driver, however the client pipelines.
 from __future__ import annotations
 
 import secrets
+import struct
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -120,6 +121,9 @@ class Hooks:
     # Called once with OID 0 when a session is ready, so that the catalog
     # behind it starts loading before the session's first FunctionCall.
     function_name: Callable[[str, int], str | None] | None = None
+    # (database, function OID) -> its result type OID: a FunctionCall's
+    # result is masked by that type.
+    function_result_type: Callable[[str, int], int | None] | None = None
 
 
 @dataclass(slots=True)
@@ -175,6 +179,7 @@ class _Expect:
     # A Parse's statement name and decision, forgotten if the server refuses it.
     parsed: tuple[str, _Statement] | None = None
     rebound: _Rebound | None = None  # a Bind's portal, put back if the server refuses it
+    function: tuple[int, int] | None = None  # a FunctionCall's function OID and result format
 
 
 class Session:
@@ -815,7 +820,9 @@ class Session:
             parse = pg.decode_parse(msg.body)
             self._forward(msg, _Expect("P", stmt=stmt, parsed=self._parsed(parse, stmt)), out)
         elif t == b"F":
-            self._forward(msg, _Expect("F", stmt=stmt, limit=self._limit_of(stmt)), out)
+            call = pg.decode_function_call(msg.body)
+            self._forward(msg, _Expect("F", stmt=stmt, limit=self._limit_of(stmt),
+                                       function=(call.oid, call.result_format)), out)
         elif t == b"E":
             portal, _ = pg.cstring(msg.body, 0)
             self._execute(msg, portal, None, stmt, out)
@@ -1087,7 +1094,34 @@ class Session:
             if self._masker is not None:
                 return self._masker.copy_done() + m.encode()
             return m.encode()
+        if t == b"V":
+            return self._function_result(m)
         return m.encode()
+
+    def _function_result(self, m: pg.Message) -> bytes:
+        """A FunctionCallResponse, masked as a one-column row of the
+        function's result type (from the catalog) in the format the call
+        asked for: a computed value, so the strict rules of derived columns
+        apply to it too."""
+        factory = self.hooks.masker_factory
+        if factory is None:
+            return m.encode()
+        head = self._expect[0] if self._expect and self._expect[0].kind == "F" else None
+        oid, fmt = head.function if head is not None and head.function else (0, 0)
+        typer = self.hooks.function_result_type
+        result_type = (typer(self._database, oid) if typer is not None and oid else None) or 0
+        decision = head.stmt.decision if head is not None and head.stmt is not None else ALLOW_ALL
+        field = pg.Field("?column?", 0, 0, result_type, -1, -1, fmt)
+        masker = factory(decision, (field,), self._database)
+        if masker is None:
+            return m.encode()
+        if head is not None:
+            head.maskers = [*(head.maskers or ()), masker]
+        row = masker.data_row(b"\x00\x01" + m.body)
+        if row[:1] != b"D":
+            return row  # could not be masked: withheld, with an error in its place
+        value = row[7:]  # past the DataRow header and its column count
+        return b"V" + struct.pack("!i", len(value) + 4) + value
 
     # -- authentication (passthrough) -------------------------------------
 

@@ -762,3 +762,53 @@ def test_a_long_masked_result_equals_the_direct_one_masked(stack: LocalStack, se
         assert (seen[0], seen[2], seen[3]) == (raw[0], raw[2], raw[3])
         card, pan = str(seen[1]), str(raw[1])
         assert len(card) == len(pan) and card[-4:] == pan[-4:] and card[:-4].strip("X -") == ""
+
+
+# --------------------------------------------------------------------------- FunctionCall results
+
+
+@pytest.mark.parametrize(("function", "result_format"),
+                         [("pg_catalog.btrim(text)", 0), ("pg_catalog.int8abs(int8)", 1)],
+                         ids=["text", "binary-int8"])
+def test_function_call_result_is_masked(stack: LocalStack, seed: Seed, mode: str,
+                                        function: str, result_format: int) -> None:
+    """A protocol FunctionCall (the fast-path interface libpq's PQfn and the
+    large-object APIs use) returns its value in a FunctionCallResponse, not
+    a DataRow. A fraud-reader calls a built-in with a card number and gets
+    the result masked by the function's result type: as text, and as a
+    binary int8."""
+    import struct
+
+    from test_protocol_errors import Wire, error_fields, message
+
+    with psycopg.connect(shop_superuser(stack)) as su:
+        row = su.execute("SELECT %s::regprocedure::oid::int8", (function,)).fetchone()
+    assert row is not None
+    oid, pan = int(row[0]), seed.by_id[1]
+    arg = pan.encode() if result_format == 0 else int(pan).to_bytes(8, "big", signed=True)
+    call = (struct.pack("!Ihh", oid, 1, result_format) + struct.pack("!hi", 1, len(arg)) + arg
+            + struct.pack("!h", result_format))
+    parts = conninfo_to_dict(agent_dsn(stack, mode))
+    w = Wire(str(parts["host"]), int(str(parts["port"])))
+    try:
+        w.start_tls()
+        w.login("agent", reader_token(stack), "shop", f"pgw-fastpath-{uuid.uuid4().hex[:8]}")
+        w.send(message(b"F", call))
+        replies = []
+        while (m := w.read_message()) is not None:
+            replies.append(m)
+            if m[0] == b"Z":
+                break
+    finally:
+        w.close()
+    assert [k for k, _ in replies] == [b"V", b"Z"], [
+        error_fields(b) if k == b"E" else k for k, b in replies]
+    (length,) = struct.unpack("!i", replies[0][1][:4])
+    value = replies[0][1][4:]
+    assert length == len(value) > 0
+    assert value != arg, "the function's result came back raw"
+    assert_no_pan(seed, value, f"FunctionCall {function} ({mode})")
+    if result_format == 1:
+        assert len(value) == 8  # still an int8 the client can read
+        as_number = str(int.from_bytes(value, "big", signed=True))
+        assert_no_pan(seed, as_number, f"FunctionCall {function} as a number ({mode})")

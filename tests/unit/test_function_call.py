@@ -12,7 +12,7 @@ import pytest
 from test_session import SERVER_HELLO, events, ready_session, up
 
 from tap import protocol as pg
-from tap.actions import NeedDecision
+from tap.actions import NeedDecision, SendDownstream
 from tap.catalog import Catalog
 from tap.hooks import ALLOW_ALL, Decision, StatementRequest
 from tap.session import Hooks, Session, SessionConfig
@@ -95,9 +95,9 @@ def test_a_malformed_function_call_ends_the_session_with_08P01() -> None:
 
 def test_catalog_names_functions_quoted() -> None:
     async def loader(database: str) -> tuple[list[tuple[int, int, str, str, str]],
-                                             list[tuple[int, str, str]]]:
+                                             list[tuple[int, str, str, int]]]:
         return ([(16384, 2, "public", "payments", "card_number")],
-                [(LOREAD, "pg_catalog", "loread"), (99999, "odd schema", 'Quo"te')])
+                [(LOREAD, "pg_catalog", "loread", 17), (99999, "odd schema", 'Quo"te', 25)])
 
     catalog = Catalog(loader)
     asyncio.run(catalog.load_now("shop"))
@@ -106,6 +106,8 @@ def test_catalog_names_functions_quoted() -> None:
     assert catalog.function_name("shop", 1) is None
     assert catalog.function_name("other", LOREAD) is None  # not loaded for that database
     assert catalog.resolver("shop")(16384, 2) == "public.payments.card_number"
+    assert catalog.function_result_type("shop", LOREAD) == 17  # bytea
+    assert catalog.function_result_type("other", LOREAD) is None
     assert pg.quote_ident('a"b') == '"a""b"'
 
 
@@ -127,9 +129,9 @@ def test_the_first_call_before_the_catalog_is_loaded_waits_for_it() -> None:
     loaded = asyncio.Event()
 
     async def loader(database: str) -> tuple[list[tuple[int, int, str, str, str]],
-                                             list[tuple[int, str, str]]]:
+                                             list[tuple[int, str, str, int]]]:
         await loaded.wait()
-        return [], [(LOREAD, "pg_catalog", "loread")]
+        return [], [(LOREAD, "pg_catalog", "loread", 17)]
 
     seen: list[str] = []
 
@@ -164,8 +166,8 @@ def test_an_unknown_oid_stays_opaque_after_the_load() -> None:
     from tap.runtime import Runtime
 
     async def loader(database: str) -> tuple[list[tuple[int, int, str, str, str]],
-                                             list[tuple[int, str, str]]]:
-        return [], [(LOREAD, "pg_catalog", "loread")]
+                                             list[tuple[int, str, str, int]]]:
+        return [], [(LOREAD, "pg_catalog", "loread", 17)]
 
     seen: list[str] = []
 
@@ -184,3 +186,57 @@ def test_an_unknown_oid_stays_opaque_after_the_load() -> None:
 
     asyncio.run(scenario())
     assert seen == ["<function call oid 4242>"]
+
+
+def _masked_session(result_types: dict[int, int], decision: Decision = ALLOW_ALL) -> Session:
+    from tap.masking import MaskingFactory
+
+    factory = MaskingFactory(key=b"k" * 32, catalog=lambda _db: lambda t, c: None)
+    s, _ = ready_session(Hooks(decide_cached=lambda r: decision, masker_factory=factory,
+                               function_name=lambda db, oid: '"pg_catalog"."upper"',
+                               function_result_type=lambda db, oid: result_types.get(oid)))
+    return s
+
+
+def _function_result(value: bytes | None) -> bytes:
+    body = struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+    return pg.Message(b"V", body).encode()
+
+
+UPPER, ABS8 = 871, 1396
+PAN = b"4111111111111111"
+
+
+def _call_and_answer(s: Session, oid: int, result_format: int, value: bytes | None) -> bytes:
+    s.on_read(function_call(oid, [b"x"], result_format=result_format))
+    acts = s.on_write(_function_result(value) + pg.ready_for_query(b"I"))
+    return b"".join(a.data for a in acts if isinstance(a, SendDownstream))
+
+
+def test_a_function_call_result_in_text_is_masked() -> None:
+    out = list(pg.iter_frames(_call_and_answer(_masked_session({UPPER: 25}), UPPER, 0,
+                                               b"card " + PAN)))
+    assert [m.type for m in out] == [b"V", b"Z"]
+    value = out[0].body[4:]
+    assert PAN not in value and value.endswith(b"1111") and value.startswith(b"card ")
+
+
+def test_a_function_call_result_as_binary_int8_is_masked_by_its_type() -> None:
+    raw = int(PAN).to_bytes(8, "big")
+    out = list(pg.iter_frames(_call_and_answer(_masked_session({ABS8: 20}), ABS8, 1, raw)))
+    assert [m.type for m in out] == [b"V", b"Z"]
+    assert out[0].body[4:] != raw and struct.unpack("!i", out[0].body[:4])[0] == 8
+
+
+def test_a_null_or_harmless_function_result_passes_unchanged() -> None:
+    s = _masked_session({UPPER: 25})
+    assert _call_and_answer(s, UPPER, 0, None).startswith(_function_result(None))
+    assert _call_and_answer(s, UPPER, 0, b"HELLO").startswith(_function_result(b"HELLO"))
+
+
+def test_an_unmasked_decision_passes_the_result_raw() -> None:
+    from tap.hooks import MaskPlan, Verdict
+
+    raw = Decision(verdict=Verdict.ALLOW, mask=MaskPlan(unmasked=True, scan_content=False))
+    out = _call_and_answer(_masked_session({UPPER: 25}, raw), UPPER, 0, PAN)
+    assert out.startswith(_function_result(PAN))
