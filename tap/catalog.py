@@ -58,8 +58,8 @@ class Catalog:
         self._loader = loader
         self._max_age = max_age
         self._maps: dict[str, dict[tuple[int, int], str]] = {}
-        self._functions: dict[str, dict[int, str]] = {}
-        self._result_types: dict[str, dict[int, int]] = {}
+        # database -> function OID -> (quoted qualified name, result type OID)
+        self._functions: dict[str, dict[int, tuple[str, int]]] = {}
         self._loaded_at: dict[str, float] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
 
@@ -77,13 +77,15 @@ class Catalog:
         the database's catalog is not loaded or no such function exists."""
         self.ensure(database)
         m = self._functions.get(database)
-        return m.get(oid) if m is not None else None
+        found = m.get(oid) if m is not None else None
+        return found[0] if found is not None else None
 
     def function_result_type(self, database: str, oid: int) -> int | None:
         """The result type OID of the function with this OID, or None while
         the database's catalog is not loaded or no such function exists."""
-        m = self._result_types.get(database)
-        return m.get(oid) if m is not None else None
+        m = self._functions.get(database)
+        found = m.get(oid) if m is not None else None
+        return found[1] if found is not None else None
 
     async def wait_loaded(self, database: str, timeout: float) -> bool:
         """Wait (up to ``timeout``) until the database's catalog is loaded;
@@ -111,9 +113,9 @@ class Catalog:
             rows, functions = await self._loader(database)
             self._maps[database] = {(oid, att): f"{ns}.{rel}.{col}"
                                     for oid, att, ns, rel, col in rows}
-            self._functions[database] = {oid: f"{quote_ident(ns)}.{quote_ident(name)}"
-                                         for oid, ns, name, _ in functions}
-            self._result_types[database] = {oid: rettype for oid, _, _, rettype in functions}
+            self._functions[database] = {
+                oid: (f"{quote_ident(ns)}.{quote_ident(name)}", rettype)
+                for oid, ns, name, rettype in functions}
             self._loaded_at[database] = time.monotonic()
         except Exception as exc:
             log.warning("catalog_load_failed", database=database, error=exc.__class__.__name__)

@@ -324,18 +324,18 @@ def quote_ident(name: str) -> str:
 
 
 def execute_sql(statement: str, nargs: int) -> str:
-    """A Bind of a statement the session did not Parse, as the SQL EXECUTE
-    it amounts to (SQL PREPARE and protocol Parse share one namespace). The
-    unnamed statement can only come from Parse; it is named ``<unnamed>``."""
+    """A Bind of a named statement the session did not Parse, as the SQL
+    EXECUTE it amounts to (SQL PREPARE and protocol Parse share one
+    namespace)."""
     args = ", ".join(f"${i}" for i in range(1, nargs + 1))
-    return f"EXECUTE {quote_ident(statement or '<unnamed>')}" + (f"({args})" if args else "")
+    return f"EXECUTE {quote_ident(statement)}" + (f"({args})" if args else "")
 
 
 def fetch_sql(portal: str, max_rows: int) -> str:
-    """An Execute of a portal the session did not Bind (a cursor from SQL
-    DECLARE: the same namespace), as the SQL FETCH it amounts to."""
+    """An Execute of a named portal the session did not Bind (a cursor from
+    SQL DECLARE: the same namespace), as the SQL FETCH it amounts to."""
     count = str(max_rows) if max_rows > 0 else "ALL"
-    return f"FETCH FORWARD {count} FROM {quote_ident(portal or '<unnamed>')}"
+    return f"FETCH FORWARD {count} FROM {quote_ident(portal)}"
 
 
 def execute_max_rows(body: bytes) -> int:

@@ -723,23 +723,24 @@ class Session:
 
     def _execute(self, msg: pg.Message, portal: str, p: _Portal | None,
                  stmt: _Statement | None, out: list[Action]) -> None:
-        if p is None and self.hooks.masker_factory is not None:
-            # A portal the tap never saw bound (a cursor from DECLARE): this
-            # execution's own binding, to hold the shape the Describe below
-            # brings (its format codes are the server's: a BINARY cursor).
-            p = _Portal("", None, None, stmt)
-        if self.hooks.masker_factory is not None and (
-                p is None or (p.fields is None and not p.described)):
-            # Rows of a portal whose shape the tap never saw (a statement
-            # executed without Describe, a cursor from DECLARE): ask the
-            # server first, so binary values are masked by type, never passed
-            # unread. (When the client described this binding itself, as
-            # libpq does before every Execute, that answer arrives before the
-            # rows.)
-            describe = pg.Message(b"D", b"P" + portal.encode() + b"\0").encode()
-            self._expect.append(_Expect("D", describe_target=("P", portal), internal=True,
-                                        binding=p))
-            self._fwd.append(describe)
+        if self.hooks.masker_factory is not None:
+            if p is None:
+                # A portal the tap never saw bound (a cursor from DECLARE):
+                # this execution's own binding, to hold the shape the
+                # Describe below brings (the server's format codes: a
+                # BINARY cursor).
+                p = _Portal("", None, None, stmt)
+            if p.fields is None and not p.described:
+                # Rows of a portal whose shape the tap never saw (a statement
+                # executed without Describe, a cursor from DECLARE): ask the
+                # server first, so binary values are masked by type, never
+                # passed unread. (When the client described this binding
+                # itself, as libpq does before every Execute, that answer
+                # arrives before the rows.)
+                describe = pg.Message(b"D", b"P" + portal.encode() + b"\0").encode()
+                self._expect.append(_Expect("D", describe_target=("P", portal), internal=True,
+                                            binding=p))
+                self._fwd.append(describe)
         self._forward(msg, _Expect("E", stmt=stmt, portal=portal, binding=p,
                                    limit=self._limit_of(stmt)), out)
 
