@@ -733,6 +733,11 @@ class _Statement:
             if target is not None:
                 scope.entries.append((alias, target))
             if conflict:
+                # DO UPDATE reads the existing row (its SET and WHERE may
+                # name any of its columns); DO NOTHING reads nothing back.
+                action = conflict.get("action", "")
+                self.details["on_conflict"] = ("update" if action == "ONCONFLICT_UPDATE"
+                                               else "nothing")
                 self._generic(conflict, scope, "read")
         else:
             if target is not None:

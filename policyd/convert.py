@@ -101,6 +101,7 @@ def decision_to_pb(decision: Decision, *, params_read: tuple[int, ...] = (),
             derived_columns=list(decision.mask.derived_columns),
             scan_content=decision.mask.scan_content,
             unmasked=decision.mask.unmasked,
+            withhold_errors=decision.mask.withhold_errors,
         ),
         approval=pb.Approval(
             required=decision.approval.required, reason=decision.approval.reason,
@@ -142,6 +143,7 @@ def decision_from_pb(msg: pb.DecideResponse) -> Decision:
             derived_columns=tuple(msg.mask.derived_columns),
             scan_content=msg.mask.scan_content if msg.HasField("mask") else True,
             unmasked=msg.mask.unmasked,
+            withhold_errors=msg.mask.withhold_errors,
         ),
         approval=Approval(
             required=msg.approval.required, reason=msg.approval.reason,

@@ -176,11 +176,19 @@ def _mask(doc: Any) -> MaskPlan:
             raise ValueError(f"unknown mask style {style!r}")
         rules.append(ColumnRule(column=rule["column"], style=style))
     derived = tuple(int(p) for p in doc.get("derived_columns", []))
+    unmasked = doc.get("unmasked", False) is True
+    withhold = doc.get("withhold_errors")
+    if withhold is None:
+        # A pack that does not say: withheld whenever it masks columns.
+        withhold = not unmasked and bool(rules or derived)
+    elif not isinstance(withhold, bool):
+        raise TypeError("mask.withhold_errors must be true or false")
     return MaskPlan(
         rules=tuple(rules),
         derived_columns=derived,
         scan_content=doc.get("scan_content", True) is not False,
-        unmasked=doc.get("unmasked", False) is True,
+        unmasked=unmasked,
+        withhold_errors=withhold,
     )
 
 

@@ -91,6 +91,9 @@ class MaskPlan:
     derived_columns: tuple[int, ...] = ()
     scan_content: bool = True  # look for Luhn-valid PANs in every text value
     unmasked: bool = False  # policy grants raw data (recorded)
+    # The server's error text is not passed on for this statement (it may
+    # quote a reshaped card number); SQLSTATE and position are.
+    withhold_errors: bool = False
 
     @property
     def active(self) -> bool:

@@ -23,6 +23,8 @@ can never drift apart, in either driver, however the client pipelines.
 
 from __future__ import annotations
 
+import functools
+import re
 import secrets
 import struct
 import sys
@@ -1440,6 +1442,15 @@ class Session:
         if not self._markers:
             self._inspect_server = False
         head = self._expect[0] if self._expect else None
+        withheld: bytes | None = None
+        if (stmt is None and head is not None and head.stmt is not None and head.kind != "P"
+                and head.stmt.decision.mask.withhold_errors
+                and fields.get("C", "")[:2] not in _TEXT_KEPT_CLASSES):
+            # Parse only analyses (no row is read); everything after may
+            # fail on a value read from a cardholder column and quote it.
+            fields = _withhold_text(fields)
+            text = fields["M"]
+            withheld = pg.encode_fields(b"E", fields)
         if head is not None and stmt is None:
             head.error = (fields.get("C", ""), text)
         if head is not None and head.kind in "PBDCE":
@@ -1485,7 +1496,8 @@ class Session:
         if fields.get("S") in ("FATAL", "PANIC"):
             self.end_reason = "server_fatal"
             self._close_after = True
-            return m.encode()
+        if withheld is not None:
+            return withheld
         factory = self.hooks.masker_factory
         if factory is not None:
             masker = factory(ALLOW_ALL, (), self._database)
@@ -1504,6 +1516,43 @@ _SLOW_TYPES = frozenset(b"ENAKvRS")
 # Server messages passed on unchanged after their bookkeeping (_passed_on).
 _PASSED_AS_IS = frozenset(b"CZsI123")
 _PASSED_AS_IS_BYTES = frozenset(bytes([t]) for t in _PASSED_AS_IS)
+
+
+# SQLSTATE classes whose server text never quotes a value the statement
+# read: connection exception, invalid transaction state, transaction
+# rollback, insufficient resources, operator intervention. Their text is
+# passed on (content-masked) even when the plan withholds error text.
+_TEXT_KEPT_CLASSES = frozenset({"08", "25", "40", "53", "57"})
+# Fields of a withheld error that are not server text: severity, SQLSTATE,
+# the position in the client's own statement, and catalog names.
+_KEPT_FIELDS = frozenset("SVCPstcdn")
+
+
+def _withhold_text(fields: dict[str, str]) -> dict[str, str]:
+    """The error without the server's text (message, detail, hint, context,
+    internal query, source location): they may quote a value read from a
+    cardholder column, reshaped past any detector (``translate(card_number,
+    '0123456789', 'abcdefghij')::int``). The condition name stays."""
+    code = fields.get("C", "")
+    kept = {k: v for k, v in fields.items() if k in _KEPT_FIELDS}
+    kept["M"] = (f"pgwarden: the server's error text was withheld ({_condition(code)}): "
+                 "the statement reads cardholder data")
+    kept["H"] = ("SQLSTATE and position are the server's; its text can quote values read "
+                 "from cardholder columns, so it stays out (the policy's mask.withhold_errors)")
+    return kept
+
+
+@functools.lru_cache(maxsize=256)
+def _condition(code: str) -> str:
+    """``22P02 invalid_text_representation`` from psycopg's table of
+    PostgreSQL's condition names; the bare code if it has none."""
+    from psycopg import errors
+
+    try:
+        name = errors.lookup(code).__name__
+    except KeyError:
+        return code or "no SQLSTATE"
+    return f"{code} " + re.sub(r"(?<!^)(?=[A-Z])", "_", name.rstrip("_")).lower()
 
 
 def _hint_for(d: Decision) -> str:

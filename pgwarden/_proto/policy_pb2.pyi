@@ -91,16 +91,18 @@ class ColumnRule(_message.Message):
     def __init__(self, column: _Optional[str] = ..., style: _Optional[str] = ...) -> None: ...
 
 class MaskPlan(_message.Message):
-    __slots__ = ("rules", "derived_columns", "scan_content", "unmasked")
+    __slots__ = ("rules", "derived_columns", "scan_content", "unmasked", "withhold_errors")
     RULES_FIELD_NUMBER: _ClassVar[int]
     DERIVED_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     SCAN_CONTENT_FIELD_NUMBER: _ClassVar[int]
     UNMASKED_FIELD_NUMBER: _ClassVar[int]
+    WITHHOLD_ERRORS_FIELD_NUMBER: _ClassVar[int]
     rules: _containers.RepeatedCompositeFieldContainer[ColumnRule]
     derived_columns: _containers.RepeatedScalarFieldContainer[int]
     scan_content: bool
     unmasked: bool
-    def __init__(self, rules: _Optional[_Iterable[_Union[ColumnRule, _Mapping]]] = ..., derived_columns: _Optional[_Iterable[int]] = ..., scan_content: _Optional[bool] = ..., unmasked: _Optional[bool] = ...) -> None: ...
+    withhold_errors: bool
+    def __init__(self, rules: _Optional[_Iterable[_Union[ColumnRule, _Mapping]]] = ..., derived_columns: _Optional[_Iterable[int]] = ..., scan_content: _Optional[bool] = ..., unmasked: _Optional[bool] = ..., withhold_errors: _Optional[bool] = ...) -> None: ...
 
 class Approval(_message.Message):
     __slots__ = ("required", "reason", "approver_groups", "hold_seconds")

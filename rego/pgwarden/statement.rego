@@ -124,15 +124,46 @@ derived_columns contains o.position if {
 	count(cls.table_columns(table, "pan")) > 0
 }
 
-default mask := {"rules": [], "derived_columns": [], "scan_content": true, "unmasked": false}
+# PostgreSQL quotes the value it failed on in an error (a cast, a date, a
+# JSON token, a violated constraint's row), and an expression can first
+# reshape a card number past any detector:
+# translate(card_number, '0123456789', 'abcdefghij')::int. So the server's
+# error text is withheld from a masked identity for a statement that reads
+# rows of a cardholder table, or reads a cursor or a prepared statement
+# whose query it does not show (FETCH, EXECUTE). An INSERT of the client's
+# own values (no read, no DO UPDATE) keeps it: its errors quote those.
+default withhold_errors := false
 
-mask := {"rules": [], "derived_columns": [], "scan_content": false, "unmasked": true} if unmasked
+withhold_errors if {
+	some s in statements
+	some r in s.relations
+	cls.is_cardholder(r)
+	not inserts_given_values(s)
+}
+
+withhold_errors if {
+	some s in statements
+	s.command in {"fetch", "execute"}
+}
+
+inserts_given_values(s) if {
+	s.command == "insert"
+	object.get(s, "on_conflict", "") != "update"
+	every r in s.relations {
+		r.access == "write"
+	}
+}
+
+default mask := {"rules": [], "derived_columns": [], "scan_content": true, "unmasked": false, "withhold_errors": true}
+
+mask := {"rules": [], "derived_columns": [], "scan_content": false, "unmasked": true, "withhold_errors": false} if unmasked
 
 mask := {
 	"rules": [{"column": c, "style": data.pgwarden_data.classification.pan_mask_style} | some c in sort_set(mask_columns)],
 	"derived_columns": sort_set(derived_columns),
 	"scan_content": true,
 	"unmasked": false,
+	"withhold_errors": withhold_errors,
 } if not unmasked
 
 record_rows := "masked_rows" if {

@@ -116,3 +116,48 @@ test_result_limit_most_generous_group_wins if {
 test_result_limit_ignores_groups_that_may_not_query if {
 	decide(["fraud-readers", "approvers"], [read_pan]).max_result_bytes == 268435456
 }
+
+# Error text of statements that read cardholder rows is withheld from masked
+# identities (a cast error quotes the reshaped value it failed on).
+test_reader_errors_withheld_for_cardholder_reads if {
+	decide(["fraud-readers"], [read_pan]).mask.withhold_errors
+	decide(["fraud-readers"], [f.select_payments([], true)]).mask.withhold_errors
+}
+
+test_errors_kept_without_cardholder_tables if {
+	d := decide(["fraud-readers"], [f.statement({"relations": [f.rel("public.merchants", "read", ["name"], true)]})])
+	d.verdict == "allow"
+	not d.mask.withhold_errors
+	not decide(["fraud-readers"], [f.statement({})]).mask.withhold_errors
+}
+
+test_errors_withheld_for_cursor_and_prepared_reads if {
+	decide(["fraud-readers"], [f.statement({"command": "fetch"})]).mask.withhold_errors
+	decide(["fraud-readers"], [f.statement({"command": "execute"})]).mask.withhold_errors
+}
+
+test_dba_errors_never_withheld if {
+	not decide(["dba"], [read_pan]).mask.withhold_errors
+	not decide(["dba"], [f.statement({"command": "fetch"})]).mask.withhold_errors
+}
+
+insert_payment(overrides) := f.statement(object.union(
+	{"command": "insert", "relations": [f.rel("public.payments", "write", ["card_number"], true)]},
+	overrides,
+))
+
+test_insert_of_given_values_keeps_errors if {
+	not decide(["payments-writers"], [insert_payment({})]).mask.withhold_errors
+	not decide(["payments-writers"], [insert_payment({"on_conflict": "nothing"})]).mask.withhold_errors
+}
+
+test_insert_reading_rows_withholds_errors if {
+	decide(["payments-writers"], [insert_payment({"on_conflict": "update"})]).mask.withhold_errors
+	with_read := insert_payment({"relations": [
+		f.rel("public.payments", "write", ["card_number"], true),
+		f.rel("public.payments", "read", ["card_number"], true),
+	]})
+	decide(["payments-writers"], [with_read]).mask.withhold_errors
+	upd := f.statement({"command": "update", "relations": [f.rel("public.payments", "write", ["amount"], true)]})
+	decide(["payments-writers"], [upd]).mask.withhold_errors
+}

@@ -519,6 +519,91 @@ def test_derived_values_quoted_in_errors_are_masked(stack: LocalStack, seed: See
     assert exposed == 0, f"{form} ({mode}): {exposed}/7 error messages quote the derived value"
 
 
+# Errors that quote a value reshaped past any detector: a letter for each
+# digit, or a few digits at a time (the first eight as a date, four as a
+# year without quotes). form -> (expression in the WHERE clause, what of
+# the PAN the error would show).
+TO_LETTERS = str.maketrans("0123456789", "abcdefghij")
+RESHAPED_IN_ERRORS = {
+    "letters": ("translate(card_number, '0123456789', 'abcdefghij')::int > 0",
+                lambda pan: pan.translate(TO_LETTERS)),
+    "eight_digits_as_date": ("substr(card_number, 1, 8)::date IS NULL", lambda pan: pan[:8]),
+    "four_digits_unquoted": ("make_date(2000 + substr(card_number, 7, 4)::int, 13, 1) IS NULL",
+                             lambda pan: str(2000 + int(pan[6:10]))),
+}
+
+
+def _reshaped_in_error(stack: LocalStack, seed: Seed, mode: str, form: str, client: str,
+                       ident: int) -> tuple[Outcome, bool]:
+    predicate, shown = RESHAPED_IN_ERRORS[form]
+    sql = f"SELECT id FROM payments WHERE id = {ident} AND {predicate}"
+    if client == "psql":
+        outcome = psql_run(stack, mode, sql)
+    elif client == "psql-cursor":
+        # The error happens at FETCH, whose text does not name the table.
+        outcome = psql_run(stack, mode, "FETCH ALL FROM c",
+                           "-c", "BEGIN", "-c", f"DECLARE c CURSOR FOR {sql}")
+    else:
+        outcome = psycopg_run(stack, mode, sql, binary=client == "psycopg-binary", runs=1)
+    return outcome, shown(seed.by_id[ident]) in outcome.output
+
+
+@pytest.mark.parametrize("client", ["psql", "psql-cursor", "psycopg-text", "psycopg-binary"])
+@pytest.mark.parametrize("form", list(RESHAPED_IN_ERRORS))
+def test_error_text_of_a_cardholder_read_is_withheld(stack: LocalStack, seed: Seed, mode: str,
+                                                     form: str, client: str) -> None:
+    """PostgreSQL quotes the value it failed on; an expression can first
+    reshape a card number so that no detector knows it (the letters form
+    spelled the whole PAN before this was fixed). For a statement that
+    reads a cardholder table the gateway passes the SQLSTATE and withholds
+    the server's text."""
+    exposed = 0
+    for ident in range(1, 4):
+        outcome, shown = _reshaped_in_error(stack, seed, mode, form, client, ident)
+        assert not outcome.ok, f"{form} via {client} ({mode}): the failing statement succeeded"
+        assert outcome.sqlstate.startswith("22"), (
+            f"{form} via {client} ({mode}): SQLSTATE {outcome.sqlstate}, not the server's")
+        withheld = "error text was withheld" in outcome.output
+        assert withheld, f"{form} via {client} ({mode}): the error does not say it was withheld"
+        assert_no_pan(seed, outcome.output, f"{form} error via {client} ({mode})")
+        exposed += shown
+    assert exposed == 0, f"{form} via {client} ({mode}): {exposed}/3 errors show the value"
+
+
+def test_withheld_error_text_stays_out_of_the_audit_trail(stack: LocalStack, seed: Seed,
+                                                         mode: str) -> None:
+    sub = f"withheld-{mode}-{uuid.uuid4().hex[:8]}"
+    predicate, shown = RESHAPED_IN_ERRORS["letters"]
+    sql = f"SELECT id FROM payments WHERE id = 1 AND {predicate}"
+    with psycopg.connect(agent_dsn(stack, mode), password=mint(stack, sub, READER_GROUPS),
+                         autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            conn.execute(sql)
+        # The session goes on, and errors of statements on other tables keep
+        # their text.
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation) as plain:
+            conn.execute("SELECT 'not a number'::int")
+        assert "not a number" in str(plain.value)
+    store = audit_url(stack)
+    deadline = time.monotonic() + 60
+    transcript = ""
+    while time.monotonic() < deadline:
+        listed = _pgwarden("sessions", "list", "--sub", sub, "--format", "json", store=store)
+        assert listed.returncode == 0, listed.stderr[-500:]
+        sessions = json.loads(listed.stdout or "[]")
+        if sessions:
+            replay = _pgwarden("replay", sessions[-1]["session_id"], store=store)
+            assert replay.returncode == 0, replay.stderr[-500:]
+            transcript = replay.stdout
+            if transcript.count("22P02") >= 2:
+                break
+        time.sleep(1)
+    recorded = transcript.count("22P02") >= 2 and "withheld" in transcript
+    assert recorded, f"({mode}): the replay does not show both errors"
+    spelled = shown(seed.by_id[1]) in transcript
+    assert not spelled, f"({mode}): the audit trail holds the reshaped card number"
+
+
 @pytest.fixture(scope="module")
 def unique_probe(stack: LocalStack) -> Iterator[str]:
     """No column of the demo schema that holds a PAN is UNIQUE (payments and

@@ -263,3 +263,12 @@ def test_sql_level_names_a_message_creates_or_drops(sql: str, statements: list[s
 
 def test_ordinary_statements_change_no_sql_level_names() -> None:
     assert "sql_names" not in analyse("SELECT 1; DISCARD PLANS; FETCH ALL FROM c1").summary()
+
+
+def test_insert_on_conflict_says_whether_it_reads_the_existing_row() -> None:
+    base = "insert into payments (id, card_number) values (1, 'x')"
+    assert "on_conflict" not in one(base)
+    assert one(base + " on conflict do nothing")["on_conflict"] == "nothing"
+    upsert = one(base + " on conflict (id) do update set amount = "
+                 "translate(payments.card_number, '0', 'a')::numeric")
+    assert upsert["on_conflict"] == "update"

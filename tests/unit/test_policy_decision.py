@@ -51,6 +51,27 @@ def test_allow() -> None:
     assert d.analysis["commands"] == ["select"]
 
 
+def test_withhold_errors_as_the_policy_says_or_whenever_it_masks_columns() -> None:
+    def mask(**kw: Any) -> MaskPlan:
+        return from_document(doc(mask={**doc()["mask"], **kw}), revision="r",
+                             analysis=ANALYSIS).mask
+
+    assert mask(withhold_errors=True).withhold_errors
+    assert not mask(withhold_errors=False).withhold_errors
+    # A pack that does not say: withheld when it masks a column ...
+    assert mask().withhold_errors
+    assert mask(rules=[], derived_columns=[2]).withhold_errors
+    # ... not when nothing is classified, nor for raw data.
+    assert not mask(rules=[]).withhold_errors
+    assert not mask(unmasked=True).withhold_errors
+
+
+def test_a_malformed_withhold_errors_denies() -> None:
+    d = from_document(doc(mask={**doc()["mask"], "withhold_errors": "yes"}), revision="r",
+                      analysis=ANALYSIS)
+    assert d.verdict is Verdict.DENY
+
+
 def test_approval_makes_a_hold() -> None:
     d = from_document(doc(approval={"required": True, "reason": "big", "approver_groups":
                                     ["approvers"], "hold_seconds": 30}),
@@ -124,7 +145,7 @@ def test_request_round_trip() -> None:
 def test_decision_round_trip() -> None:
     d = Decision(verdict=Verdict.HOLD, reasons=("r",), decision_id="id", policy_revision="rev",
                  mask=MaskPlan(rules=(ColumnRule("a.b.c"),), derived_columns=(1,),
-                               scan_content=False, unmasked=True),
+                               scan_content=False, unmasked=True, withhold_errors=True),
                  record_rows=RecordRows.MASKED_ROWS, record_rows_cap=7,
                  analysis={"commands": ["select"]}, max_result_bytes=4096)
     assert decision_from_pb(decision_to_pb(d)) == d

@@ -320,3 +320,91 @@ def test_an_empty_query_on_a_masked_session_ends_its_statement() -> None:
     acts = s.on_write(msg(b"I") + pg.ready_for_query(b"I"))
     assert [m.type for m in pg.iter_frames(down(acts))] == [b"I", b"Z"]
     assert not s.busy
+
+
+# --------------------------------------------------------------- withheld error text
+
+WITHHOLD = Decision(verdict=Verdict.ALLOW, mask=MaskPlan(
+    rules=(ColumnRule("public.payments.card_number"),), withhold_errors=True))
+# translate(card_number, '0123456789', 'abcdefghij') of the Visa test PAN:
+# no detector sees a card number in it, anyone can read one.
+LETTERS = "ebbbbbbbbbbbbbbb"
+
+
+def _server_error(code: str, message: str, **more: str) -> bytes:
+    return pg.encode_fields(b"E", {"S": "ERROR", "V": "ERROR", "C": code, "M": message,
+                                   "F": "numutils.c", "L": "232", "R": "pg_strtoint32_safe",
+                                   **more})
+
+
+def _fields(out: bytes, kind: bytes = b"E") -> dict[str, str]:
+    frames = [f for f in pg.iter_frames(out) if f.type == kind]
+    assert len(frames) == 1, [f.type for f in pg.iter_frames(out)]
+    return pg.decode_fields(frames[0].body)
+
+
+def test_error_text_of_a_cardholder_read_is_withheld_simple_protocol() -> None:
+    s = session(WITHHOLD)
+    s.on_read(pg.simple_query(
+        "select 1 from payments where translate(card_number, '0123456789', 'abcdefghij')::int > 0"))
+    acts = s.on_write(_server_error("22P02", f'invalid input syntax for type integer: "{LETTERS}"',
+                                    D=f"detail {LETTERS}", W=f"context {LETTERS}", P="42",
+                                    q=f"select '{LETTERS}'")
+                      + pg.ready_for_query(b"I"))
+    out = down(acts)
+    assert LETTERS.encode() not in out
+    fields = _fields(out)
+    assert fields["C"] == "22P02" and fields["S"] == "ERROR" and fields["P"] == "42"
+    assert "22P02 invalid_text_representation" in fields["M"] and "withheld" in fields["M"]
+    assert not {"D", "W", "q", "F", "L", "R"} & set(fields)
+    # The audit trail records what the client got, not the server's text.
+    recorded = repr([a.record for a in acts if isinstance(a, Event)])
+    assert LETTERS not in recorded and "22P02" in recorded
+    # The session goes on.
+    assert [m.type for m in pg.iter_frames(out)] == [b"E", b"Z"]
+
+
+def test_error_text_of_a_cardholder_execute_is_withheld_extended_protocol() -> None:
+    s = session(WITHHOLD)
+    s.on_read(pg.parse_message("", "select substr(card_number, 1, 8)::date from payments")
+              + msg(b"B", b"\0\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S"))
+    # The tap describes the portal before the Execute (no Describe came).
+    described = row_description(("substr", 0, 0, 1082))
+    out = down(s.on_write(msg(b"1") + msg(b"2") + described
+                          + _server_error("22008", 'date/time field value out of range: '
+                                          '"41111111"')
+                          + pg.ready_for_query(b"I")))
+    assert b"41111111" not in out
+    assert _fields(out)["C"] == "22008"
+
+
+def test_parse_errors_and_transaction_state_errors_keep_their_text() -> None:
+    """Parse only analyses the statement (no row is read), and classes such
+    as 25 or 57 never quote a value: their text stays useful."""
+    s = session(WITHHOLD)
+    s.on_read(pg.parse_message("", "select amout from payments") + msg(b"S"))
+    out = down(s.on_write(_server_error("42703", 'column "amout" does not exist')
+                          + pg.ready_for_query(b"I")))
+    assert _fields(out)["M"] == 'column "amout" does not exist'
+    s.on_read(pg.simple_query("select card_number from payments where id = 1"))
+    out = down(s.on_write(_server_error("57014", "canceling statement due to user request")
+                          + pg.ready_for_query(b"I")))
+    assert _fields(out)["M"] == "canceling statement due to user request"
+
+
+def test_error_text_is_kept_when_the_plan_does_not_withhold_it() -> None:
+    s = session(Decision(verdict=Verdict.ALLOW, mask=MaskPlan(scan_content=True)))
+    s.on_read(pg.simple_query("select 'x'::int"))
+    out = down(s.on_write(_server_error("22P02", 'invalid input syntax for type integer: "x"')
+                          + pg.ready_for_query(b"I")))
+    assert _fields(out)["M"] == 'invalid input syntax for type integer: "x"'
+
+
+def test_a_withheld_fatal_still_ends_the_session() -> None:
+    s = session(WITHHOLD)
+    s.on_read(pg.simple_query("select card_number::int from payments"))
+    acts = s.on_write(pg.encode_fields(b"E", {"S": "FATAL", "V": "FATAL", "C": "XX000",
+                                              "M": f"cache lookup failed for {LETTERS}"}))
+    out = down(acts)
+    assert LETTERS.encode() not in out and _fields(out)["S"] == "FATAL"
+    assert s.end_reason == "server_fatal"
