@@ -157,3 +157,9 @@ test_writer_housekeeping if permits("payments-writers", f.statement({"command": 
 test_dba_anything if permits("dba", f.statement({"command": "ddl"}))
 
 test_approvers_nothing if not permits("approvers", bounded_select)
+
+# An unqualified user function is reported in pg_catalog by the analysis
+# (the search order); only names PostgreSQL ships there count as built-ins.
+test_reader_unqualified_user_function if not permits("fraud-readers", f.statement({"functions": [{"schema": "pg_catalog", "name": "wrap_anything", "qualified": false}]}))
+
+test_reader_builtin_names_are_case_insensitive if permits("fraud-readers", f.statement({"functions": [{"schema": "pg_catalog", "name": "LOWER", "qualified": false}]}))

@@ -501,6 +501,13 @@ EVASIONS = [
             "CREATE FUNCTION pgwarden_wrap2() RETURNS void LANGUAGE plpgsql "
             "AS $$ BEGIN EXECUTE 'ALTER ROLE app SUPERUSER'; END $$"),
     Evasion("user-function-call", "reader", "SELECT public.pgwarden_wrapped_read('/etc/passwd')"),
+    # Unqualified, a user function resolves after pg_catalog: the analysis
+    # reports pg_catalog, and only the list of built-in names tells them
+    # apart (before the eighth session these ran for fraud-readers).
+    Evasion("user-function-unqualified", "reader", "SELECT pgwarden_wrapped_read('/etc/passwd')"),
+    Evasion("user-function-upper-case", "reader", "SELECT PGWARDEN_WRAPPED_READ('/etc/passwd')"),
+    Evasion("user-function-in-from", "reader",
+            "SELECT * FROM pgwarden_wrapped_read('/etc/passwd') AS f"),
     Evasion("query-to-xml", "dba",
             "SELECT query_to_xml('SELECT pg_read_file(''/etc/passwd'')', true, true, '')"),
     Evasion("do-dynamic", "dba",
