@@ -299,11 +299,21 @@ _Key = tuple[str, str, str, tuple[str, ...]]
 class _Table:
     key: _Key
     candidates: list[str]  # "schema.name" the name may resolve to
+    # Column names given by the alias (`payments AS p(i, c)`): which of the
+    # table's columns they stand for is in the catalog, not here, so a
+    # reference to one is a reference to any (`schema.table.*`).
+    renamed: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
 class _Derived:
     columns: list[tuple[str, frozenset[str]]]  # output name -> source columns
+    # Output names computed by an expression (translate(card_number, ...) AS
+    # t): a query over the derived table that selects t returns a computed
+    # value, however plainly it names it; PostgreSQL gives it no column
+    # identity either (RowDescription's table OID 0). The value is COMPUTED
+    # or RESHAPED (see _KEEPS_DIGITS).
+    computed: dict[str, int] = field(default_factory=dict)
 
     def lookup(self, name: str) -> frozenset[str] | None:
         for col, sources in self.columns:
@@ -401,6 +411,12 @@ class _Statement:
         self.limited = False
         self.levels = 0
         self.unbounded_reads: set[_Key] = set()
+        # The last (sub)query's computed outputs, name -> COMPUTED or
+        # RESHAPED (set by _select and _dml for the derived table a caller
+        # builds from them), and the most of either an expression being
+        # walked came through (_expr_into, _column).
+        self.computed_out: dict[str, int] = {}
+        self.shape = PLAIN
 
     # -- entry ---------------------------------------------------------------
     def run(self, stmt: Node) -> dict[str, Any]:
@@ -438,6 +454,7 @@ class _Statement:
         columns reach the client (defaults to ``top``).
         """
         emit = top if emit is None else emit
+        self.computed_out = {}
         if kind in _NAME_STMTS:
             self.msg.names_changed(kind, body)
         if kind == "SelectStmt":
@@ -509,7 +526,8 @@ class _Statement:
             self.details["prepared_name"] = name
             if query:
                 (qkind, qbody), = query.items()
-                self._dispatch(qkind, qbody, scope, top=False)
+                # Its outputs are what an EXECUTE of it returns.
+                self._dispatch(qkind, qbody, scope, top=False, emit=emit)
                 self.details["prepared_command"] = self._command_for(qkind, qbody)
             self.msg.prepared.add(name)
             return []
@@ -537,7 +555,8 @@ class _Statement:
             inner = body.get("query", {})
             if inner:
                 (ikind, ibody), = inner.items()
-                return self._dispatch(ikind, ibody, scope, top=False)
+                # Its outputs are what a FETCH from the cursor returns.
+                return self._dispatch(ikind, ibody, scope, top=False, emit=emit)
             return []
         elif kind == "CreateTableAsStmt":
             inner = body.get("query", {})
@@ -596,25 +615,38 @@ class _Statement:
             tuple[str, frozenset[str]]]:
         op = body.get("op", "SETOP_NONE")
         scope = self._scope(outer)
+        entry_shape = self.shape  # FROM and WHERE do not shape what is returned
         self._with(body.get("withClause"), scope)
         if op != "SETOP_NONE":
             left = self._select(body.get("larg", {}), scope, top=False)
+            lshape = self.computed_out
             right = self._select(body.get("rarg", {}), scope, top=False)
+            rshape = self.computed_out
             cols = [(name, lsrc | (right[i][1] if i < len(right) else frozenset()))
                     for i, (name, lsrc) in enumerate(left)]
+            # A set operation's outputs have no column identity.
+            shapes = [max(COMPUTED if src else PLAIN, lshape.get(name, PLAIN),
+                          rshape.get(right[i][0], PLAIN) if i < len(right) else PLAIN)
+                      for i, (name, src) in enumerate(cols)]
             self._limit(body, scope)
             if top:
-                self._emit_outputs(cols, exprs=None)
+                self._emit_outputs(cols, exprs=None, shapes=shapes)
+            self.computed_out = {n: sh for (n, src), sh in zip(cols, shapes, strict=True) if src}
             return cols
         if "valuesLists" in body:
             cols = []
+            value_shapes: list[int] = []
             for row in body["valuesLists"]:
                 for i, item in enumerate(row.get("List", {}).get("items", [])):
-                    src = self._expr(item, scope)
+                    src, shape = self._shaped(item, scope)
                     if i < len(cols):
                         cols[i] = (cols[i][0], cols[i][1] | src)
+                        value_shapes[i] = max(value_shapes[i], shape)
                     else:
                         cols.append((f"column{i + 1}", src))
+                        value_shapes.append(shape)
+            self.computed_out = {n: max(sh, COMPUTED)
+                                 for (n, src), sh in zip(cols, value_shapes, strict=True) if src}
             return cols
         for item in body.get("fromClause", []):
             self._from(item, scope)
@@ -629,9 +661,11 @@ class _Statement:
         for table in reads_here:
             if not limited and id(table) not in scope.referenced:
                 self.unbounded_reads.add(table.key)
-        cols, kinds = self._targets(body.get("targetList", []), scope)
+        self.shape = entry_shape
+        cols, kinds, shapes = self._targets(body.get("targetList", []), scope)
         if top:
-            self._emit_outputs(cols, exprs=kinds)
+            self._emit_outputs(cols, exprs=kinds, shapes=shapes)
+        self.computed_out = _computed(cols, kinds, shapes)
         return cols
 
     def _limit(self, body: Node, scope: _Scope) -> bool:
@@ -648,34 +682,48 @@ class _Statement:
         return True
 
     def _emit_outputs(self, cols: list[tuple[str, frozenset[str]]],
-                      exprs: list[str] | None) -> None:
+                      exprs: list[str] | None, shapes: list[int] | None = None) -> None:
         for i, (name, sources) in enumerate(cols):
             kind = exprs[i] if exprs is not None and i < len(exprs) else (
                 "expression" if sources else "constant")
+            reshaped = shapes is not None and i < len(shapes) and shapes[i] == RESHAPED
             self.outputs.append({"position": i, "name": name, "sources": sorted(sources),
-                                 "kind": kind})
+                                 "kind": kind, "reshaped": bool(reshaped and sources)})
+
+    def _shaped(self, node: Any, scope: _Scope) -> tuple[frozenset[str], int]:
+        """Sources of an expression and the most it changed them (PLAIN,
+        COMPUTED, RESHAPED); an enclosing expression's shape keeps it."""
+        outer, self.shape = self.shape, PLAIN
+        sources = self._expr(node, scope)
+        shape = self.shape
+        self.shape = max(outer, shape)
+        return sources, shape
 
     def _targets(self, targets: list[Node], scope: _Scope) -> tuple[
-            list[tuple[str, frozenset[str]]], list[str]]:
+            list[tuple[str, frozenset[str]]], list[str], list[int]]:
         cols: list[tuple[str, frozenset[str]]] = []
         kinds: list[str] = []
+        shapes: list[int] = []
         for t in targets:
             rt = t.get("ResTarget", {})
             val = rt.get("val", {})
             ref = val.get("ColumnRef")
             if ref is not None and "A_Star" in ref["fields"][-1]:
-                for name, src in self._star(ref["fields"], scope):
+                for name, src, shape in self._star(ref["fields"], scope):
                     cols.append((name, src))
-                    kinds.append("star" if name == "*" else "column")
+                    kinds.append("expression" if shape else "star" if name == "*"
+                                 else "column")
+                    shapes.append(shape)
                 continue
-            sources = self._expr(val, scope)
+            sources, shape = self._shaped(val, scope)
             name = rt.get("name") or self._default_name(val)
             cols.append((name, sources))
+            shapes.append(shape)
             if ref is not None:
-                kinds.append("column")
+                kinds.append("expression" if shape and sources else "column")
             else:
                 kinds.append("expression" if sources else "constant")
-        return cols, kinds
+        return cols, kinds, shapes
 
     @staticmethod
     def _default_name(val: Node) -> str:
@@ -689,15 +737,17 @@ class _Statement:
             return _Statement._default_name(val["TypeCast"].get("arg", {}))
         return "?column?"
 
-    def _star(self, fields: list[Node], scope: _Scope) -> list[tuple[str, frozenset[str]]]:
+    def _star(self, fields: list[Node], scope: _Scope
+              ) -> list[tuple[str, frozenset[str], int]]:
+        """(name, sources, shape) of each column a `*` stands for."""
         qual = _strings(fields[:-1])
-        out: list[tuple[str, frozenset[str]]] = []
+        out: list[tuple[str, frozenset[str], int]] = []
         for _, entry in self._visible(scope, qual[-1] if qual else None):
             if isinstance(entry, _Table):
                 self.relations[entry.key]["columns"].add("*")
-                out.append(("*", frozenset(f"{c}.*" for c in entry.candidates)))
+                out.append(("*", frozenset(f"{c}.*" for c in entry.candidates), PLAIN))
             else:
-                out.extend(entry.columns)
+                out.extend((n, src, entry.computed.get(n, PLAIN)) for n, src in entry.columns)
         return out
 
     def _visible(self, scope: _Scope, alias: str | None) -> list[tuple[str, _Table | _Derived]]:
@@ -761,9 +811,11 @@ class _Statement:
                 self._generic(body.get("mergeWhenClauses", []), scope, "read")
         if body.get("returningList") or body.get("returningClause"):
             rl = body.get("returningList") or body.get("returningClause", {}).get("exprs", [])
-            cols, kinds = self._targets(rl, scope)
+            self.shape = PLAIN
+            cols, kinds, shapes = self._targets(rl, scope)
             if emit:
-                self._emit_outputs(cols, exprs=kinds)
+                self._emit_outputs(cols, exprs=kinds, shapes=shapes)
+            self.computed_out = _computed(cols, kinds, shapes)
             return cols
         return []
 
@@ -779,11 +831,11 @@ class _Statement:
             if qkind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
                 self.flags["data_modifying_cte"] = True
             cols = self._dispatch(qkind, qbody, scope, top=False)
+            computed = self.computed_out
             aliases = _strings(c.get("aliascolnames"))
             if aliases:
-                cols = [(aliases[i] if i < len(aliases) else n, s)
-                        for i, (n, s) in enumerate(cols)]
-            scope.ctes[c.get("ctename", "")] = _Derived(cols)
+                cols, computed = _renamed(cols, computed, aliases)
+            scope.ctes[c.get("ctename", "")] = _Derived(cols, computed)
 
     def _from(self, item: Node, scope: _Scope) -> None:
         if "RangeVar" in item:
@@ -797,6 +849,9 @@ class _Statement:
                     return
             table = self._relation(rv, "read")
             if table is not None:
+                renamed = _strings(rv.get("alias", {}).get("colnames"))
+                if renamed:
+                    table = _Table(table.key, table.candidates, frozenset(renamed))
                 scope.entries.append((alias, table))
         elif "JoinExpr" in item:
             j = item["JoinExpr"]
@@ -809,20 +864,27 @@ class _Statement:
             sub = rs.get("subquery", {})
             (skind, sbody), = sub.items()
             cols = self._dispatch(skind, sbody, scope, top=False)
+            computed = self.computed_out
             alias = rs.get("alias", {})
             names = _strings(alias.get("colnames"))
             if names:
-                cols = [(names[i] if i < len(names) else n, s) for i, (n, s) in enumerate(cols)]
-            scope.entries.append((alias.get("aliasname", ""), _Derived(cols)))
+                cols, computed = _renamed(cols, computed, names)
+            scope.entries.append((alias.get("aliasname", ""), _Derived(cols, computed)))
         elif "RangeFunction" in item:
             rf = item["RangeFunction"]
             sources: set[str] = set()
+            shape = PLAIN
             for f in rf.get("functions", []):
                 for part in f.get("List", {}).get("items", []):
-                    sources |= self._expr(part, scope)
+                    src, part_shape = self._shaped(part, scope)
+                    sources |= src
+                    shape = max(shape, part_shape)
             alias = rf.get("alias", {})
             name = alias.get("aliasname", "")
-            scope.entries.append((name, _Derived([(name, frozenset(sources))])))
+            # What a function returns is computed from its arguments.
+            scope.entries.append((name, _Derived([(name, frozenset(sources))],
+                                                 {name: max(shape, COMPUTED)} if sources
+                                                 else {})))
         else:
             self._generic(item, scope, "read")
 
@@ -1046,7 +1108,10 @@ class _Statement:
             if key == "ColumnRef":
                 out |= self._column(value["fields"], scope, record_refs)
             elif key == "FuncCall":
-                self._function(_strings(value.get("funcname")), value, scope)
+                names = _strings(value.get("funcname"))
+                if not _keeps_digits(names):
+                    self.shape = RESHAPED
+                self._function(names, value, scope)
                 for part in ("args", "agg_order", "agg_filter", "over"):
                     if part in value:
                         self._expr_into(value[part], scope, out, record_refs)
@@ -1069,6 +1134,10 @@ class _Statement:
             elif key == "RangeVar":
                 self._relation(value, "read")
             else:
+                if key == "A_Expr" and _strings(value.get("name")) != ["||"]:
+                    # Arithmetic, comparisons, LIKE ...: not the digits as
+                    # they were (concatenation keeps them).
+                    self.shape = RESHAPED
                 self._expr_into(value, scope, out, record_refs)
 
     def _param(self, number: int) -> None:
@@ -1077,8 +1146,9 @@ class _Statement:
     def _column(self, fields: list[Node], scope: _Scope, record_refs: bool) -> set[str]:
         if fields and "A_Star" in fields[-1]:
             out: set[str] = set()
-            for _, src in self._star(fields, scope):
+            for _, src, shape in self._star(fields, scope):
                 out |= src
+                self.shape = max(self.shape, shape)
             return out
         names = _strings(fields)
         if not names:
@@ -1097,6 +1167,7 @@ class _Statement:
             tables = [e for _, e in entries if isinstance(e, _Table)]
             for d in derived:
                 sources |= d.lookup(col) or frozenset()
+                self.shape = max(self.shape, d.computed.get(col, PLAIN))
             chosen: list[_Table] = tables
         else:
             chosen = [e for _, e in entries if isinstance(e, _Table)]
@@ -1105,8 +1176,10 @@ class _Statement:
                     found = e.lookup(col)
                     if found is not None:
                         sources |= found
+                        self.shape = max(self.shape, e.computed.get(col, PLAIN))
                     else:
                         sources |= e.all_sources()
+                        self.shape = max(self.shape, *e.computed.values(), PLAIN)
         if alias is None:
             # Without the catalog an unqualified name in a subquery may also be
             # a column of an enclosing query's table (a correlated reference):
@@ -1122,23 +1195,29 @@ class _Statement:
                         sources.update(f"{c}.{col}" for c in e.candidates)
                     else:
                         sources |= e.lookup(col) or frozenset()
+                        self.shape = max(self.shape, e.computed.get(col, PLAIN))
                 outer = outer.parent
             # `SELECT c FROM customers c` or `row_to_json(c)`: a bare table
             # alias is the whole row, every column of it.
             for _, whole in self._visible(scope, col):
+                # A whole row is a composite value, computed from its
+                # columns: no column rule can apply to it as a column.
+                self.shape = max(self.shape, COMPUTED)
                 if isinstance(whole, _Table):
                     self.relations[whole.key]["columns"].add("*")
                     sources.update(f"{c}.*" for c in whole.candidates)
                 else:
                     sources |= whole.all_sources()
+                    self.shape = max(self.shape, PLAIN, *whole.computed.values())
         for table in chosen:
-            self.relations[table.key]["columns"].add(col)
+            stored = "*" if col in table.renamed else col
+            self.relations[table.key]["columns"].add(stored)
             if record_refs:
                 s: _Scope | None = scope
                 while s is not None:
                     s.referenced.add(id(table))
                     s = s.parent
-            sources.update(f"{c}.{col}" for c in table.candidates)
+            sources.update(f"{c}.{stored}" for c in table.candidates)
         return sources
 
     def _function(self, names: list[str], call: Node, scope: _Scope) -> None:
@@ -1320,6 +1399,43 @@ class _Statement:
             entry["value"] = "[redacted]"
             entry["redacted"] = True
         self.comparisons.append(entry)
+
+
+# How much an output column changed the values it derives from: PLAIN (a
+# column as stored), COMPUTED (an expression: no column identity, but the
+# digits of a card number stay contiguous, where content detection and the
+# strict rule find them: casts, JSON and array builders, concatenation), or
+# RESHAPED (through any other function or operator: translate(), encode(),
+# substr(), arithmetic; only masking the column as a whole hides it).
+PLAIN, COMPUTED, RESHAPED = 0, 1, 2
+_KEEPS_DIGITS = frozenset({
+    "array_agg", "array_to_json", "array_to_string", "concat", "concat_ws", "int8",
+    "json_agg", "json_build_array", "json_build_object", "jsonb_agg", "jsonb_build_array",
+    "jsonb_build_object", "lower", "numeric", "quote_literal", "quote_nullable",
+    "row_to_json", "string_agg", "text", "to_json", "to_jsonb", "unnest", "upper", "varchar",
+})
+
+
+def _keeps_digits(names: list[str]) -> bool:
+    """A built-in (unqualified or pg_catalog.) that returns its text input's
+    digits as they were."""
+    if not names or len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
+        return False
+    return names[-1].lower() in _KEEPS_DIGITS
+
+
+def _computed(cols: list[tuple[str, frozenset[str]]], kinds: list[str],
+              shapes: list[int]) -> dict[str, int]:
+    return {n: max(sh, COMPUTED) for (n, src), k, sh in zip(cols, kinds, shapes, strict=True)
+            if k == "expression" and src}
+
+
+def _renamed(cols: list[tuple[str, frozenset[str]]], computed: dict[str, int],
+             names: list[str]) -> tuple[list[tuple[str, frozenset[str]]], dict[str, int]]:
+    """Columns of a derived table renamed by its alias list (`AS x(a, b)`)."""
+    out = [(names[i] if i < len(names) else n, src) for i, (n, src) in enumerate(cols)]
+    return out, {new: computed[old] for (new, _), (old, _) in zip(out, cols, strict=True)
+                 if old in computed}
 
 
 def _is_column(node: Node) -> bool:

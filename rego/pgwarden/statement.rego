@@ -109,19 +109,58 @@ mask_columns contains c if {
 derived_columns contains o.position if {
 	some s in statements
 	some o in s.outputs
+	derived_from_pan(o)
+}
+
+# An output computed from a PAN column, or from a whole row that has one.
+derived_from_pan(o) if {
 	o.kind == "expression"
 	some src in o.sources
 	cls.is_column(src, "pan")
 }
 
-derived_columns contains o.position if {
-	some s in statements
-	some o in s.outputs
+derived_from_pan(o) if {
 	o.kind == "expression"
 	some src in o.sources
 	endswith(src, ".*")
 	table := trim_suffix(src, ".*")
 	count(cls.table_columns(table, "pan")) > 0
+}
+
+# A card number reshaped past content detection (translate(), encode(),
+# substr(), arithmetic) is hidden only by masking its column as a whole.
+reshaped_pan(o) if {
+	derived_from_pan(o)
+	o.reshaped
+}
+
+# A table's `*` stands for as many columns as the table has, which the
+# analysis does not know: the position of a reshaped card number after it
+# is not the one the result has.
+deny_reasons contains msg if {
+	not unmasked
+	some i, s in statements
+	some star in s.outputs
+	star.kind == "star"
+	some o in s.outputs
+	o.position > star.position
+	reshaped_pan(o)
+	msg := sprintf("statement %d: output %s is computed from a card number and follows a *; name the columns instead of * so the gateway can mask it", [i + 1, o.name])
+}
+
+# A reshaped card number is masked as a whole by its position in the
+# result. COPY data carries no columns, and a cursor's or prepared
+# statement's rows come back to a FETCH or EXECUTE whose text does not say
+# what they are: there they are only content-scanned, which finds a cast or
+# a JSON-wrapped card number but not a reshaped one. So those are refused
+# for masked identities.
+deny_reasons contains msg if {
+	not unmasked
+	some i, s in statements
+	s.command in {"copy", "declare_cursor", "prepare"}
+	some o in s.outputs
+	reshaped_pan(o)
+	msg := sprintf("statement %d (%s): output column %d (%s) reshapes a card number, which only a plain SELECT can mask as a whole", [i + 1, s.command, o.position + 1, o.name])
 }
 
 # PostgreSQL quotes the value it failed on in an error (a cast, a date, a

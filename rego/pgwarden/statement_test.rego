@@ -161,3 +161,71 @@ test_insert_reading_rows_withholds_errors if {
 	upd := f.statement({"command": "update", "relations": [f.rel("public.payments", "write", ["amount"], true)]})
 	decide(["payments-writers"], [upd]).mask.withhold_errors
 }
+
+computed_pan_output := [{"position": 0, "name": "t", "sources": ["public.payments.card_number"], "kind": "expression", "reshaped": true}]
+
+test_computed_card_numbers_refused_where_rows_lose_their_columns if {
+	every command in ["copy", "declare_cursor", "prepare"] {
+		d := decide(["fraud-readers"], [f.statement({
+			"command": command, "copy_direction": "to", "copy_stdio": true, "copy_program": false,
+			"prepared_command": "select",
+			"relations": [f.rel("public.payments", "read", ["card_number"], true)],
+			"outputs": computed_pan_output,
+		})])
+		d.verdict == "deny"
+		d.reasons == [sprintf("statement 1 (%s): output column 1 (t) reshapes a card number, which only a plain SELECT can mask as a whole", [command])]
+	}
+}
+
+test_cast_card_numbers_in_copy_and_cursors_are_served if {
+	# content detection still finds a card number cast or wrapped in JSON
+	every command in ["copy", "declare_cursor"] {
+		d := decide(["fraud-readers"], [f.statement({
+			"command": command, "copy_direction": "to", "copy_stdio": true, "copy_program": false,
+			"relations": [f.rel("public.payments", "read", ["card_number"], true)],
+			"outputs": [object.union(computed_pan_output[0], {"reshaped": false})],
+		})])
+		d.verdict == "allow"
+	}
+}
+
+test_computed_card_numbers_in_a_select_are_masked_not_refused if {
+	d := decide(["fraud-readers"], [f.statement({
+		"relations": [f.rel("public.payments", "read", ["card_number"], true)],
+		"outputs": computed_pan_output,
+	})])
+	d.verdict == "allow"
+	d.mask.derived_columns == [0]
+}
+
+test_plain_card_number_columns_in_a_cursor_are_allowed if {
+	d := decide(["fraud-readers"], [f.statement({
+		"command": "declare_cursor",
+		"relations": [f.rel("public.payments", "read", ["card_number"], true)],
+		"outputs": [{"position": 0, "name": "card_number", "sources": ["public.payments.card_number"], "kind": "column"}],
+	})])
+	d.verdict == "allow"
+}
+
+test_dba_copies_computed_card_numbers if {
+	d := decide(["dba"], [f.statement({
+		"command": "copy", "copy_direction": "to", "copy_stdio": true, "copy_program": false,
+		"relations": [f.rel("public.payments", "read", ["card_number"], true)],
+		"outputs": computed_pan_output,
+	})])
+	d.verdict == "allow"
+}
+
+test_computed_card_number_after_a_star_refused if {
+	star := {"position": 0, "name": "*", "sources": ["public.payments.*"], "kind": "star"}
+	t := {"position": 1, "name": "t", "sources": ["public.payments.card_number"], "kind": "expression", "reshaped": true}
+	stmt := f.statement({"relations": [f.rel("public.payments", "read", ["*"], true)], "outputs": [star, t]})
+	d := decide(["fraud-readers"], [stmt])
+	d.verdict == "deny"
+	d.reasons == ["statement 1: output t is computed from a card number and follows a *; name the columns instead of * so the gateway can mask it"]
+
+	# before the star its position is known
+	before := f.statement({"relations": [f.rel("public.payments", "read", ["*"], true)], "outputs": [object.union(t, {"position": 0}), object.union(star, {"position": 1})]})
+	decide(["fraud-readers"], [before]).verdict == "allow"
+	decide(["dba"], [stmt]).verdict == "allow"
+}

@@ -17,6 +17,7 @@ counts or offsets, never values.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -277,7 +278,19 @@ DERIVED = {
     "reverse": ("reverse(card_number)", lambda p: p[::-1]),
     "translate": ("translate(card_number, '0123456789', 'abcdefghij')",
                   lambda p: p.translate(str.maketrans("0123456789", "abcdefghij"))),
+    "base64": ("encode(card_number::bytea, 'base64')",
+               lambda p: base64.b64encode(p.encode()).decode()),
 }
+
+
+def derived_list(column: str) -> list[str]:
+    """The DERIVED expressions over ``column``, in DERIVED's order."""
+    return [expr.replace("card_number", column) for expr, _ in DERIVED.values()]
+
+
+def derived_exprs(column: str) -> str:
+    return ", ".join(derived_list(column))
+
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -305,21 +318,34 @@ async def test_derived_values_masked_as_a_whole_or_refused(
     assert_no_pan(seed, outcome.output, what)
 
 
-# The same derived values (hex, reversed) reached through paths where the
-# output column is not a plain expression over payments in the statement at
-# hand: a server-side cursor (DECLARE, then FETCH), SQL-level PREPARE/EXECUTE,
-# column aliases in FROM, LATERAL, and a set-returning function whose body
-# the gateway cannot see. Each must be masked as a whole or refused.
+# The same derived values (hex, reversed, letters, base64) reached through
+# paths where the output column is not a plain expression over payments in
+# the statement at hand: a server-side cursor (DECLARE, then FETCH),
+# SQL-level PREPARE/EXECUTE, column aliases in FROM, LATERAL, a column of a
+# subquery or CTE computed there, functions in FROM, and a set-returning
+# function whose body the gateway cannot see. Each must be masked as a whole
+# or refused. (Before the eighth session the subquery, CTE, cursor and
+# PREPARE paths returned the letters and base64 forms as they were: only
+# digit and hex runs were caught there.)
+NAMES = "h, r, t, b"
 EVASIONS = {
-    "named_cursor": "SELECT id, encode(card_number::bytea, 'hex'), reverse(card_number) "
-                    f"FROM payments {WHERE}",
-    "prepare_execute": "PREPARE pgw_evasion AS SELECT id, encode(card_number::bytea, 'hex'), "
-                       f"reverse(card_number) FROM payments {WHERE}; EXECUTE pgw_evasion",
-    "from_column_aliases": "SELECT i, encode(c::bytea, 'hex'), reverse(c) "
+    "named_cursor": f"SELECT id, {derived_exprs('card_number')} FROM payments {WHERE}",
+    "prepare_execute": f"PREPARE pgw_evasion AS SELECT id, {derived_exprs('card_number')} "
+                       f"FROM payments {WHERE}; EXECUTE pgw_evasion",
+    "from_column_aliases": f"SELECT i, {derived_exprs('c')} "
                            "FROM payments AS p(i, c) WHERE i <= 21",
-    "lateral": "SELECT p.id, l.h, l.r FROM payments p, LATERAL (SELECT "
-               "encode(p.card_number::bytea, 'hex') AS h, reverse(p.card_number) AS r) l "
-               "WHERE p.id <= 21",
+    "lateral": f"SELECT p.id, l.h, l.r, l.t, l.b FROM payments p, LATERAL (SELECT "
+               f"{derived_exprs('p.card_number')}) l({NAMES}) WHERE p.id <= 21",
+    "subquery": f"SELECT id, {NAMES} FROM (SELECT id, {derived_exprs('card_number')} "
+                f"FROM payments {WHERE}) s(id, {NAMES})",
+    "cte": f"WITH x (id, {NAMES}) AS (SELECT id, {derived_exprs('card_number')} "
+           f"FROM payments {WHERE}) SELECT x.id, x.h, x.r, x.t, x.b FROM x",
+    "cte_star": f"WITH x AS (SELECT id, {derived_exprs('card_number')} "
+                f"FROM payments {WHERE}) SELECT * FROM x",
+    "functions_in_from": "SELECT p.id, h, r, t, b FROM payments p, "
+                         + ", ".join(f"{e} AS {n}" for e, n in zip(
+                             derived_list("p.card_number"), NAMES.split(", "), strict=True))
+                         + " WHERE p.id <= 21",
     "opaque_function": "SELECT * FROM pgwarden_masking_probe_rows()",
 }
 EVASION_RUNNERS = {
@@ -336,9 +362,8 @@ def probe_rows_function(stack: LocalStack) -> Iterator[str]:
     with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
         su.execute(f"""
             CREATE OR REPLACE FUNCTION public.{name}()
-            RETURNS TABLE (id bigint, h text, r text) LANGUAGE sql STABLE AS $$
-                SELECT id, encode(card_number::bytea, 'hex'), reverse(card_number)
-                FROM payments WHERE id <= 21 $$""")
+            RETURNS TABLE (id bigint, h text, r text, t text, b text) LANGUAGE sql STABLE AS $$
+                SELECT id, {derived_exprs('card_number')} FROM payments WHERE id <= 21 $$""")
         su.execute(f"GRANT EXECUTE ON FUNCTION public.{name}() TO PUBLIC")
     try:
         yield name
@@ -389,15 +414,54 @@ def test_derived_values_through_other_paths_masked_or_refused(
             continue
         n_rows = len(rows)
         assert n_rows == N_ROWS, f"{what}: {n_rows} rows"
-        exposed = {"hex": 0, "reverse": 0}
+        exposed = dict.fromkeys(DERIVED, 0)
         for row in rows:
             pan = seed.by_id[int(row[0])]
-            for kind, value in (("hex", str(row[1])), ("reverse", str(row[2]))):
+            for kind, value in zip(DERIVED, (str(v) for v in row[1:]), strict=True):
                 truth = DERIVED[kind][1](pan)
                 if value == truth or any(truth[i:i + 6] in value for i in range(len(truth) - 5)):
                     exposed[kind] += 1
-        assert exposed == {"hex": 0, "reverse": 0}, (
+        assert exposed == dict.fromkeys(DERIVED, 0), (
             f"{what}: derived values came back (partly) unmasked, rows per kind: {exposed}")
+
+
+# Paths where a computed card number cannot be masked by its position: COPY
+# data has no columns, a cursor's rows come back to a FETCH, a table's `*`
+# hides the position of what follows it. Each is refused for fraud-readers
+# (42501) or, for a whole row of a derived table, masked as a whole.
+SERVED_BY_PSQL = {
+    "copy": (f"COPY (SELECT id, {derived_exprs('card_number')} FROM payments {WHERE}) "
+             "TO STDOUT",),
+    "declare_fetch": ("FETCH ALL FROM c", "-c", "BEGIN", "-c", "DECLARE c CURSOR FOR SELECT id, "
+                      f"{derived_exprs('card_number')} FROM payments {WHERE}"),
+    "star_then_function": (f"SELECT * FROM payments p, {derived_list('p.card_number')[2]} AS t "
+                           "WHERE p.id <= 21",),
+    "whole_row_of_subquery": (f"SELECT x FROM (SELECT id, {derived_exprs('card_number')} "
+                              f"FROM payments {WHERE}) x",),
+    "json_of_subquery": (f"SELECT row_to_json(x) FROM (SELECT id, {derived_exprs('card_number')} "
+                         f"FROM payments {WHERE}) x",),
+}
+
+
+@pytest.mark.parametrize("path", list(SERVED_BY_PSQL))
+def test_computed_card_numbers_where_no_position_can_mask_them(
+        stack: LocalStack, seed: Seed, mode: str, path: str) -> None:
+    sql, *extra = SERVED_BY_PSQL[path]
+    outcome = psql_run(stack, mode, sql, *extra)
+    what = f"{path} via psql ({mode})"
+    assert_no_pan(seed, outcome.output, what)
+    if not outcome.ok:
+        assert outcome.sqlstate == "42501", f"{what}: neither masked nor refused"
+        return
+    # Served: the computed values came back masked as a whole (a whole row
+    # of a derived table is a record: masked to NULL).
+    data = outcome.output
+    exposed = {kind: sum(1 for pan in seed.by_id.values()
+                         if (truth := real(pan)) and any(truth[i:i + 6] in data
+                                                         for i in range(len(truth) - 5)))
+               for kind, (_, real) in DERIVED.items()}
+    assert exposed == dict.fromkeys(DERIVED, 0), (
+        f"{what}: derived values came back (partly) unmasked, rows per kind: {exposed}")
 
 
 def test_binary_cursor_over_simple_protocol(stack: LocalStack, seed: Seed, mode: str) -> None:

@@ -82,7 +82,7 @@ def test_unqualified_column_in_a_join_is_attributed_to_every_table() -> None:
 def test_lineage_through_expressions_subqueries_and_ctes() -> None:
     s = one("select encode(card_number::bytea, 'hex') as h, id from payments where id = 1")
     assert s["outputs"][0] == {"position": 0, "name": "h", "kind": "expression",
-                               "sources": ["public.payments.card_number"]}
+                               "sources": ["public.payments.card_number"], "reshaped": True}
     assert s["outputs"][1]["kind"] == "column"
     s = one("with x as (select card_number as cn from customers) select upper(cn) from x")
     assert s["outputs"][0]["sources"] == ["public.customers.card_number"]
@@ -93,6 +93,84 @@ def test_lineage_through_expressions_subqueries_and_ctes() -> None:
                                           "public.payments.card_number"]
     s = one("select 1 as one")
     assert s["outputs"][0]["kind"] == "constant"
+
+
+TRANSLATED = "translate(card_number, '0123456789', 'abcdefghij')"
+
+
+@pytest.mark.parametrize("sql", [
+    f"with x as (select {TRANSLATED} as t from payments) select t from x",
+    f"with x (t) as (select {TRANSLATED} from payments) select x.t from x",
+    f"select t from (select {TRANSLATED} as t from payments) s",
+    f"select a from (select {TRANSLATED} as t from payments) s(a)",
+    f"select * from (select {TRANSLATED} from payments) s",
+    f"select s.* from (select {TRANSLATED} from payments) s",
+    f"with x as (select {TRANSLATED} as t from payments), y as (select t as u from x) "
+    "select u from y",
+    f"select t from (select card_number as t from payments union select {TRANSLATED} "
+    "from payments) u",
+    "select t from payments p, translate(p.card_number, '0', 'a') as t",
+    "select l.t from payments p, lateral (select reverse(p.card_number) as t) l",
+    f"select s from (select {TRANSLATED} as t from payments) s",
+    "select p from payments p",
+])
+def test_a_computed_column_stays_computed_when_selected_by_name(sql: str) -> None:
+    """PostgreSQL gives such a column no identity (table OID 0), so only
+    masking it as a whole (an "expression" output) hides a reshaped PAN."""
+    out = one(sql)["outputs"][0]
+    assert out["kind"] == "expression"
+    assert any(src.startswith("public.payments.") for src in out["sources"])
+
+
+@pytest.mark.parametrize(("sql", "reshaped"), [
+    ("select card_number::bigint from payments", False),
+    ("select json_build_object('c', card_number) from payments", False),
+    ("select 'card ' || card_number from payments", False),
+    ("select x from (select card_number from payments) x", False),
+    ("select u from payments p, unnest(array[p.card_number]) u", False),
+    (f"select {TRANSLATED} from payments", True),
+    ("select encode(card_number::bytea, 'base64') from payments", True),
+    ("select substr(card_number, 1, 8) from payments", True),
+    ("select card_number::bigint / 1000000 from payments", True),
+    ("select md5(card_number) from payments", True),
+    ("select public.upper(card_number) from payments", True),
+    (f"with x as (select {TRANSLATED} as t from payments) select t from x", True),
+    (f"select x from (select {TRANSLATED} from payments) x", True),
+    ("select g from payments p, generate_series(1, length(p.card_number)) g", True),
+    (f"select t from (select card_number as t from payments union select {TRANSLATED} "
+     "from payments) u", True),
+])
+def test_reshaped_says_whether_content_detection_can_still_see_the_digits(
+        sql: str, reshaped: bool) -> None:
+    out = one(sql)["outputs"][0]
+    assert out["kind"] == "expression" and out["reshaped"] is reshaped
+
+
+def test_where_clauses_do_not_reshape_what_is_returned() -> None:
+    outs = one("select (select card_number from payments where id + 1 = 2), card_number "
+               "from payments where card_number::bigint % 7 = 0")["outputs"]
+    assert [o["reshaped"] for o in outs] == [False, False]
+
+
+def test_columns_renamed_by_a_table_alias_may_be_any_column() -> None:
+    s = one("select i, translate(c, '0', 'a') from payments as p(i, c) where i = 1")
+    assert [o["sources"] for o in s["outputs"]] == [["public.payments.*"]] * 2
+    assert s["outputs"][1]["reshaped"] and s["bounded"]
+
+
+def test_a_plain_column_through_a_subquery_stays_a_column() -> None:
+    for sql in ("select c from (select card_number as c from payments) s",
+                "with x as (select card_number from payments) select card_number from x",
+                "select s.id from (select id, card_number from payments) s"):
+        assert one(sql)["outputs"][0]["kind"] == "column", sql
+
+
+def test_cursor_and_prepared_statement_outputs_are_listed() -> None:
+    """What a FETCH or an EXECUTE will return, for the policy to judge."""
+    for sql in (f"declare c cursor for select id, {TRANSLATED} from payments",
+                f"prepare p as select id, {TRANSLATED} from payments"):
+        outs = one(sql)["outputs"]
+        assert [o["kind"] for o in outs] == ["column", "expression"], sql
 
 
 def test_returning_is_an_output() -> None:
