@@ -7,9 +7,11 @@ the same call written in SQL.
 The catalog is loaded per database, off the data path, over a connection of
 its own made with the gateway's credentials for ``catalog_role``; it is
 refreshed periodically so new tables are picked up. Until a database's
-catalog is loaded, columns have no identity and only content detection
-applies to them (which still catches every Luhn-valid PAN); the window is the
-first statement of the first session to a database after start.
+catalog is loaded, columns have no identity: a statement whose plan has
+column rules waits for the first load (``Runtime.decide``, bounded by
+``catalog_wait``; a cached decision is not used meanwhile) and is refused
+if it does not come, rather than leaving its rows to content detection
+alone (which misses a stored value that fails the Luhn check).
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ class Catalog:
         found = m.get(oid) if m is not None else None
         return found[1] if found is not None else None
 
+    def loaded(self, database: str) -> bool:
+        """Whether the database's catalog has been loaded (once at least)."""
+        return database in self._maps
+
     async def wait_loaded(self, database: str, timeout: float) -> bool:
         """Wait (up to ``timeout``) until the database's catalog is loaded;
         True if it is. A FunctionCall that arrives before the first load
@@ -96,7 +102,7 @@ class Catalog:
         if task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)
-        return database in self._functions
+        return self.loaded(database)
 
     def ensure(self, database: str) -> None:
         fresh = time.monotonic() - self._loaded_at.get(database, -1e9) < self._max_age

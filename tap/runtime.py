@@ -80,7 +80,9 @@ class Runtime:
     audit: Any = None  # tap.audit_sink.AuditSink, or None: events go to the log only
     approvals: Any = None  # policyd.approvals.client.ApprovalClient, or None
     catalog: Any = None  # tap.catalog.Catalog (names FunctionCall targets), or None
-    catalog_wait: float = 5.0  # how long a FunctionCall waits for a first catalog load
+    # How long a FunctionCall, or a statement whose plan has column rules,
+    # waits for its database's first catalog load.
+    catalog_wait: float = 5.0
     holding: set[str] = field(default_factory=set)  # session ids waiting for approval
     driver: str = "inline"
     draining: bool = False
@@ -119,6 +121,10 @@ class Runtime:
         started = time.perf_counter()
         decision = await self.decider(request)
         metrics.DECISION_LATENCY.labels(source="policyd").observe(time.perf_counter() - started)
+        if not await self._catalog_ready(decision, request.session.database):
+            return replace(decision, verdict=Verdict.DENY, sqlstate="55000", reasons=(
+                *decision.reasons, "the gateway cannot apply this statement's column masking "
+                "rules: the catalog of its database is not loaded (see the tap's log); retry"))
         if decision.verdict is not Verdict.HOLD:
             return decision
         if (request.path == "parse" and request.params is None
@@ -143,6 +149,22 @@ class Runtime:
                            reasons=(*decision.reasons, "the approval service is unavailable"))
         finally:
             self.holding.discard(request.session.session_id)
+
+    def needs_catalog(self, decision: Decision, database: str) -> bool:
+        """Column rules apply by the identity the catalog gives a result
+        column (table OID, attribute number); without the catalog of the
+        database, only content detection would look, which misses a stored
+        value that fails the Luhn check and every style but last4. Such a
+        decision waits for the catalog (a cached one goes the slow path)."""
+        return (self.catalog is not None and decision.verdict is not Verdict.DENY
+                and bool(decision.mask.rules) and not decision.mask.unmasked
+                and not self.catalog.loaded(database))
+
+    async def _catalog_ready(self, decision: Decision, database: str) -> bool:
+        if not self.needs_catalog(decision, database):
+            return True
+        loaded: bool = await self.catalog.wait_loaded(database, self.catalog_wait)
+        return loaded
 
     async def _name_function(self, request: StatementRequest) -> StatementRequest:
         """A FunctionCall the session could not name because the catalog of

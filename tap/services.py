@@ -79,6 +79,8 @@ async def build_runtime(config: PgwardenConfig, stack: AsyncExitStack) -> Runtim
         if not runtime.audit_ok:
             return AUDIT_DENY
         found = cached(request)
+        if found is not None and runtime.needs_catalog(found, request.session.database):
+            found = None  # the slow path waits for the catalog (Runtime.decide)
         if found is not None:
             metrics.DECISION_CACHE_HITS.inc()
         else:
