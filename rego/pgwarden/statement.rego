@@ -106,6 +106,15 @@ mask_columns contains c if {
 	some c in cls.pan_columns_of(r)
 }
 
+# A FETCH names a cursor, not what it reads: its rows get every PAN column's
+# rule (by the column identity PostgreSQL sends with them), not only the
+# content detection that misses a card number failing the Luhn check.
+mask_columns contains c if {
+	some s in statements
+	s.command == "fetch"
+	some c in cls.all_pan_columns
+}
+
 derived_columns contains o.position if {
 	some s in statements
 	some o in s.outputs

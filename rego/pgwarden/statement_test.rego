@@ -229,3 +229,13 @@ test_computed_card_number_after_a_star_refused if {
 	decide(["fraud-readers"], [before]).verdict == "allow"
 	decide(["dba"], [stmt]).verdict == "allow"
 }
+
+test_fetch_rows_get_every_pan_column_rule if {
+	d := decide(["fraud-readers"], [f.statement({"command": "fetch"})])
+	d.verdict == "allow"
+	d.mask.rules == [
+		{"column": "public.customers.card_number", "style": "last4"},
+		{"column": "public.payments.card_number", "style": "last4"},
+	]
+	decide(["dba"], [f.statement({"command": "fetch"})]).mask.unmasked
+}

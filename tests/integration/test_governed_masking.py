@@ -464,6 +464,55 @@ def test_computed_card_numbers_where_no_position_can_mask_them(
         f"{what}: derived values came back (partly) unmasked, rows per kind: {exposed}")
 
 
+NON_LUHN_MERCHANT = "pgwarden masking test: stored value that fails the Luhn check"
+NON_LUHN = "1234567890123456"  # no issuer prefix, no Luhn: content detection passes it
+
+
+@pytest.fixture(scope="module")
+def non_luhn_row(stack: LocalStack) -> Iterator[int]:
+    """One payments row whose card_number content detection cannot vouch
+    for (a test value, a truncated or mistyped number): only the column
+    rule masks it. Removed afterwards."""
+    with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+        row = su.execute("INSERT INTO payments (card_number, cardholder, amount, merchant) "
+                         "VALUES (%s, 'Non Luhn', 1.00, %s) RETURNING id",
+                         (NON_LUHN, NON_LUHN_MERCHANT)).fetchone()
+    assert row is not None
+    try:
+        yield int(row[0])
+    finally:
+        with psycopg.connect(shop_superuser(stack), autocommit=True) as su:
+            su.execute("DELETE FROM payments WHERE merchant = %s", (NON_LUHN_MERCHANT,))
+
+
+@pytest.mark.parametrize("path", ["select", "fetch", "psycopg-named-cursor"])
+def test_a_pan_column_is_masked_by_its_rule_through_a_cursor_too(
+        stack: LocalStack, mode: str, non_luhn_row: int, path: str) -> None:
+    """The rule of a PAN column applies by the column identity PostgreSQL
+    sends with the rows. A FETCH names only a cursor, so before the eighth
+    session its rows got content detection alone and the stored value came
+    back as it was."""
+    query = f"SELECT id, card_number FROM payments WHERE id = {non_luhn_row}"
+    if path == "psycopg-named-cursor":
+        with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack)) as conn:
+            with conn.cursor(name="pgw_rule_cursor") as cur:
+                cur.execute(query)
+                values = [str(r[1]) for r in cur.fetchall()]
+            conn.rollback()
+        shown = "|".join(values)
+    else:
+        extra = ("-c", "BEGIN", "-c", f"DECLARE c CURSOR FOR {query}") if path == "fetch" else ()
+        outcome = psql_run(stack, mode, "FETCH ALL FROM c" if path == "fetch" else query,
+                           *extra)
+        assert outcome.ok, f"{path} ({mode}): SQLSTATE {outcome.sqlstate}"
+        values = [row[1] for row in outcome.rows if len(row) == 2]
+        shown = outcome.output
+    assert len(values) == 1, f"{path} ({mode}): {len(values)} rows"
+    raw = NON_LUHN[:12] in shown
+    assert not raw, f"{path} ({mode}): the stored value came back unmasked"
+    assert values[0].endswith(NON_LUHN[-4:]), f"{path} ({mode}): not masked by the last4 rule"
+
+
 def test_binary_cursor_over_simple_protocol(stack: LocalStack, seed: Seed, mode: str) -> None:
     """DECLARE ... BINARY CURSOR returns binary values through a simple Query
     (psql's protocol): raw libpq values must hold no PAN either."""

@@ -46,6 +46,13 @@ touches(rel, kind) if {
 	k == kind
 }
 
+# Every classified PAN column ("schema.table.column").
+all_pan_columns := {concat(".", [table, col]) |
+	some table, t in tables
+	some col, k in t.columns
+	k == "pan"
+}
+
 # Classified PAN columns ("schema.table.column") of the tables a relation may be.
 pan_columns_of(rel) := {concat(".", [cand, col]) |
 	some cand in rel.candidates
