@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -697,20 +697,7 @@ def test_withheld_error_text_stays_out_of_the_audit_trail(stack: LocalStack, see
         with pytest.raises(psycopg.errors.InvalidTextRepresentation) as plain:
             conn.execute("SELECT 'not a number'::int")
         assert "not a number" in str(plain.value)
-    store = audit_url(stack)
-    deadline = time.monotonic() + 60
-    transcript = ""
-    while time.monotonic() < deadline:
-        listed = _pgwarden("sessions", "list", "--sub", sub, "--format", "json", store=store)
-        assert listed.returncode == 0, listed.stderr[-500:]
-        sessions = json.loads(listed.stdout or "[]")
-        if sessions:
-            replay = _pgwarden("replay", sessions[-1]["session_id"], store=store)
-            assert replay.returncode == 0, replay.stderr[-500:]
-            transcript = replay.stdout
-            if transcript.count("22P02") >= 2:
-                break
-        time.sleep(1)
+    transcript = replay_of(stack, sub, lambda text: text.count("22P02") >= 2)
     recorded = transcript.count("22P02") >= 2 and "withheld" in transcript
     assert recorded, f"({mode}): the replay does not show both errors"
     spelled = shown(seed.by_id[1]) in transcript
@@ -890,6 +877,26 @@ def _pgwarden(*args: str, store: str) -> subprocess.CompletedProcess[str]:
                           timeout=120, check=False)
 
 
+def replay_of(stack: LocalStack, sub: str, done: Callable[[str], bool]) -> str:
+    """``pgwarden replay`` of the last session of ``sub``, once ``done``
+    says it shows what the test waits for (or after 60 s)."""
+    store = audit_url(stack)
+    deadline = time.monotonic() + 60
+    transcript = ""
+    while time.monotonic() < deadline:
+        listed = _pgwarden("sessions", "list", "--sub", sub, "--format", "json", store=store)
+        assert listed.returncode == 0, listed.stderr[-500:]
+        sessions = json.loads(listed.stdout or "[]")
+        if sessions:
+            replay = _pgwarden("replay", sessions[-1]["session_id"], store=store)
+            assert replay.returncode == 0, replay.stderr[-500:]
+            transcript = replay.stdout
+            if done(transcript):
+                break
+        time.sleep(1)
+    return transcript
+
+
 def test_dba_sees_unmasked_data_and_it_is_recorded(stack: LocalStack, seed: Seed,
                                                    mode: str) -> None:
     sub = f"dba-{mode}-{uuid.uuid4().hex[:8]}"
@@ -903,20 +910,7 @@ def test_dba_sees_unmasked_data_and_it_is_recorded(stack: LocalStack, seed: Seed
     assert n_rows == 3 and n_raw == 3, (
         f"dba ({mode}): {n_raw} of {n_rows} values are the stored PAN")
 
-    store = audit_url(stack)
-    deadline = time.monotonic() + 60
-    transcript = ""
-    while time.monotonic() < deadline:
-        listed = _pgwarden("sessions", "list", "--sub", sub, "--format", "json", store=store)
-        assert listed.returncode == 0, listed.stderr[-500:]
-        sessions = json.loads(listed.stdout or "[]")
-        if sessions:
-            replay = _pgwarden("replay", sessions[-1]["session_id"], store=store)
-            assert replay.returncode == 0, replay.stderr[-500:]
-            transcript = replay.stdout
-            if sql in transcript and "rows returned" in transcript:
-                break
-        time.sleep(1)
+    transcript = replay_of(stack, sub, lambda text: sql in text and "rows returned" in text)
     # Booleans only: a transcript that failed to mask must not be printed.
     has_sql, allowed = sql in transcript, "ALLOW" in transcript
     who = "groups=dba" in transcript and "role=dba_role" in transcript
