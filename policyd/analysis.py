@@ -1138,6 +1138,9 @@ class _Statement:
                     # Arithmetic, comparisons, LIKE ...: not the digits as
                     # they were (concatenation keeps them).
                     self.shape = RESHAPED
+                elif key == "TypeCast" and not _cast_keeps_digits(value.get("typeName", {})):
+                    # varchar(12) keeps 12 digits, money groups them by 3.
+                    self.shape = RESHAPED
                 self._expr_into(value, scope, out, record_refs)
 
     def _param(self, number: int) -> None:
@@ -1414,6 +1417,25 @@ _KEEPS_DIGITS = frozenset({
     "jsonb_build_object", "lower", "numeric", "quote_literal", "quote_nullable",
     "row_to_json", "string_agg", "text", "to_json", "to_jsonb", "unnest", "upper", "varchar",
 })
+
+
+# Casts whose text output is the digits as they were, whatever the value: a
+# type modifier (varchar(12), char(8), numeric(20,2)) may truncate or round,
+# other types reformat (money: 374,008,…; interval; float8: 3.7e+14).
+_CAST_KEEPS_DIGITS = frozenset({
+    "bigint", "bpchar", "bytea", "character varying", "decimal",
+    "int", "int2", "int4", "int8", "integer", "json", "jsonb", "numeric", "smallint",
+    "text", "varchar",
+})
+
+
+def _cast_keeps_digits(type_name: Node) -> bool:
+    names = _strings(type_name.get("names"))
+    if type_name.get("typmods") or not names:
+        return False
+    if len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
+        return False
+    return names[-1].lower() in _CAST_KEEPS_DIGITS
 
 
 def _keeps_digits(names: list[str]) -> bool:

@@ -443,6 +443,25 @@ SERVED_BY_PSQL = {
 }
 
 
+TRUNCATED = f"SELECT id, card_number::varchar(12) FROM payments {WHERE}"
+
+
+@pytest.mark.parametrize("path", ["declare_fetch", "copy"])
+def test_a_truncating_cast_cannot_carry_a_pan_prefix_out(stack: LocalStack, seed: Seed,
+                                                         mode: str, path: str) -> None:
+    """card_number::varchar(12) is the first twelve digits: fewer than any
+    detector looks for, and with the last four a masked SELECT shows, the
+    whole number. A cast that truncates or reformats reshapes its source."""
+    if path == "copy":
+        outcome = psql_run(stack, mode, f"COPY ({TRUNCATED}) TO STDOUT")
+    else:
+        outcome = psql_run(stack, mode, "FETCH ALL FROM c", "-c", "BEGIN",
+                           "-c", f"DECLARE c CURSOR FOR {TRUNCATED}")
+    prefixes = sum(1 for pan in seed.by_id.values() if pan[:12] in outcome.output)
+    assert prefixes == 0, f"{path} ({mode}): {prefixes} twelve-digit prefixes came back"
+    assert not outcome.ok and outcome.sqlstate == "42501", f"{path} ({mode}): not refused"
+
+
 @pytest.mark.parametrize("path", list(SERVED_BY_PSQL))
 def test_computed_card_numbers_where_no_position_can_mask_them(
         stack: LocalStack, seed: Seed, mode: str, path: str) -> None:
