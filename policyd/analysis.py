@@ -1429,21 +1429,23 @@ _CAST_KEEPS_DIGITS = frozenset({
 })
 
 
+def _builtin_name(names: list[str]) -> str:
+    """The lower-case name of an unqualified or pg_catalog-qualified
+    function or type; "" for any other schema."""
+    if not names or len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
+        return ""
+    return names[-1].lower()
+
+
 def _cast_keeps_digits(type_name: Node) -> bool:
-    names = _strings(type_name.get("names"))
-    if type_name.get("typmods") or not names:
+    if type_name.get("typmods"):
         return False
-    if len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
-        return False
-    return names[-1].lower() in _CAST_KEEPS_DIGITS
+    return _builtin_name(_strings(type_name.get("names"))) in _CAST_KEEPS_DIGITS
 
 
 def _keeps_digits(names: list[str]) -> bool:
-    """A built-in (unqualified or pg_catalog.) that returns its text input's
-    digits as they were."""
-    if not names or len(names) > 2 or (len(names) == 2 and names[0] != "pg_catalog"):
-        return False
-    return names[-1].lower() in _KEEPS_DIGITS
+    """A built-in that returns its text input's digits as they were."""
+    return _builtin_name(names) in _KEEPS_DIGITS
 
 
 def _computed(cols: list[tuple[str, frozenset[str]]], kinds: list[str],

@@ -60,13 +60,13 @@ function_known(f) if {
 	not lower(f.name) in rules.admin_functions
 }
 
+function_known(f) if concat(".", [f.schema, f.name]) in rules.allowed_functions
+
 # The analysis does not see the catalog: an unqualified call resolves through
 # pg_catalog first, so it reports pg_catalog for any name. Only a name
 # PostgreSQL ships there is a built-in (rego/pgwarden_data/builtin_functions.json,
 # from scripts/gen_builtin_functions.py); `wrap_anything()` from public is not.
 builtin(name) if data.pgwarden_data.builtin_functions.names[lower(name)]
-
-function_known(f) if concat(".", [f.schema, f.name]) in rules.allowed_functions
 
 functions_known(s) if {
 	every f in s.functions {
