@@ -1411,11 +1411,14 @@ class _Statement:
 # RESHAPED (through any other function or operator: translate(), encode(),
 # substr(), arithmetic; only masking the column as a whole hides it).
 PLAIN, COMPUTED, RESHAPED = 0, 1, 2
+# (Not the functions named after types: "varchar"(x, 16, true) and
+# numeric(x, typmod) are the length and precision coercions a type modifier
+# runs, and truncate or round.)
 _KEEPS_DIGITS = frozenset({
-    "array_agg", "array_to_json", "array_to_string", "concat", "concat_ws", "int8",
+    "array_agg", "array_to_json", "array_to_string", "concat", "concat_ws",
     "json_agg", "json_build_array", "json_build_object", "jsonb_agg", "jsonb_build_array",
-    "jsonb_build_object", "lower", "numeric", "quote_literal", "quote_nullable",
-    "row_to_json", "string_agg", "text", "to_json", "to_jsonb", "unnest", "upper", "varchar",
+    "jsonb_build_object", "lower", "quote_literal", "quote_nullable",
+    "row_to_json", "string_agg", "to_json", "to_jsonb", "unnest", "upper",
 })
 
 

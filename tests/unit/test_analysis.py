@@ -138,6 +138,8 @@ def test_a_computed_column_stays_computed_when_selected_by_name(sql: str) -> Non
     ("select card_number::bigint::money from payments", True),
     ("select card_number::bigint::float8 from payments", True),
     ("select card_number::text[] from payments", False),
+    ("select \"varchar\"(card_number::varchar, 16, true) from payments", True),
+    ("select pg_catalog.numeric(card_number::numeric, 655366) from payments", True),
     ("select card_number::jsonb from payments", False),
     ("select public.upper(card_number) from payments", True),
     (f"with x as (select {TRANSLATED} as t from payments) select t from x", True),
