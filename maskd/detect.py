@@ -554,3 +554,32 @@ def scrub(text: str) -> str:
 def scrubber() -> Callable[[str], str]:
     """:func:`scrub` as a value, for structlog processors and the like."""
     return scrub
+
+
+# The strict rule, for text no column rule or Luhn check can vouch for:
+# computed output columns (RowDescription's table OID 0: every derived value,
+# e.g. encode(card_number::bytea, 'hex'), reverse(card_number), casts) and
+# error or notice text (a cast error quotes the value). A PAN transformed this
+# way is no longer Luhn-valid, so any long digit run, and any hex text that
+# spells digits, is masked there; false positives (long reference numbers
+# in computed columns) are the price of never returning a derived PAN.
+_DIGIT_RUN = re.compile(rb"\d(?:[ -]?\d){12,}")
+_HEX_DIGITS = re.compile(rb"(?:3[0-9]){13,}")
+
+
+def strict_mask(value: bytes) -> tuple[bytes, int]:
+    """Mask long digit runs and hex-spelled digit runs as a whole (a derived
+    value keeps nothing of the PAN: issue 5, "masked as a whole")."""
+    if digit_count(value) < 13:
+        return value, 0
+    count = 0
+
+    def whole(m: re.Match[bytes]) -> bytes:
+        nonlocal count
+        count += 1
+        return bytes(0x58 if 48 <= c <= 57 or 97 <= c <= 102 or 65 <= c <= 70 else c
+                     for c in m.group(0))
+
+    masked = _HEX_DIGITS.sub(whole, value)
+    masked = _DIGIT_RUN.sub(whole, masked)
+    return masked, count

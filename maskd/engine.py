@@ -47,6 +47,7 @@ from maskd.styles import (
     first6_last4_text,
     last4_text,
     rule_fn,
+    strict_fn,
 )
 from maskd.wire import build_datarow
 from tap.hooks import MaskPlan
@@ -620,13 +621,26 @@ class Masker:
     # ---------------------------------------------------------------- COPY
 
     def copy_state(self, fmt: int | str = "text",
-                   column_types: Sequence[int] | None = None) -> CopyState:
+                   column_types: Sequence[int] | None = None, *,
+                   strict: bool = False) -> CopyState:
         """State for one COPY TO STDOUT; ``fmt`` is text/csv (0) or binary
         (1). ``column_types`` (type OIDs) sharpen binary COPY; without them
         an 8-byte field is checked as an int8 and a structurally valid
-        numeric as a numeric (a false positive corrupts, never leaks)."""
+        numeric as a numeric (a false positive corrupts, never leaks).
+        ``strict``: binary fields also get the strict rule
+        (:func:`maskd.styles.strict_fn`), as the caller applies it to text
+        COPY data; without column types an 8-byte field is left to content
+        detection (a timestamp is 8 bytes too)."""
         binary = fmt in (1, "binary")
-        return CopyState(binary=binary, column_types=tuple(column_types or ()))
+        state = CopyState(binary=binary, column_types=tuple(column_types or ()), strict=strict)
+        if binary and not self.plan.unmasked:
+            # Binary fields have positions: the plan's positional rules apply
+            # (a derived column masked as a whole, a PAN column by its rule).
+            for position, column in self.plan.column_positions:
+                state.styles[position] = self._rules.get(column, DERIVED_STYLE)
+            for position in self.plan.derived_columns:
+                state.styles[position] = DERIVED_STYLE
+        return state
 
     def mask_stream(self, chunk: bytes, state: CopyState) -> bytes:
         """Masked bytes of a COPY data stream that can be sent now.
@@ -638,7 +652,8 @@ class Masker:
         nothing back. Binary: complete tuples are masked field by field.
         Call :meth:`finish_stream` at CopyDone for what is held back."""
         if self.plan.unmasked or not (self.plan.scan_content or self.plan.rules
-                                      or self.plan.derived_columns):
+                                      or self.plan.derived_columns
+                                      or self.plan.column_positions):
             return chunk
         if state.binary:
             return self._binary_stream(chunk, state)
@@ -720,20 +735,49 @@ class Masker:
 
     def _copy_field(self, state: CopyState, i: int, v: bytes) -> bytes:
         oid = state.column_types[i] if i < len(state.column_types) else 0
+        style = state.styles.get(i)
+        if style is not None:
+            return self._copy_rule(state, style, oid or _guess_binary_type(v), v)
         fn = state.fns.get(oid)
         if fn is None and oid not in state.fns:
             fn = content_fn(oid, 1, self.content_style) if oid else _guess_binary
             state.fns[oid] = fn
+        new = v
+        try:
+            if fn is not None:
+                scanned = fn(v)
+                if scanned is not v:
+                    state.stats.add("copy", CONTENT_RULE, 1)
+                # COPY fields are never turned into NULL by content
+                new = v if scanned is None else scanned
+            if state.strict:
+                sfn = state.strict_fns.get(oid)
+                if sfn is None and oid not in state.strict_fns:
+                    sfn = strict_fn(oid, 1) if oid else _strict_guess_binary
+                    state.strict_fns[oid] = sfn
+                if sfn is not None:
+                    after = sfn(new)
+                    if after is not new and after is not None:
+                        state.stats.add("copy", "strict", 1)
+                        new = after
+        except _MALFORMED as exc:
+            raise MaskError("malformed binary value in COPY data") from exc
+        return new
+
+    def _copy_rule(self, state: CopyState, style: str, oid: int, v: bytes) -> bytes:
+        fn = state.rule_fns.get((style, oid))
         if fn is None:
-            return v
+            # the null style: a NULL cannot take a field's place here
+            fn = rule_fn(DERIVED_STYLE if style == "null" else style, oid, 1, self._column_key)
+            state.rule_fns[(style, oid)] = fn
         try:
             new = fn(v)
         except _MALFORMED as exc:
             raise MaskError("malformed binary value in COPY data") from exc
+        if new is None:
+            raise MaskError("a COPY field could not be masked")
         if new is not v:
-            state.stats.add("copy", CONTENT_RULE, 1)
-        if new is None:  # COPY fields are never turned into NULL by content
-            return v
+            state.stats.add("copy", DERIVED_RULE if style == DERIVED_STYLE else style, 1)
         return new
 
     def digest(self) -> ResultDigest:
@@ -758,6 +802,36 @@ def _guess_binary(v: bytes) -> bytes:
         if ndigits * 2 + 8 == len(v) and _decode_numeric_safe(v):
             return _numeric_fn(v) or v
     return _unknown_fn(v) or v
+
+
+_strict_u = strict_fn(0, 1)
+_strict_n = strict_fn(Oid.NUMERIC, 1)
+assert _strict_u is not None and _strict_n is not None
+_strict_unknown: ValueFn = _strict_u
+_strict_numeric: ValueFn = _strict_n
+
+
+def _guess_binary_type(v: bytes) -> int:
+    """The type a binary COPY field of a known card number column most
+    likely has: an int8 by its size, a numeric by its structure, else text."""
+    if len(v) == 8:
+        return Oid.INT8
+    if len(v) >= 12 and (len(v) - 8) % 2 == 0:
+        ndigits = struct.unpack_from(">h", v)[0]
+        if ndigits * 2 + 8 == len(v) and _decode_numeric_safe(v):
+            return Oid.NUMERIC
+    return Oid.TEXT
+
+
+def _strict_guess_binary(v: bytes) -> bytes | None:
+    """The strict rule for a binary COPY field of unknown type: a
+    numeric-shaped value as a numeric, an 8-byte one not at all (int8,
+    float8, timestamp and money look alike; the policy refuses a binary
+    COPY of a card number column), anything else as text or a container."""
+    oid = _guess_binary_type(v)
+    if oid == Oid.INT8:
+        return v
+    return _strict_numeric(v) if oid == Oid.NUMERIC else _strict_unknown(v)
 
 
 def _decode_numeric_safe(v: bytes) -> bool:
@@ -786,6 +860,10 @@ class CopyState:
     header_done: bool = False
     stats: MaskStats = field(default_factory=MaskStats)
     fns: dict[int, ValueFn | None] = field(default_factory=dict)
+    strict: bool = False
+    strict_fns: dict[int, ValueFn | None] = field(default_factory=dict)
+    styles: dict[int, str] = field(default_factory=dict)  # field position -> rule
+    rule_fns: dict[tuple[str, int], ValueFn] = field(default_factory=dict)
 
 
 class ResultDigest:

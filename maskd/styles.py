@@ -29,11 +29,12 @@ docs/masking.md documents each style for each type.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import struct
 from collections.abc import Callable
 
-from maskd.detect import MASK_CHAR, is_pan_digits, mask_bytes
+from maskd.detect import MASK_CHAR, is_pan_digits, mask_bytes, strict_mask
 
 __all__ = [
     "REDACTED",
@@ -102,6 +103,8 @@ _INT2 = struct.Struct(">h")
 _NUMERIC_HEAD = struct.Struct(">hhHh")
 _NUMERIC_NEG = 0x4000
 _I32 = struct.Struct(">i")
+_FLOAT8 = struct.Struct(">d")
+_MONEY = 790
 _U32 = struct.Struct(">I")
 
 
@@ -443,6 +446,73 @@ def content_fn(oid: int, fmt: int, style: str = "last4") -> ValueFn | None:
     if oid in TEXT_TYPES or oid == Oid.BYTEA:
         return scan
     return _binary_container_fn(lambda e_oid: content_fn(e_oid, 1, style), fallback=scan)
+
+
+def strict_fn(oid: int, fmt: int) -> ValueFn | None:
+    """The strict rule for one computed column or COPY field: a value that
+    could carry a card number's digits in any order or spelling is masked as
+    a whole, Luhn-valid or not (a reshaped or non-Luhn PAN passes content
+    detection). Text: runs of 13 or more digits, and hex that spells them,
+    become X (a number becomes 0, so it still parses). Binary: an int8,
+    money, float8 or numeric of 13 or more integer digits becomes 0,
+    text-like values are treated as in text, arrays and records element by
+    element. None for binary types that cannot hold 13 digits; the very
+    same object back when nothing was masked."""
+    if fmt == 0:  # any type: a float prints 15 to 17 digits of a cast PAN
+        return _strict_number_text if oid in NUMBER_TYPES else _strict_text
+    if oid == Oid.FLOAT8:
+        return _strict_float8_binary
+    if oid in NO_PAN_TYPES:
+        return None
+    if oid in (Oid.INT8, _MONEY):
+        return _strict_int8_binary
+    if oid == Oid.NUMERIC:
+        return _strict_numeric_binary
+    if oid == Oid.JSONB:
+        return _strict_jsonb_binary
+    if oid in TEXT_TYPES or oid in (Oid.BYTEA, Oid.JSON):
+        return _strict_text
+    return _binary_container_fn(lambda e_oid: strict_fn(e_oid, 1), fallback=_strict_text)
+
+
+def strict_needs_digits(oid: int, fmt: int) -> bool:
+    """True when :func:`strict_fn` can only change a value that holds 13
+    ASCII digits (a cheap test skips the rest); False for binary numbers and
+    containers, whose digits are not ASCII."""
+    return fmt == 0 or oid in TEXT_TYPES or oid in (Oid.BYTEA, Oid.JSON, Oid.JSONB)
+
+
+def _strict_text(v: bytes) -> bytes:
+    masked, n = strict_mask(v)
+    return masked if n else v
+
+
+def _strict_number_text(v: bytes) -> bytes:
+    return b"0" if strict_mask(v)[1] else v
+
+
+def _strict_int8_binary(v: bytes) -> bytes:
+    n = _INT8.unpack(v)[0]
+    return v if -10**12 < n < 10**12 else _INT8.pack(0)
+
+
+def _strict_float8_binary(v: bytes) -> bytes:
+    x = _FLOAT8.unpack(v)[0]
+    return _FLOAT8.pack(0.0) if math.isfinite(x) and abs(x) >= 1e12 else v
+
+
+def _strict_numeric_binary(v: bytes) -> bytes:
+    if len(v) < 12:  # fewer than 2 base-10000 groups: < 8 digits
+        return v
+    dec = decode_numeric(v)
+    if dec is None or dec[0] < 10**12:
+        return v
+    return encode_numeric(0, False, dec[2])
+
+
+def _strict_jsonb_binary(v: bytes) -> bytes:
+    masked, n = strict_mask(v[1:])
+    return v[:1] + masked if n else v
 
 
 # --------------------------------------------------------------------------

@@ -966,6 +966,17 @@ class _Statement:
         filename = body.get("filename")
         self.details["copy_filename"] = filename
         self.details["copy_stdio"] = filename is None
+        # FORMAT text (the default), csv or binary; the old `BINARY` and
+        # `CSV` keywords come as the same option. PostgreSQL refuses a
+        # second FORMAT, so "binary" anywhere is what it will use.
+        fmt = "text"
+        for opt in body.get("options", []):
+            d = opt.get("DefElem", {})
+            if d.get("defname") == "format":
+                value = str(d.get("arg", {}).get("String", {}).get("sval", "")).lower()
+                if value == "binary" or fmt != "binary":
+                    fmt = value or fmt
+        self.details["copy_format"] = fmt
         if body.get("relation"):
             t = self._relation(body["relation"], "write" if is_from else "read")
             if t is not None:

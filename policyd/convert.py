@@ -102,6 +102,8 @@ def decision_to_pb(decision: Decision, *, params_read: tuple[int, ...] = (),
             scan_content=decision.mask.scan_content,
             unmasked=decision.mask.unmasked,
             withhold_errors=decision.mask.withhold_errors,
+            column_positions=[pb.ColumnPosition(position=p, column=c)
+                              for p, c in decision.mask.column_positions],
         ),
         approval=pb.Approval(
             required=decision.approval.required, reason=decision.approval.reason,
@@ -144,6 +146,7 @@ def decision_from_pb(msg: pb.DecideResponse) -> Decision:
             scan_content=msg.mask.scan_content if msg.HasField("mask") else True,
             unmasked=msg.mask.unmasked,
             withhold_errors=msg.mask.withhold_errors,
+            column_positions=tuple((p.position, p.column) for p in msg.mask.column_positions),
         ),
         approval=Approval(
             required=msg.approval.required, reason=msg.approval.reason,

@@ -176,6 +176,12 @@ def _mask(doc: Any) -> MaskPlan:
             raise ValueError(f"unknown mask style {style!r}")
         rules.append(ColumnRule(column=rule["column"], style=style))
     derived = tuple(int(p) for p in doc.get("derived_columns", []))
+    positions = []
+    for item in doc.get("column_positions", []):
+        if (not isinstance(item, dict) or not isinstance(item.get("column"), str)
+                or not isinstance(item.get("position"), int)):
+            raise TypeError("mask.column_positions entries need a position and a column")
+        positions.append((item["position"], item["column"]))
     unmasked = doc.get("unmasked", False) is True
     withhold = doc.get("withhold_errors")
     if withhold is None:
@@ -189,6 +195,7 @@ def _mask(doc: Any) -> MaskPlan:
         scan_content=doc.get("scan_content", True) is not False,
         unmasked=unmasked,
         withhold_errors=withhold,
+        column_positions=tuple(positions),
     )
 
 

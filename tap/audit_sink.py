@@ -235,7 +235,7 @@ def _error_text(r: dict[str, Any]) -> str:
     error = r.get("error")
     if not error:
         return ""
-    from tap.masking import strict_mask
+    from maskd.detect import strict_mask
 
     text = scrub_text(str(error))
     masked, n = strict_mask(text.encode())

@@ -94,10 +94,15 @@ class MaskPlan:
     # The server's error text is not passed on for this statement (it may
     # quote a reshaped card number); SQLSTATE and position are.
     withhold_errors: bool = False
+    # (position, schema.table.column) of binary COPY output columns that are
+    # a classified column: its rule applies there (COPY data carries no
+    # column identity the way a RowDescription does).
+    column_positions: tuple[tuple[int, str], ...] = ()
 
     @property
     def active(self) -> bool:
-        return not self.unmasked and bool(self.rules or self.derived_columns or self.scan_content)
+        return not self.unmasked and bool(self.rules or self.derived_columns or self.scan_content
+                                          or self.column_positions)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,14 +14,14 @@ message is replaced by an ErrorResponse: never delivered raw.
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from maskd.detect import digit_count, mask_pans, may_contain_pan
+from maskd.detect import digit_count, mask_pans, may_contain_pan, strict_mask
 from maskd.engine import ColumnMeta, CopyState, Masker, MaskError, MaskStats, RowMasker
+from maskd.styles import ValueFn, strict_fn, strict_needs_digits
 from tap import protocol as pg
 from tap.hooks import Decision, MaskPlan
 
@@ -32,44 +32,6 @@ CatalogLookup = Callable[[str], ColumnResolver]
 _MASK_FAILED = pg.error_response(
     "58000", "pgwarden: a result could not be masked and was withheld; the session continues",
     hint="retry; if it persists, tell the gateway operators (the event is recorded)")
-
-
-# The strict rule, for text no column rule or Luhn check can vouch for:
-# computed output columns (RowDescription's table OID 0: every derived value,
-# e.g. encode(card_number::bytea, 'hex'), reverse(card_number), casts) and
-# error or notice text (a cast error quotes the value). A PAN transformed this
-# way is no longer Luhn-valid, so any long digit run, and any hex text that
-# spells digits, is masked there; false positives (long reference numbers
-# in computed columns) are the price of never returning a derived PAN.
-_DIGIT_RUN = re.compile(rb"\d(?:[ -]?\d){12,}")
-_HEX_DIGITS = re.compile(rb"(?:3[0-9]){13,}")
-_INT8 = 20
-_MIN_PAN_VALUE = 10 ** 12
-
-
-def strict_mask(value: bytes) -> tuple[bytes, int]:
-    """Mask long digit runs and hex-spelled digit runs as a whole (a derived
-    value keeps nothing of the PAN: issue 5, "masked as a whole")."""
-    if digit_count(value) < 13:
-        return value, 0
-    count = 0
-
-    def whole(m: re.Match[bytes]) -> bytes:
-        nonlocal count
-        count += 1
-        return bytes(0x58 if 48 <= c <= 57 or 97 <= c <= 102 or 65 <= c <= 70 else c
-                     for c in m.group(0))
-
-    masked = _HEX_DIGITS.sub(whole, value)
-    masked = _DIGIT_RUN.sub(whole, masked)
-    return masked, count
-
-
-def _strict_binary_int8(value: bytes) -> bytes | None:
-    number = int.from_bytes(value, "big", signed=True)
-    if abs(number) < _MIN_PAN_VALUE:
-        return None
-    return (0).to_bytes(8, "big", signed=True)
 
 
 def _no_catalog(_database: str) -> ColumnResolver:
@@ -119,15 +81,21 @@ class MaskingFactory:
             masker = self.masker(plan if plan.active else self.ambient)
             columns = [ColumnMeta(name=f.name, table_column=name, type_oid=f.type_oid,
                                   format=f.format) for f, name in zip(fields, names, strict=True)]
-            strict: tuple[tuple[int, int, int], ...] = ()
+            strict: list[tuple[int, ValueFn]] = []
+            strict_binary = False
             if plan.scan_content or not plan.active:
-                strict = tuple((i, f.type_oid, f.format) for i, f in enumerate(fields)
-                               if f.table_oid == 0)
-            shape = (plan, fields, masker, masker.prepare(columns), strict)
+                for i, f in enumerate(fields):
+                    fn = strict_fn(f.type_oid, f.format) if f.table_oid == 0 else None
+                    if fn is not None:
+                        strict.append((i, fn))
+                        # a binary number or container holds no ASCII
+                        # digits, so no cheap test can skip its rows
+                        strict_binary |= not strict_needs_digits(f.type_oid, f.format)
+            shape = (plan, fields, masker, masker.prepare(columns), tuple(strict), strict_binary)
             if len(self._shapes) >= 1024:
                 self._shapes.clear()
             self._shapes[key] = shape
-        return ResultMasker(shape[2], shape[3].fresh(), fields, shape[4])
+        return ResultMasker(shape[2], shape[3].fresh(), fields, shape[4], shape[5])
 
 
 class ResultMasker:
@@ -137,12 +105,13 @@ class ResultMasker:
 
     def __init__(self, masker: Masker, rows: RowMasker | None,
                  fields: tuple[pg.Field, ...] | None,
-                 strict: tuple[tuple[int, int, int], ...] = ()) -> None:
+                 strict: tuple[tuple[int, ValueFn], ...] = (),
+                 strict_binary: bool = False) -> None:
         self._masker = masker
         self._rows = rows
         self._fields = fields
-        self._strict = strict  # (index, type OID, format) of computed columns
-        self._strict_binary = any(fmt == 1 and oid == _INT8 for _, oid, fmt in strict)
+        self._strict = strict  # (index, strict rule) of computed columns
+        self._strict_binary = strict_binary
         self._copy: CopyState | None = None
         self.stats = MaskStats()
 
@@ -200,23 +169,19 @@ class ResultMasker:
     def _strict_pass(self, body: bytes) -> bytes:
         values = pg.decode_data_row(body)
         changed = False
-        for index, oid, fmt in self._strict:
+        for index, fn in self._strict:
             if index >= len(values):
                 continue
             v = values[index]
             if v is None:
                 continue
-            if fmt == 1 and oid == _INT8 and len(v) == 8:
-                new = _strict_binary_int8(v)
-                if new is not None:
-                    values[index] = new
-                    self.stats.add("(computed column)", "strict", 1)
-                    changed = True
-                continue
-            masked, n = strict_mask(v)
-            if n:
+            try:
+                masked = fn(v)
+            except (struct.error, IndexError, OverflowError) as exc:
+                raise MaskError("malformed binary value in a computed column") from exc
+            if masked is not v:
                 values[index] = masked
-                self.stats.add("(computed column)", "strict", n)
+                self.stats.add("(computed column)", "strict", 1)
                 changed = True
         return pg.encode_data_row(values)[5:] if changed else body
 
@@ -256,7 +221,7 @@ class ResultMasker:
     def copy_out_started(self, body: bytes) -> None:
         """CopyOutResponse: overall format 0 text/CSV, 1 binary."""
         fmt = body[0] if body else 0
-        self._copy = self._masker.copy_state(fmt)
+        self._copy = self._masker.copy_state(fmt, strict=not self._masker.plan.unmasked)
 
     def copy_done(self) -> bytes:
         if self._copy is None:

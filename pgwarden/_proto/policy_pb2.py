@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cpolicy.proto\x12\x12pgwarden.policy.v1\"\x8f\x01\n\x08Identity\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x12\n\x05\x61\x63tor\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nexpires_at\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_actorB\r\n\x0b_expires_at\"\xc1\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x15\n\rupstream_role\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x05 \x01(\t\x12\x18\n\x10\x61pplication_name\x18\x06 \x01(\t\x12\x0b\n\x03tls\x18\x07 \x01(\x08\x12\x13\n\x0bsearch_path\x18\x08 \x01(\t\x12\x1a\n\x12transaction_status\x18\t \x01(\t\"\'\n\x05Param\x12\x0f\n\x07is_null\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\t\"\xe1\x01\n\rDecideRequest\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.pgwarden.policy.v1.Identity\x12,\n\x07session\x18\x02 \x01(\x0b\x32\x1b.pgwarden.policy.v1.Session\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x16\n\x0estatement_name\x18\x05 \x01(\t\x12\x14\n\x0cparams_known\x18\x06 \x01(\x08\x12)\n\x06params\x18\x07 \x03(\x0b\x32\x19.pgwarden.policy.v1.Param\"+\n\nColumnRule\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\r\n\x05style\x18\x02 \x01(\t\"\x93\x01\n\x08MaskPlan\x12-\n\x05rules\x18\x01 \x03(\x0b\x32\x1e.pgwarden.policy.v1.ColumnRule\x12\x17\n\x0f\x64\x65rived_columns\x18\x02 \x03(\x05\x12\x14\n\x0cscan_content\x18\x03 \x01(\x08\x12\x10\n\x08unmasked\x18\x04 \x01(\x08\x12\x17\n\x0fwithhold_errors\x18\x05 \x01(\x08\"[\n\x08\x41pproval\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x61pprover_groups\x18\x03 \x03(\t\x12\x14\n\x0chold_seconds\x18\x04 \x01(\x01\"\xf2\x02\n\x0e\x44\x65\x63ideResponse\x12,\n\x07verdict\x18\x01 \x01(\x0e\x32\x1b.pgwarden.policy.v1.Verdict\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x04 \x01(\t\x12\x10\n\x08sqlstate\x18\x05 \x01(\t\x12*\n\x04mask\x18\x06 \x01(\x0b\x32\x1c.pgwarden.policy.v1.MaskPlan\x12.\n\x08\x61pproval\x18\x07 \x01(\x0b\x32\x1c.pgwarden.policy.v1.Approval\x12\x13\n\x0brecord_rows\x18\x08 \x01(\t\x12\x17\n\x0frecord_rows_cap\x18\t \x01(\x05\x12\x15\n\ranalysis_json\x18\n \x01(\t\x12\x13\n\x0bparams_read\x18\x0b \x03(\x05\x12\x11\n\tcacheable\x18\x0c \x01(\x08\x12\x18\n\x10max_result_bytes\x18\r \x01(\x03\"\x86\x01\n\x14\x44\x65\x63ideConnectRequest\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.pgwarden.policy.v1.Identity\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12,\n\x07session\x18\x03 \x01(\x0b\x32\x1b.pgwarden.policy.v1.Session\"~\n\x15\x44\x65\x63ideConnectResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x15\n\rupstream_role\x18\x02 \x01(\t\x12\x0f\n\x07reasons\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x05 \x01(\t\"\x16\n\x14WatchRevisionRequest\"<\n\x0eRevisionUpdate\x12\x17\n\x0fpolicy_revision\x18\x01 \x01(\t\x12\x11\n\topa_ready\x18\x02 \x01(\x08*Y\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x10\n\x0cVERDICT_DENY\x10\x02\x12\x10\n\x0cVERDICT_HOLD\x10\x03\x32\xad\x02\n\rPolicyService\x12Q\n\x06\x44\x65\x63ide\x12!.pgwarden.policy.v1.DecideRequest\x1a\".pgwarden.policy.v1.DecideResponse\"\x00\x12\x66\n\rDecideConnect\x12(.pgwarden.policy.v1.DecideConnectRequest\x1a).pgwarden.policy.v1.DecideConnectResponse\"\x00\x12\x61\n\rWatchRevision\x12(.pgwarden.policy.v1.WatchRevisionRequest\x1a\".pgwarden.policy.v1.RevisionUpdate\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cpolicy.proto\x12\x12pgwarden.policy.v1\"\x8f\x01\n\x08Identity\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06groups\x18\x02 \x03(\t\x12\x0e\n\x06issuer\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x12\n\x05\x61\x63tor\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nexpires_at\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_actorB\r\n\x0b_expires_at\"\xc1\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x15\n\rupstream_role\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x05 \x01(\t\x12\x18\n\x10\x61pplication_name\x18\x06 \x01(\t\x12\x0b\n\x03tls\x18\x07 \x01(\x08\x12\x13\n\x0bsearch_path\x18\x08 \x01(\t\x12\x1a\n\x12transaction_status\x18\t \x01(\t\"\'\n\x05Param\x12\x0f\n\x07is_null\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\t\"\xe1\x01\n\rDecideRequest\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.pgwarden.policy.v1.Identity\x12,\n\x07session\x18\x02 \x01(\x0b\x32\x1b.pgwarden.policy.v1.Session\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x16\n\x0estatement_name\x18\x05 \x01(\t\x12\x14\n\x0cparams_known\x18\x06 \x01(\x08\x12)\n\x06params\x18\x07 \x03(\x0b\x32\x19.pgwarden.policy.v1.Param\"+\n\nColumnRule\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\r\n\x05style\x18\x02 \x01(\t\"\xd1\x01\n\x08MaskPlan\x12-\n\x05rules\x18\x01 \x03(\x0b\x32\x1e.pgwarden.policy.v1.ColumnRule\x12\x17\n\x0f\x64\x65rived_columns\x18\x02 \x03(\x05\x12\x14\n\x0cscan_content\x18\x03 \x01(\x08\x12\x10\n\x08unmasked\x18\x04 \x01(\x08\x12\x17\n\x0fwithhold_errors\x18\x05 \x01(\x08\x12<\n\x10\x63olumn_positions\x18\x06 \x03(\x0b\x32\".pgwarden.policy.v1.ColumnPosition\"2\n\x0e\x43olumnPosition\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\"[\n\x08\x41pproval\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x61pprover_groups\x18\x03 \x03(\t\x12\x14\n\x0chold_seconds\x18\x04 \x01(\x01\"\xf2\x02\n\x0e\x44\x65\x63ideResponse\x12,\n\x07verdict\x18\x01 \x01(\x0e\x32\x1b.pgwarden.policy.v1.Verdict\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x04 \x01(\t\x12\x10\n\x08sqlstate\x18\x05 \x01(\t\x12*\n\x04mask\x18\x06 \x01(\x0b\x32\x1c.pgwarden.policy.v1.MaskPlan\x12.\n\x08\x61pproval\x18\x07 \x01(\x0b\x32\x1c.pgwarden.policy.v1.Approval\x12\x13\n\x0brecord_rows\x18\x08 \x01(\t\x12\x17\n\x0frecord_rows_cap\x18\t \x01(\x05\x12\x15\n\ranalysis_json\x18\n \x01(\t\x12\x13\n\x0bparams_read\x18\x0b \x03(\x05\x12\x11\n\tcacheable\x18\x0c \x01(\x08\x12\x18\n\x10max_result_bytes\x18\r \x01(\x03\"\x86\x01\n\x14\x44\x65\x63ideConnectRequest\x12.\n\x08identity\x18\x01 \x01(\x0b\x32\x1c.pgwarden.policy.v1.Identity\x12\x10\n\x08\x64\x61tabase\x18\x02 \x01(\t\x12,\n\x07session\x18\x03 \x01(\x0b\x32\x1b.pgwarden.policy.v1.Session\"~\n\x15\x44\x65\x63ideConnectResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x15\n\rupstream_role\x18\x02 \x01(\t\x12\x0f\n\x07reasons\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\x05 \x01(\t\"\x16\n\x14WatchRevisionRequest\"<\n\x0eRevisionUpdate\x12\x17\n\x0fpolicy_revision\x18\x01 \x01(\t\x12\x11\n\topa_ready\x18\x02 \x01(\x08*Y\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x10\n\x0cVERDICT_DENY\x10\x02\x12\x10\n\x0cVERDICT_HOLD\x10\x03\x32\xad\x02\n\rPolicyService\x12Q\n\x06\x44\x65\x63ide\x12!.pgwarden.policy.v1.DecideRequest\x1a\".pgwarden.policy.v1.DecideResponse\"\x00\x12\x66\n\rDecideConnect\x12(.pgwarden.policy.v1.DecideConnectRequest\x1a).pgwarden.policy.v1.DecideConnectResponse\"\x00\x12\x61\n\rWatchRevision\x12(.pgwarden.policy.v1.WatchRevisionRequest\x1a\".pgwarden.policy.v1.RevisionUpdate\"\x00\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERDICT']._serialized_start=1659
-  _globals['_VERDICT']._serialized_end=1748
+  _globals['_VERDICT']._serialized_start=1773
+  _globals['_VERDICT']._serialized_end=1862
   _globals['_IDENTITY']._serialized_start=37
   _globals['_IDENTITY']._serialized_end=180
   _globals['_SESSION']._serialized_start=183
@@ -44,19 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLUMNRULE']._serialized_start=647
   _globals['_COLUMNRULE']._serialized_end=690
   _globals['_MASKPLAN']._serialized_start=693
-  _globals['_MASKPLAN']._serialized_end=840
-  _globals['_APPROVAL']._serialized_start=842
-  _globals['_APPROVAL']._serialized_end=933
-  _globals['_DECIDERESPONSE']._serialized_start=936
-  _globals['_DECIDERESPONSE']._serialized_end=1306
-  _globals['_DECIDECONNECTREQUEST']._serialized_start=1309
-  _globals['_DECIDECONNECTREQUEST']._serialized_end=1443
-  _globals['_DECIDECONNECTRESPONSE']._serialized_start=1445
-  _globals['_DECIDECONNECTRESPONSE']._serialized_end=1571
-  _globals['_WATCHREVISIONREQUEST']._serialized_start=1573
-  _globals['_WATCHREVISIONREQUEST']._serialized_end=1595
-  _globals['_REVISIONUPDATE']._serialized_start=1597
-  _globals['_REVISIONUPDATE']._serialized_end=1657
-  _globals['_POLICYSERVICE']._serialized_start=1751
-  _globals['_POLICYSERVICE']._serialized_end=2052
+  _globals['_MASKPLAN']._serialized_end=902
+  _globals['_COLUMNPOSITION']._serialized_start=904
+  _globals['_COLUMNPOSITION']._serialized_end=954
+  _globals['_APPROVAL']._serialized_start=956
+  _globals['_APPROVAL']._serialized_end=1047
+  _globals['_DECIDERESPONSE']._serialized_start=1050
+  _globals['_DECIDERESPONSE']._serialized_end=1420
+  _globals['_DECIDECONNECTREQUEST']._serialized_start=1423
+  _globals['_DECIDECONNECTREQUEST']._serialized_end=1557
+  _globals['_DECIDECONNECTRESPONSE']._serialized_start=1559
+  _globals['_DECIDECONNECTRESPONSE']._serialized_end=1685
+  _globals['_WATCHREVISIONREQUEST']._serialized_start=1687
+  _globals['_WATCHREVISIONREQUEST']._serialized_end=1709
+  _globals['_REVISIONUPDATE']._serialized_start=1711
+  _globals['_REVISIONUPDATE']._serialized_end=1771
+  _globals['_POLICYSERVICE']._serialized_start=1865
+  _globals['_POLICYSERVICE']._serialized_end=2166
 # @@protoc_insertion_point(module_scope)

@@ -91,18 +91,28 @@ class ColumnRule(_message.Message):
     def __init__(self, column: _Optional[str] = ..., style: _Optional[str] = ...) -> None: ...
 
 class MaskPlan(_message.Message):
-    __slots__ = ("rules", "derived_columns", "scan_content", "unmasked", "withhold_errors")
+    __slots__ = ("rules", "derived_columns", "scan_content", "unmasked", "withhold_errors", "column_positions")
     RULES_FIELD_NUMBER: _ClassVar[int]
     DERIVED_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     SCAN_CONTENT_FIELD_NUMBER: _ClassVar[int]
     UNMASKED_FIELD_NUMBER: _ClassVar[int]
     WITHHOLD_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     rules: _containers.RepeatedCompositeFieldContainer[ColumnRule]
     derived_columns: _containers.RepeatedScalarFieldContainer[int]
     scan_content: bool
     unmasked: bool
     withhold_errors: bool
-    def __init__(self, rules: _Optional[_Iterable[_Union[ColumnRule, _Mapping]]] = ..., derived_columns: _Optional[_Iterable[int]] = ..., scan_content: _Optional[bool] = ..., unmasked: _Optional[bool] = ..., withhold_errors: _Optional[bool] = ...) -> None: ...
+    column_positions: _containers.RepeatedCompositeFieldContainer[ColumnPosition]
+    def __init__(self, rules: _Optional[_Iterable[_Union[ColumnRule, _Mapping]]] = ..., derived_columns: _Optional[_Iterable[int]] = ..., scan_content: _Optional[bool] = ..., unmasked: _Optional[bool] = ..., withhold_errors: _Optional[bool] = ..., column_positions: _Optional[_Iterable[_Union[ColumnPosition, _Mapping]]] = ...) -> None: ...
+
+class ColumnPosition(_message.Message):
+    __slots__ = ("position", "column")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    column: str
+    def __init__(self, position: _Optional[int] = ..., column: _Optional[str] = ...) -> None: ...
 
 class Approval(_message.Message):
     __slots__ = ("required", "reason", "approver_groups", "hold_seconds")

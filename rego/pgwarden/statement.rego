@@ -172,6 +172,58 @@ deny_reasons contains msg if {
 	msg := sprintf("statement %d (%s): output column %d (%s) reshapes a card number, which only a plain SELECT can mask as a whole", [i + 1, s.command, o.position + 1, o.name])
 }
 
+# Binary COPY data carries neither column identities nor types
+# (CopyOutResponse has formats only): the gateway masks a card number there
+# by its position, which the plan gives (column_positions, and
+# derived_columns for computed ones). A table's `*` has no known width, so
+# a card number in it or after it has no position: refused for a masked
+# identity. Text and CSV COPY mask every long digit run instead.
+deny_reasons contains msg if {
+	not unmasked
+	some i, s in statements
+	binary_copy(s)
+	some o in s.outputs
+	carries_pan(o)
+	unknown_position(s, o)
+	msg := sprintf("statement %d (copy): binary COPY of a card number (output %s) needs the columns named, not *, so the gateway can mask it by position", [i + 1, o.name])
+}
+
+binary_copy(s) if {
+	s.command == "copy"
+	object.get(s, "copy_format", "text") == "binary"
+}
+
+unknown_position(_, o) if o.kind == "star"
+
+unknown_position(s, o) if {
+	some star in s.outputs
+	star.kind == "star"
+	o.position > star.position
+}
+
+column_positions contains {"position": o.position, "column": src} if {
+	some s in statements
+	binary_copy(s)
+	some o in s.outputs
+	o.kind == "column"
+	not unknown_position(s, o)
+	some src in o.sources
+	cls.is_column(src, "pan")
+}
+
+# An output that holds a card number: a PAN column, a table's `*` or whole
+# row with one, or anything computed from them.
+carries_pan(o) if {
+	some src in o.sources
+	cls.is_column(src, "pan")
+}
+
+carries_pan(o) if {
+	some src in o.sources
+	endswith(src, ".*")
+	count(cls.table_columns(trim_suffix(src, ".*"), "pan")) > 0
+}
+
 # PostgreSQL quotes the value it failed on in an error (a cast, a date, a
 # JSON token, a violated constraint's row), and an expression can first
 # reshape a card number past any detector:
@@ -202,9 +254,9 @@ inserts_given_values(s) if {
 	}
 }
 
-default mask := {"rules": [], "derived_columns": [], "scan_content": true, "unmasked": false, "withhold_errors": true}
+default mask := {"rules": [], "derived_columns": [], "scan_content": true, "unmasked": false, "withhold_errors": true, "column_positions": []}
 
-mask := {"rules": [], "derived_columns": [], "scan_content": false, "unmasked": true, "withhold_errors": false} if unmasked
+mask := {"rules": [], "derived_columns": [], "scan_content": false, "unmasked": true, "withhold_errors": false, "column_positions": []} if unmasked
 
 mask := {
 	"rules": [{"column": c, "style": data.pgwarden_data.classification.pan_mask_style} | some c in sort_set(mask_columns)],
@@ -212,6 +264,7 @@ mask := {
 	"scan_content": true,
 	"unmasked": false,
 	"withhold_errors": withhold_errors,
+	"column_positions": sort_set(column_positions),
 } if not unmasked
 
 record_rows := "masked_rows" if {

@@ -239,3 +239,37 @@ test_fetch_rows_get_every_pan_column_rule if {
 	]
 	decide(["dba"], [f.statement({"command": "fetch"})]).mask.unmasked
 }
+
+binary_copy_of(outputs) := f.statement({
+	"command": "copy", "copy_direction": "to", "copy_stdio": true, "copy_program": false,
+	"copy_format": "binary",
+	"relations": [f.rel("public.payments", "read", ["id", "card_number"], true)],
+	"outputs": outputs,
+})
+
+id_output := {"position": 0, "name": "id", "sources": ["public.payments.id"], "kind": "column"}
+
+pan_output(position) := {"position": position, "name": "card_number", "sources": ["public.payments.card_number"], "kind": "column"}
+
+star_output := {"position": 0, "name": "*", "sources": ["public.payments.*"], "kind": "star"}
+
+test_binary_copy_masks_card_numbers_by_position if {
+	d := decide(["fraud-readers"], [binary_copy_of([id_output, pan_output(1)])])
+	d.verdict == "allow"
+	d.mask.column_positions == [{"position": 1, "column": "public.payments.card_number"}]
+	some rule in d.mask.rules
+	rule.column == "public.payments.card_number"
+	text := decide(["fraud-readers"], [object.union(binary_copy_of([pan_output(0)]), {"copy_format": "csv"})])
+	text.mask.column_positions == []
+	decide(["dba"], [binary_copy_of([pan_output(0)])]).mask.column_positions == []
+}
+
+test_binary_copy_of_card_numbers_without_a_position_refused if {
+	every outputs in [[star_output], [star_output, pan_output(1)]] {
+		d := decide(["fraud-readers"], [binary_copy_of(outputs)])
+		d.verdict == "deny"
+		d.reasons == sort([sprintf("statement 1 (copy): binary COPY of a card number (output %s) needs the columns named, not *, so the gateway can mask it by position", [o.name]) | some o in outputs])
+	}
+	decide(["dba"], [binary_copy_of([star_output])]).verdict == "allow"
+	decide(["fraud-readers"], [object.union(binary_copy_of([star_output]), {"copy_format": "text"})]).verdict == "allow"
+}

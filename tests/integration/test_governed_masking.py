@@ -532,6 +532,75 @@ def test_a_pan_column_is_masked_by_its_rule_through_a_cursor_too(
     assert values[0].endswith(NON_LUHN[-4:]), f"{path} ({mode}): not masked by the last4 rule"
 
 
+def _binary_copy(stack: LocalStack, mode: str, sql: str) -> tuple[bytes, str]:
+    """(binary COPY bytes, SQLSTATE or "") as a fraud-readers agent."""
+    data = bytearray()
+    try:
+        with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack),
+                             autocommit=True) as conn, conn.cursor() as cur:
+            with cur.copy(sql) as copy:
+                for chunk in copy:
+                    data += chunk
+    except psycopg.Error as exc:
+        return bytes(data), exc.sqlstate or ""
+    return bytes(data), ""
+
+
+def test_binary_copy_masks_a_pan_column_by_position(stack: LocalStack, mode: str,
+                                                    non_luhn_row: int) -> None:
+    """Binary COPY data has no column identity and no types: before the
+    ninth session only content detection saw it, and a stored card number
+    failing the Luhn check (as a text field or cast to bigint or numeric)
+    came back raw. The plan now gives the card number's position (its rule)
+    and the casts' (masked as a whole)."""
+    data, sqlstate = _binary_copy(
+        stack, mode, f"COPY (SELECT id, card_number, card_number::bigint, "
+                     f"card_number::numeric FROM payments WHERE id = {non_luhn_row}) "
+                     "TO STDOUT (FORMAT binary)")
+    assert sqlstate == "", f"binary COPY ({mode}) refused: {sqlstate}"
+    assert data.startswith(b"PGCOPY\n\xff\r\n\x00"), f"binary COPY ({mode}): not COPY data"
+    assert NON_LUHN[:12].encode() not in data, f"binary COPY ({mode}): the text value came back"
+    assert int(NON_LUHN).to_bytes(8, "big") not in data, f"binary COPY ({mode}): the bigint did"
+    assert ("X" * 12 + NON_LUHN[-4:]).encode() in data, f"binary COPY ({mode}): no last4 rule"
+    # The numeric: 1234 5678 9012 3456 as base-10000 digit words.
+    words = b"".join(int(NON_LUHN[i:i + 4]).to_bytes(2, "big") for i in range(0, 16, 4))
+    assert words not in data, f"binary COPY ({mode}): the numeric came back"
+
+
+def test_binary_copy_of_a_star_with_a_pan_is_refused(stack: LocalStack, mode: str,
+                                                     non_luhn_row: int) -> None:
+    data, sqlstate = _binary_copy(
+        stack, mode, f"COPY (SELECT * FROM payments WHERE id = {non_luhn_row}) "
+                     "TO STDOUT (FORMAT binary)")
+    assert sqlstate == "42501", f"binary COPY of * ({mode}): SQLSTATE {sqlstate!r}"
+    assert NON_LUHN[:12].encode() not in data
+
+
+@pytest.mark.parametrize("cast", ["numeric", "bigint", "numeric[]", "text"])
+def test_a_binary_cursor_of_a_cast_pan_column_is_masked_whatever_its_digits(
+        stack: LocalStack, mode: str, non_luhn_row: int, cast: str) -> None:
+    """DECLARE c BINARY CURSOR FOR SELECT card_number::numeric: FETCH's rows
+    have no column identity and a computed column's strict rule only looked
+    for ASCII digits, so the binary numeric of a non-Luhn stored value came
+    back as it was (found in the ninth session, both modes)."""
+    expr = "ARRAY[card_number::numeric]" if cast == "numeric[]" else f"card_number::{cast}"
+    with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack)) as conn:
+        pgconn = conn.pgconn
+        values: list[bytes] = []
+        for sql in ("BEGIN", f"DECLARE pgw_cast BINARY CURSOR FOR SELECT {expr} "
+                             f"FROM payments WHERE id = {non_luhn_row}",
+                    "FETCH ALL FROM pgw_cast", "COMMIT"):
+            res = pgconn.exec_(sql.encode())
+            assert res.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK), (
+                f"{sql[:30]!r} ({mode}): {res.error_field(pq.DiagnosticField.SQLSTATE)!r}")
+            values += [bytes(v) for r in range(res.ntuples)
+                       if (v := res.get_value(r, 0)) is not None]
+    assert len(values) == 1, f"{cast} ({mode}): {len(values)} values"
+    words = b"".join(int(NON_LUHN[i:i + 4]).to_bytes(2, "big") for i in range(0, 16, 4))
+    for raw in (NON_LUHN[:12].encode(), int(NON_LUHN).to_bytes(8, "big"), words):
+        assert raw not in values[0], f"{cast} ({mode}): the stored value came back"
+
+
 def test_binary_cursor_over_simple_protocol(stack: LocalStack, seed: Seed, mode: str) -> None:
     """DECLARE ... BINARY CURSOR returns binary values through a simple Query
     (psql's protocol): raw libpq values must hold no PAN either."""

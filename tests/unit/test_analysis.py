@@ -204,6 +204,20 @@ def test_copy_details() -> None:
     assert one("copy payments to stdout")["copy_stdio"]
 
 
+@pytest.mark.parametrize(("sql", "fmt"), [
+    ("copy payments to stdout", "text"),
+    ("copy payments to stdout with csv header", "csv"),
+    ("copy (select card_number from payments) to stdout (format csv)", "csv"),
+    ("copy payments to stdout binary", "binary"),
+    ("copy payments to stdout with (format binary)", "binary"),
+    ("copy payments to stdout with (format binary, format text)", "binary"),
+])
+def test_copy_format(sql: str, fmt: str) -> None:
+    """The policy refuses a binary COPY of card numbers: its data has no
+    column types for the gateway to mask by."""
+    assert one(sql)["copy_format"] == fmt
+
+
 def test_bounded_reads() -> None:
     assert not rel(one("select * from payments"), "payments")["bounded"]
     assert rel(one("select * from payments where id = 1"), "payments")["bounded"]

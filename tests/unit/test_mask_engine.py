@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from maskd.detect import contains_pan
 from maskd.engine import ColumnMeta, Masker, MaskError, ResultDigest
-from maskd.styles import Oid
+from maskd.styles import Oid, encode_numeric
 from maskd.wire import build_datarow, build_datarow_message, parse_datarow, parse_datarow_message
 from tap.hooks import ColumnRule, MaskPlan
 
@@ -221,6 +221,70 @@ def test_copy_binary_split_at_every_offset() -> None:
     m.mask_stream(data[:25], state)
     with pytest.raises(MaskError):
         m.finish_stream(state)
+
+
+def _read_copy_binary(data: bytes) -> list[list[bytes | None]]:
+    """Decode a binary COPY stream (test oracle: every length must add up)."""
+    assert data.startswith(b"PGCOPY\n\xff\r\n\x00") and data.endswith(b"\xff\xff")
+    pos = 19 + struct.unpack_from(">i", data, 15)[0]
+    rows: list[list[bytes | None]] = []
+    while True:
+        (n,) = struct.unpack_from(">h", data, pos)
+        pos += 2
+        if n == -1:
+            assert pos == len(data)
+            return rows
+        row: list[bytes | None] = []
+        for _ in range(n):
+            (length,) = struct.unpack_from(">i", data, pos)
+            pos += 4
+            row.append(None if length < 0 else data[pos:pos + length])
+            pos += max(length, 0)
+        rows.append(row)
+
+
+def test_copy_binary_strict_rule_masks_what_content_detection_passes() -> None:
+    """A non-Luhn card number (or a reshaped one) in binary COPY: the strict
+    rule masks long digit runs field by field, never across a length word
+    (a 49-byte field's length ends in 0x31, the digit 1)."""
+    non_luhn = b"4111111111111112"
+    text = non_luhn + b" " + b"a" * 32  # 49 bytes
+    numeric = encode_numeric(int(non_luhn))
+    stamp = struct.pack(">q", 848_000_000_000_000)  # a timestamptz: 8 bytes, 15 digits
+    data = _copy_binary([[struct.pack(">q", 1), text, numeric, stamp, None]])
+    m = Masker(MaskPlan(), KEY)
+    plain = m.copy_state(1)
+    assert non_luhn in m.mask_stream(data, plain) + m.finish_stream(plain)
+    for cut in range(len(data) + 1):
+        state = m.copy_state(1, strict=True)
+        out = m.mask_stream(data[:cut], state) + m.mask_stream(data[cut:], state)
+        out += m.finish_stream(state)
+        assert _read_copy_binary(out) == [[struct.pack(">q", 1), b"X" * 16 + text[16:],
+                                           encode_numeric(0), stamp, None]], cut
+        assert state.stats.by_rule == {"strict": 2}
+
+
+def test_copy_binary_positions_from_the_plan() -> None:
+    """Binary COPY data carries no column identity: the plan names the
+    positions of card number columns (their rule applies, whatever the
+    digits) and of derived ones (masked as a whole)."""
+    non_luhn = b"4111111111111112"
+    data = _copy_binary([[struct.pack(">q", 7), non_luhn, struct.pack(">q", int(non_luhn)),
+                          encode_numeric(int(non_luhn)), None]])
+    plan = MaskPlan(rules=(ColumnRule("public.payments.card_number", "last4"),),
+                    derived_columns=(2, 3),
+                    column_positions=((1, "public.payments.card_number"), (4, "x.y.z")))
+    m = Masker(plan, KEY)
+    for cut in range(len(data) + 1):
+        state = m.copy_state(1, strict=True)
+        out = m.mask_stream(data[:cut], state) + m.mask_stream(data[cut:], state)
+        out += m.finish_stream(state)
+        assert _read_copy_binary(out) == [[struct.pack(">q", 7), b"X" * 12 + b"1112",
+                                           bytes(8), encode_numeric(0), None]], cut
+    assert state.stats.by_rule == {"last4": 1, "derived": 2}
+    # text COPY has no field positions: the caller's strict rule covers it
+    text_state = m.copy_state(0)
+    assert m.mask_stream(b"7\t" + non_luhn + b"\n", text_state) == b"7\t" + non_luhn + b"\n"
 
 
 FUZZ_TYPES = [Oid.TEXT, Oid.INT8, Oid.INT4, Oid.INT2, Oid.NUMERIC, Oid.JSON, Oid.JSONB,

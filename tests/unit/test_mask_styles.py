@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from maskd.detect import contains_pan
-from maskd.styles import REDACTED, Oid, content_fn, encode_numeric, rule_fn
+from maskd.styles import REDACTED, Oid, content_fn, encode_numeric, rule_fn, strict_fn
 
 KEY = b"k" * 32
 PAN = b"4111111111111111"
@@ -235,3 +235,62 @@ def test_text_form_arrays_and_other_types_under_rules() -> None:
     assert (rule_fn("hmac", 1009, 0, KEY)(b"{a}") or b"")[:1] == b"{"
     assert rule_fn("redact", Oid.DATE, 0, KEY)(b"2026-11-26") is None
     assert rule_fn("last4", Oid.DATE, 0, KEY)(b"2026-11-26") == b"XXXX-11-26"
+
+
+# ---------------------------------------------------------------- strict rule
+
+NON_LUHN = b"4111111111111112"  # a stored card number that fails the Luhn check
+
+
+def _strict(oid: int, fmt: int, v: bytes) -> bytes | None:
+    fn = strict_fn(oid, fmt)
+    assert fn is not None
+    return fn(v)
+
+
+def test_strict_rule_masks_binary_numbers_content_detection_passes() -> None:
+    """A computed column (a cursor's card_number::numeric) is masked whole
+    whatever its digits: content detection leaves a non-Luhn number alone."""
+    as_int8 = struct.pack(">q", int(NON_LUHN))
+    assert content_fn(Oid.INT8, 1)(as_int8) is as_int8  # type: ignore[misc]
+    assert _strict(Oid.INT8, 1, as_int8) == struct.pack(">q", 0)
+    as_numeric = numeric_bin(NON_LUHN.decode() + ".50")
+    assert content_fn(Oid.NUMERIC, 1)(as_numeric) is as_numeric  # type: ignore[misc]
+    assert numeric_value(_strict(Oid.NUMERIC, 1, as_numeric) or b"") == 0
+    assert numeric_value(_strict(Oid.NUMERIC, 1, numeric_bin("-" + NON_LUHN.decode())) or b"") == 0
+    assert struct.unpack(">d", _strict(Oid.FLOAT8, 1, struct.pack(">d", float(NON_LUHN))) or b"") == (0.0,)
+    assert _strict(790, 1, as_int8) == struct.pack(">q", 0)  # money: cents in an int8
+
+
+def test_strict_rule_keeps_short_numbers_and_types_without_digits() -> None:
+    for oid, v in [(Oid.INT8, struct.pack(">q", 10**12 - 1)),
+                   (Oid.NUMERIC, numeric_bin("999999999999.99")),
+                   (Oid.FLOAT8, struct.pack(">d", float("nan"))),
+                   (Oid.FLOAT8, struct.pack(">d", -1.5e11)),
+                   (Oid.TEXT, b"order 123456789012")]:
+        assert _strict(oid, 1, v) is v
+    assert strict_fn(Oid.TIMESTAMPTZ, 1) is None and strict_fn(Oid.INT4, 1) is None
+
+
+def test_strict_rule_in_text_and_text_like_binary() -> None:
+    assert _strict(Oid.NUMERIC, 0, NON_LUHN + b".00") == b"0"  # still a number
+    assert _strict(Oid.INT8, 0, b"-" + NON_LUHN) == b"0"
+    assert _strict(Oid.FLOAT8, 0, b"4.111111111111112e+15") == b"4." + b"X" * 15 + b"e+15"
+    for oid in (Oid.TEXT, Oid.VARCHAR, Oid.BYTEA, Oid.JSON):
+        assert _strict(oid, 1, b"ref " + NON_LUHN) == b"ref " + b"X" * 16
+    assert _strict(Oid.JSONB, 1, b'\x01{"n": ' + NON_LUHN + b"}") == b'\x01{"n": ' + b"X" * 16 + b"}"
+
+
+def test_strict_rule_walks_binary_arrays_and_records() -> None:
+    arr = _array(Oid.NUMERIC, [numeric_bin("7"), numeric_bin(NON_LUHN.decode()), None])
+    out = _strict(1231, 1, arr) or b""  # numeric[]
+    first = len(numeric_bin("7"))
+    assert out[:24 + first] == arr[:24 + first]
+    (second,) = struct.unpack_from(">i", out, 24 + first)
+    assert numeric_value(out[28 + first:28 + first + second]) == 0
+    assert out.endswith(b"\xff\xff\xff\xff")
+    record = struct.pack(">i", 2)
+    for oid, v in [(Oid.INT8, struct.pack(">q", int(NON_LUHN))), (Oid.TEXT, b"x")]:
+        record += struct.pack(">Ii", oid, len(v)) + v
+    masked = _strict(Oid.RECORD, 1, record) or b""
+    assert struct.pack(">q", int(NON_LUHN)) not in masked and masked.endswith(b"x")

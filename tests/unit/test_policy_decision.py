@@ -66,6 +66,17 @@ def test_withhold_errors_as_the_policy_says_or_whenever_it_masks_columns() -> No
     assert not mask(unmasked=True).withhold_errors
 
 
+def test_column_positions_from_the_policy() -> None:
+    positions = [{"position": 1, "column": "public.payments.card_number"}]
+    d = from_document(doc(mask={**doc()["mask"], "column_positions": positions}), revision="r",
+                      analysis=ANALYSIS)
+    assert d.mask.column_positions == ((1, "public.payments.card_number"),)
+    for bad in ([{"position": "1", "column": "x"}], [{"position": 1}], ["x"]):
+        d = from_document(doc(mask={**doc()["mask"], "column_positions": bad}), revision="r",
+                          analysis=ANALYSIS)
+        assert d.verdict is Verdict.DENY, bad
+
+
 def test_a_malformed_withhold_errors_denies() -> None:
     d = from_document(doc(mask={**doc()["mask"], "withhold_errors": "yes"}), revision="r",
                       analysis=ANALYSIS)
@@ -145,7 +156,8 @@ def test_request_round_trip() -> None:
 def test_decision_round_trip() -> None:
     d = Decision(verdict=Verdict.HOLD, reasons=("r",), decision_id="id", policy_revision="rev",
                  mask=MaskPlan(rules=(ColumnRule("a.b.c"),), derived_columns=(1,),
-                               scan_content=False, unmasked=True, withhold_errors=True),
+                               scan_content=False, unmasked=True, withhold_errors=True,
+                               column_positions=((2, "a.b.c"),)),
                  record_rows=RecordRows.MASKED_ROWS, record_rows_cap=7,
                  analysis={"commands": ["select"]}, max_result_bytes=4096)
     assert decision_from_pb(decision_to_pb(d)) == d

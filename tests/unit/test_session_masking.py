@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from maskd.styles import encode_numeric
 from tap import protocol as pg
 from tap.actions import Event, SendDownstream, SendUpstream
 from tap.hooks import ALLOW_ALL, ColumnRule, Decision, MaskPlan, Verdict
@@ -197,6 +198,39 @@ def test_derived_values_in_computed_columns_are_masked() -> None:
     assert PAN[::-1] not in _computed(s, PAN[::-1])
     plus_one = str(int(PAN) + 1).encode()
     assert plus_one not in _computed(s, plus_one)
+
+
+NON_LUHN = b"4111111111111112"  # a stored card number that fails the Luhn check
+
+
+def test_binary_computed_numbers_are_masked_whatever_their_digits() -> None:
+    """DECLARE c BINARY CURSOR FOR SELECT card_number::numeric ...; FETCH:
+    the rows come back in binary with no column identity, and a stored
+    card number that fails the Luhn check passes content detection. The
+    strict rule for computed columns masks it as a whole."""
+    for type_oid, value, zero in [
+            (1700, encode_numeric(int(NON_LUHN)), encode_numeric(0)),
+            (20, int(NON_LUHN).to_bytes(8, "big"), bytes(8))]:
+        s = session()
+        s.on_read(pg.simple_query("fetch all from c"))
+        described = msg(b"T", struct.pack("!h", 1) + b"card_number\0"
+                        + struct.pack("!IhIhih", 0, 0, type_oid, -1, -1, 1))
+        out = down(s.on_write(described + pg.encode_data_row([value]) + msg(b"C", b"FETCH 1\0")
+                              + pg.ready_for_query(b"I")))
+        frames = [m for m in pg.iter_frames(out) if m.type == b"D"]
+        assert pg.decode_data_row(frames[0].body) == [zero]
+
+
+def test_binary_copy_gets_the_strict_rule_field_by_field() -> None:
+    s = session()
+    s.on_read(pg.simple_query("copy (select cardholder from payments) to stdout binary"))
+    field = b"ref " + NON_LUHN
+    data = (b"PGCOPY\n\xff\r\n\x00" + bytes(8) + struct.pack("!h", 1)
+            + struct.pack("!i", len(field)) + field + b"\xff\xff")
+    out = down(s.on_write(msg(b"H", b"\x01\x00\x01\x00\x01") + msg(b"d", data) + msg(b"c")
+                          + msg(b"C", b"COPY 1\0") + pg.ready_for_query(b"I")))
+    assert NON_LUHN not in out
+    assert b"ref " + b"X" * 16 + b"\xff\xff" in out
 
 
 def test_table_columns_keep_long_non_pan_numbers() -> None:
