@@ -172,6 +172,30 @@ deny_reasons contains msg if {
 	msg := sprintf("statement %d (%s): output column %d (%s) reshapes a card number, which only a plain SELECT can mask as a whole", [i + 1, s.command, o.position + 1, o.name])
 }
 
+# A condition on a card number answers a question about its digits with a
+# row or none, however the output is masked: `substr(card_number, 7, 1) =
+# '3'`, LIKE '411111%', a range, a list of guesses (IN, = ANY, OR). Repeated,
+# that rebuilds the number. A masked identity may compare a card number
+# only for equality with one value: looking up a card it already holds.
+# The analysis reports conditions in WHERE (also in subqueries and CTEs);
+# JOIN ... ON, HAVING and ORDER BY are not covered yet
+# (docs/threat-model.md).
+deny_reasons contains msg if {
+	not unmasked
+	some i, s in statements
+	some c in s.comparisons
+	some src in c.sources
+	cls.is_column(src, "pan")
+	not single_value_lookup(c)
+	msg := sprintf("statement %d: a condition on %s other than equality with one value would reveal its digits; look a card up with card_number = <value>", [i + 1, src])
+}
+
+single_value_lookup(c) if {
+	c.op == "="
+	not c.negated
+	not c.disjunctive
+}
+
 # Binary COPY data carries neither column identities nor types
 # (CopyOutResponse has formats only): the gateway masks a card number there
 # by its position, which the plan gives (column_positions, and

@@ -273,3 +273,29 @@ test_binary_copy_of_card_numbers_without_a_position_refused if {
 	decide(["dba"], [binary_copy_of([star_output])]).verdict == "allow"
 	decide(["fraud-readers"], [object.union(binary_copy_of([star_output]), {"copy_format": "text"})]).verdict == "allow"
 }
+
+pan_condition(c) := f.statement({
+	"relations": [f.rel("public.payments", "read", ["id", "card_number"], true)],
+	"comparisons": [f.cmp("public.payments.id", "=", 5), c],
+	"outputs": [id_output],
+})
+
+test_conditions_on_a_card_number_that_reveal_digits_refused if {
+	every c in [
+		f.cmp("public.payments.card_number", "ref", null),
+		f.cmp("public.payments.card_number", "like", "4111%"),
+		f.cmp("public.payments.card_number", ">", "4"),
+		object.union(f.cmp("public.payments.card_number", "=", "1"), {"disjunctive": true}),
+		object.union(f.cmp("public.payments.card_number", "=", "1"), {"negated": true}),
+	] {
+		d := decide(["fraud-readers"], [pan_condition(c)])
+		d.verdict == "deny"
+		d.reasons == ["statement 1: a condition on public.payments.card_number other than equality with one value would reveal its digits; look a card up with card_number = <value>"]
+	}
+}
+
+test_a_card_number_lookup_and_unmasked_conditions_are_served if {
+	decide(["fraud-readers"], [pan_condition(f.cmp("public.payments.card_number", "=", "[redacted]"))]).verdict == "allow"
+	decide(["dba"], [pan_condition(f.cmp("public.payments.card_number", "like", "4%"))]).verdict == "allow"
+	decide(["fraud-readers"], [pan_condition(f.cmp("public.payments.merchant", "like", "4%"))]).verdict == "allow"
+}

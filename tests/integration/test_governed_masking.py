@@ -722,8 +722,10 @@ def test_derived_values_quoted_in_errors_are_masked(stack: LocalStack, seed: See
 
 # Errors that quote a value reshaped past any detector: a letter for each
 # digit, or a few digits at a time (the first eight as a date, four as a
-# year without quotes). form -> (expression in the WHERE clause, what of
-# the PAN the error would show).
+# year without quotes). form -> (a boolean expression that fails, what of
+# the PAN the error would show). It is an output column: in the WHERE
+# clause the policy refuses it before it runs (a condition on a card
+# number other than a lookup, see test_conditions_on_a_card_number_...).
 TO_LETTERS = str.maketrans("0123456789", "abcdefghij")
 RESHAPED_IN_ERRORS = {
     "letters": ("translate(card_number, '0123456789', 'abcdefghij')::int > 0",
@@ -737,7 +739,7 @@ RESHAPED_IN_ERRORS = {
 def _reshaped_in_error(stack: LocalStack, seed: Seed, mode: str, form: str, client: str,
                        ident: int) -> tuple[Outcome, bool]:
     predicate, shown = RESHAPED_IN_ERRORS[form]
-    sql = f"SELECT id FROM payments WHERE id = {ident} AND {predicate}"
+    sql = f"SELECT id, {predicate} AS p FROM payments WHERE id = {ident}"
     if client == "psql":
         outcome = psql_run(stack, mode, sql)
     elif client == "psql-cursor":
@@ -762,12 +764,18 @@ def test_error_text_of_a_cardholder_read_is_withheld(stack: LocalStack, seed: Se
     for ident in range(1, 4):
         outcome, shown = _reshaped_in_error(stack, seed, mode, form, client, ident)
         assert not outcome.ok, f"{form} via {client} ({mode}): the failing statement succeeded"
+        exposed += shown
+        assert_no_pan(seed, outcome.output, f"{form} error via {client} ({mode})")
+        if client == "psql-cursor" and outcome.sqlstate == "42501":
+            # A cursor over a reshaped card number is refused at DECLARE
+            # (a0473ce), and so is one with such a condition: the value
+            # never reaches an error. FETCH's withheld text: unit tests.
+            assert "reshapes a card number" in outcome.output, f"{form} ({mode})"
+            continue
         assert outcome.sqlstate.startswith("22"), (
             f"{form} via {client} ({mode}): SQLSTATE {outcome.sqlstate}, not the server's")
         withheld = "error text was withheld" in outcome.output
         assert withheld, f"{form} via {client} ({mode}): the error does not say it was withheld"
-        assert_no_pan(seed, outcome.output, f"{form} error via {client} ({mode})")
-        exposed += shown
     assert exposed == 0, f"{form} via {client} ({mode}): {exposed}/3 errors show the value"
 
 
@@ -775,7 +783,7 @@ def test_withheld_error_text_stays_out_of_the_audit_trail(stack: LocalStack, see
                                                          mode: str) -> None:
     sub = f"withheld-{mode}-{uuid.uuid4().hex[:8]}"
     predicate, shown = RESHAPED_IN_ERRORS["letters"]
-    sql = f"SELECT id FROM payments WHERE id = 1 AND {predicate}"
+    sql = f"SELECT id, {predicate} AS p FROM payments WHERE id = 1"
     with psycopg.connect(agent_dsn(stack, mode), password=mint(stack, sub, READER_GROUPS),
                          autocommit=True) as conn:
         with pytest.raises(psycopg.errors.InvalidTextRepresentation):
@@ -790,6 +798,35 @@ def test_withheld_error_text_stays_out_of_the_audit_trail(stack: LocalStack, see
     assert recorded, f"({mode}): the replay does not show both errors"
     spelled = shown(seed.by_id[1]) in transcript
     assert not spelled, f"({mode}): the audit trail holds the reshaped card number"
+
+
+PAN_CONDITIONS = {
+    "digit": "substr(card_number, 7, 1) = '3'",
+    "prefix": "card_number LIKE '4111%'",
+    "range": "card_number > '4'",
+    "guesses": "card_number IN ('4111111111111111', '5555555555554444')",
+    "any": "card_number = ANY(ARRAY['4111111111111111'])",
+    "subquery": "EXISTS (SELECT 1 FROM payments q WHERE q.id = payments.id "
+                "AND q.card_number LIKE '4%')",
+    "reshaped": "translate(card_number, '0123456789', 'abcdefghij')::int > 0",
+}
+
+
+@pytest.mark.parametrize("form", list(PAN_CONDITIONS))
+def test_conditions_on_a_card_number_that_reveal_digits_are_refused(
+        stack: LocalStack, seed: Seed, mode: str, form: str) -> None:
+    """A row back or none answers a question about a card number's digits,
+    however the output is masked; repeated, that rebuilds it. A masked
+    identity may only look a card up by equality with one value (found in
+    the ninth session: every form here ran for fraud-readers before)."""
+    sql = f"SELECT id FROM payments WHERE id = 1 AND {PAN_CONDITIONS[form]}"
+    outcome = psycopg_run(stack, mode, sql, binary=False, runs=1)
+    assert not outcome.ok and outcome.sqlstate == "42501", (
+        f"{form} ({mode}): SQLSTATE {outcome.sqlstate!r}, not refused")
+    assert "other than equality with one value" in outcome.output, f"{form} ({mode})"
+    lookup = psycopg_run(stack, mode, "SELECT id FROM payments WHERE card_number = "
+                         f"'{seed.by_id[1]}'", binary=False, runs=1)
+    assert lookup.ok and lookup.rows == [(1,)], f"lookup ({mode}): SQLSTATE {lookup.sqlstate}"
 
 
 @pytest.fixture(scope="module")
