@@ -264,6 +264,11 @@ def verify(
     UTC timestamp) at the last checkpoint at or before that time.
     """
     report = VerifyReport()
+    # The chain head first: a live gateway keeps appending while the
+    # records are read, and a head read afterwards can name records the
+    # reading never reached (the head moves with its records, in one
+    # transaction, so everything up to this head is there to be read).
+    head_seq, _ = store.head()
     lines = log._lines()
     cps = [json.loads(ln) for ln in lines]
     report.checkpoints = len(cps)
@@ -288,7 +293,8 @@ def verify(
 
     expected = start_seq
     sessions: dict[str, tuple[int, str]] = {}
-    for seq, group_iter in itertools.groupby(store.iter_records(start_seq), key=lambda r: r.seq):
+    records = store.iter_records(start_seq, until_seq=head_seq)
+    for seq, group_iter in itertools.groupby(records, key=lambda r: r.seq):
         group = list(group_iter)
         rec = next(
             (
@@ -393,7 +399,6 @@ def verify(
                 f"records seq {last + 1}..{top} are missing (a checkpoint signed seq {top})",
             )
         )
-    head_seq, _ = store.head()
     if head_seq > last and not signed_beyond:
         report.problems.append(
             Problem(

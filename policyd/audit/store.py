@@ -369,10 +369,18 @@ class AuditStore:
         return (int(got[0]), str(got[1])) if got else (0, GENESIS)
 
     def iter_records(
-        self, since_seq: int = 0, *, since_ts: str | None = None, batch: int = 2000
+        self,
+        since_seq: int = 0,
+        *,
+        since_ts: str | None = None,
+        until_seq: int | None = None,
+        batch: int = 2000,
     ) -> Iterator[Record]:
-        """All records with ``seq >= since_seq`` (and ``ts >= since_ts``) in
-        global order, merged from the tables in bounded memory."""
+        """All records with ``seq >= since_seq`` (and ``ts >= since_ts``,
+        ``seq <= until_seq``) in global order, merged from the tables in
+        bounded memory. Each table is read in its own queries: on a store
+        that is being appended to, only a bound at or below a chain head
+        read beforehand gives every table the same records."""
 
         def one_table(name: str) -> Iterator[Record]:
             table = self.tables[name]
@@ -381,6 +389,8 @@ class AuditStore:
                 q = select(table).where(table.c.seq > last)
                 if since_ts is not None:
                     q = q.where(table.c.ts >= since_ts)
+                if until_seq is not None:
+                    q = q.where(table.c.seq <= until_seq)
                 q = q.order_by(table.c.seq).limit(batch)
                 with self.engine.connect() as conn:
                     rows = [dict(r._mapping) for r in conn.execute(q)]
