@@ -624,6 +624,15 @@ class _Statement:
             rshape = self.computed_out
             cols = [(name, lsrc | (right[i][1] if i < len(right) else frozenset()))
                     for i, (name, lsrc) in enumerate(left)]
+            # UNION/INTERSECT/EXCEPT compare rows (and sort them together):
+            # with chosen values on one side, a question about the other's
+            right_only = [src for _, src in right[len(left):]]
+            found = set(self.details.get("set_operation_sources", []))
+            for _, src in cols:
+                found |= src
+            for src in right_only:
+                found |= src
+            self.details["set_operation_sources"] = sorted(found)
             # A set operation's outputs have no column identity.
             shapes = [max(COMPUTED if src else PLAIN, lshape.get(name, PLAIN),
                           rshape.get(right[i][0], PLAIN) if i < len(right) else PLAIN)
@@ -657,6 +666,14 @@ class _Statement:
                        "windowClause", "lockingClause"):
             if clause in body:
                 self._generic(body[clause], scope, "read")
+        if "havingClause" in body:
+            # HAVING max(card_number) > '4': a condition like a WHERE's, on
+            # groups; it bounds no read
+            self._comparisons(body["havingClause"], scope, negated=False, disjunctive=True)
+        for clause in ("groupClause", "sortClause", "distinctClause", "windowClause"):
+            # ORDER BY a column orders rows; ORDER BY an expression of it
+            # (with LIMIT) answers a question about its value: recorded
+            self._key_refs(body.get(clause), scope)
         limited = self._limit(body, scope)
         for table in reads_here:
             if not limited and id(table) not in scope.referenced:
@@ -859,6 +876,24 @@ class _Statement:
             self._from(j.get("rarg", {}), scope)
             if "quals" in j:
                 self._expr(j["quals"], scope)
+                # A join condition filters rows like a WHERE (and answers
+                # the same questions), but on an outer join it bounds
+                # nothing: its terms are disjunctive.
+                self._comparisons(j["quals"], scope, negated=False, disjunctive=True)
+            for name in _strings(j.get("usingClause")):
+                # USING (c): both sides' c, compared; which side holds what
+                # is not known here, so each is a reference of unknown use.
+                self._comparison({"ColumnRef": {"fields": [{"String": {"sval": name}}]}},
+                                 "ref", {}, scope, True, True)
+            if j.get("isNatural"):
+                # NATURAL: every column the two sides share, unknown here.
+                for _, entry in scope.entries:
+                    for whole in (sorted(f"{c}.*" for c in entry.candidates)
+                                  if isinstance(entry, _Table) else sorted(entry.all_sources())):
+                        self.comparisons.append({
+                            "column": "*", "sources": [whole], "op": "ref", "negated": True,
+                            "disjunctive": True, "level": scope.level, "param": None,
+                            "value": None, "known": False})
         elif "RangeSubselect" in item:
             rs = item["RangeSubselect"]
             sub = rs.get("subquery", {})
@@ -1323,7 +1358,13 @@ class _Statement:
         op = op_names[-1] if op_names else ""
         lexpr, rexpr = a.get("lexpr", {}), a.get("rexpr", {})
         if kind == "AEXPR_OP" and op in _COMPARISON_OPS:
-            if _is_column(lexpr):
+            if _is_column(lexpr) and _is_column(rexpr):
+                # a = b (a join in WHERE or ON): each side is a term, and
+                # carries the other's sources
+                self._comparison(lexpr, op, rexpr, scope, negated, disjunctive)
+                self._comparison(rexpr, _FLIPPED.get(op, op), lexpr, scope, negated,
+                                 disjunctive)
+            elif _is_column(lexpr):
                 self._comparison(lexpr, op, rexpr, scope, negated, disjunctive)
                 self._refs(rexpr, scope)
             elif _is_column(rexpr):
@@ -1365,6 +1406,27 @@ class _Statement:
             return True
         return False
 
+    def _key_refs(self, items: Any, scope: _Scope) -> None:
+        """Sort, group, DISTINCT ON and window keys: a bare column is not a
+        condition; the columns inside any other key expression are
+        recorded as unknown ``ref`` terms."""
+        if not isinstance(items, list):
+            return
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            if "WindowDef" in item:
+                w = item["WindowDef"]
+                self._key_refs(w.get("partitionClause"), scope)
+                self._key_refs(w.get("orderClause"), scope)
+                continue
+            node = item.get("SortBy", {}).get("node", item) if "SortBy" in item else item
+            if isinstance(node, dict) and "ColumnRef" in node:
+                continue
+            if isinstance(node, dict) and "A_Const" in node:
+                continue  # an output position: ORDER BY 2
+            self._refs(node, scope)
+
     def _refs(self, node: Any, scope: _Scope) -> None:
         """Columns inside a value expression: recorded as unknown ``ref`` terms."""
         if isinstance(node, list):
@@ -1389,13 +1451,25 @@ class _Statement:
         names = _strings(fields)
         if not names:
             return
+        saved, self.shape = self.shape, PLAIN
         sources = sorted(self._column(fields, scope, record_refs=False))
+        plain = self.shape == PLAIN
+        self.shape = max(saved, self.shape)
         entry: dict[str, Any] = {"column": names[-1], "sources": sources, "op": op,
                                  "negated": negated, "disjunctive": disjunctive,
                                  "level": scope.level, "param": None}
         inner = other
         while "TypeCast" in inner:
             inner = inner["TypeCast"].get("arg", {})
+        if "ColumnRef" in inner:
+            # the other side is a column too: its sources, and whether it is
+            # one as stored (not computed in a subquery or CTE)
+            saved, self.shape = self.shape, PLAIN
+            entry["other_sources"] = sorted(self._column(inner["ColumnRef"].get("fields", []),
+                                                         scope, record_refs=False))
+            # both sides stored as they are (not computed in a subquery)
+            entry["other_plain"] = plain and self.shape == PLAIN
+            self.shape = max(saved, self.shape)
         if "ParamRef" in inner:
             number = inner["ParamRef"].get("number", 0)
             self._param(number)

@@ -174,27 +174,74 @@ deny_reasons contains msg if {
 
 # A condition on a card number answers a question about its digits with a
 # row or none, however the output is masked: `substr(card_number, 7, 1) =
-# '3'`, LIKE '411111%', a range, a list of guesses (IN, = ANY, OR). Repeated,
-# that rebuilds the number. A masked identity may compare a card number
-# only for equality with one value: looking up a card it already holds.
-# The analysis reports conditions in WHERE (also in subqueries and CTEs);
-# JOIN ... ON, HAVING and ORDER BY are not covered yet
-# (docs/threat-model.md).
+# '3'`, LIKE '411111%', a range, a list of guesses (IN, = ANY, OR), a join
+# with generated guesses. Repeated, or over many guesses at once, that
+# rebuilds the number. A masked identity may compare a card number only
+# for equality with one given value (a literal or a parameter: looking up
+# a card it already holds) or with another card number column (a join).
+# The analysis reports the conditions of WHERE, JOIN (ON, USING, NATURAL)
+# and HAVING, and expressions in ORDER BY, GROUP BY, DISTINCT ON and
+# WINDOW keys, in subqueries and CTEs too.
 deny_reasons contains msg if {
 	not unmasked
 	some i, s in statements
 	some c in s.comparisons
 	some src in c.sources
-	cls.is_column(src, "pan")
+	pan_source(src)
 	not single_value_lookup(c)
+	not pan_join(c)
 	msg := sprintf("statement %d: a condition on %s other than equality with one value would reveal its digits; look a card up with card_number = <value>", [i + 1, src])
 }
+
+# UNION, INTERSECT and EXCEPT compare rows and sort them together: with
+# chosen values on one side they answer the same questions.
+deny_reasons contains msg if {
+	not unmasked
+	some i, s in statements
+	some src in object.get(s, "set_operation_sources", [])
+	pan_source(src)
+	msg := sprintf("statement %d: UNION, INTERSECT or EXCEPT over %s would compare it with other values; query the card numbers without a set operation", [i + 1, src])
+}
+
+# A PAN column, or a whole row of a table that has one.
+pan_source(src) if cls.is_column(src, "pan")
+
+pan_source(src) if {
+	endswith(src, ".*")
+	count(cls.table_columns(trim_suffix(src, ".*"), "pan")) > 0
+}
+
+# Equality with another card number column as stored (a join of two
+# cardholder tables), not with a column computed in a subquery (which could
+# be a guess: CASE WHEN ... THEN '4111...' ELSE card_number END). An
+# unqualified name has a candidate in each schema of the search path.
+pan_join(c) if {
+	c.op == "="
+	object.get(c, "other_plain", false)
+	other := object.get(c, "other_sources", [])
+	pans := {o | some o in other; cls.is_column(o, "pan")}
+	count(pans) > 0
+	every o in other {
+		some p in pans
+		table_column(o) == table_column(p)
+	}
+}
+
+table_column(src) := concat(".", array.slice(split(src, "."), 1, 3))
 
 single_value_lookup(c) if {
 	c.op == "="
 	not c.negated
 	not c.disjunctive
+	given_value(c)
 }
+
+# A literal or a bind parameter: not an expression, which can range over
+# every guess at once (card_number = '411111' || lpad(g::text, 6, '0') ||
+# '1111' with g from generate_series returns the middle digits as g).
+given_value(c) if c.known
+
+given_value(c) if is_number(c.param)
 
 # Binary COPY data carries neither column identities nor types
 # (CopyOutResponse has formats only): the gateway masks a card number there
@@ -239,13 +286,7 @@ column_positions contains {"position": o.position, "column": src} if {
 # row with one, or anything computed from them.
 carries_pan(o) if {
 	some src in o.sources
-	cls.is_column(src, "pan")
-}
-
-carries_pan(o) if {
-	some src in o.sources
-	endswith(src, ".*")
-	count(cls.table_columns(trim_suffix(src, ".*"), "pan")) > 0
+	pan_source(src)
 }
 
 # PostgreSQL quotes the value it failed on in an error (a cast, a date, a

@@ -287,15 +287,39 @@ test_conditions_on_a_card_number_that_reveal_digits_refused if {
 		f.cmp("public.payments.card_number", ">", "4"),
 		object.union(f.cmp("public.payments.card_number", "=", "1"), {"disjunctive": true}),
 		object.union(f.cmp("public.payments.card_number", "=", "1"), {"negated": true}),
+		object.union(f.cmp("public.payments.card_number", "=", null), {"known": false}),
+		object.union(f.cmp("public.payments.card_number", "=", null), {"known": false, "disjunctive": true, "other_sources": ["v.card_number"]}),
+		object.union(f.cmp("public.payments.*", "ref", null), {"column": "*"}),
 	] {
 		d := decide(["fraud-readers"], [pan_condition(c)])
 		d.verdict == "deny"
-		d.reasons == ["statement 1: a condition on public.payments.card_number other than equality with one value would reveal its digits; look a card up with card_number = <value>"]
+		d.reasons == [sprintf("statement 1: a condition on %s other than equality with one value would reveal its digits; look a card up with card_number = <value>", [c.sources[0]])]
 	}
 }
 
 test_a_card_number_lookup_and_unmasked_conditions_are_served if {
 	decide(["fraud-readers"], [pan_condition(f.cmp("public.payments.card_number", "=", "[redacted]"))]).verdict == "allow"
+	by_param := object.union(f.cmp("public.payments.card_number", "=", null), {"known": false, "param": 1})
+	decide(["fraud-readers"], [pan_condition(by_param)]).verdict == "allow"
+	join := object.union(f.cmp("public.payments.card_number", "=", null), {"known": false, "disjunctive": true, "other_plain": true, "other_sources": ["app.customers.card_number", "public.customers.card_number"]})
+	decide(["fraud-readers"], [pan_condition(join)]).verdict == "allow"
+	computed := object.union(join, {"other_plain": false})
+	decide(["fraud-readers"], [pan_condition(computed)]).verdict == "deny"
+	mixed := object.union(join, {"other_sources": ["public.customers.card_number", "public.customers.id"]})
+	decide(["fraud-readers"], [pan_condition(mixed)]).verdict == "deny"
 	decide(["dba"], [pan_condition(f.cmp("public.payments.card_number", "like", "4%"))]).verdict == "allow"
 	decide(["fraud-readers"], [pan_condition(f.cmp("public.payments.merchant", "like", "4%"))]).verdict == "allow"
+}
+
+test_set_operations_over_card_numbers_refused_for_masked_identities if {
+	st := f.statement({
+		"relations": [f.rel("public.payments", "read", ["card_number"], true)],
+		"outputs": [{"position": 0, "name": "card_number", "sources": ["public.payments.card_number"], "kind": "expression"}],
+		"set_operation_sources": ["public.payments.card_number"],
+	})
+	d := decide(["fraud-readers"], [st])
+	d.verdict == "deny"
+	d.reasons == ["statement 1: UNION, INTERSECT or EXCEPT over public.payments.card_number would compare it with other values; query the card numbers without a set operation"]
+	decide(["dba"], [st]).verdict == "allow"
+	decide(["fraud-readers"], [object.union(st, {"set_operation_sources": ["public.payments.id"]})]).verdict == "allow"
 }

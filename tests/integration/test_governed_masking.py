@@ -809,24 +809,68 @@ PAN_CONDITIONS = {
     "subquery": "EXISTS (SELECT 1 FROM payments q WHERE q.id = payments.id "
                 "AND q.card_number LIKE '4%')",
     "reshaped": "translate(card_number, '0123456789', 'abcdefghij')::int > 0",
+    "computed_guess": "card_number = '41111111111111' || lpad(id::text, 2, '0')",
+}
+# Forms that do not fit "WHERE id = 1 AND <condition>": form -> statement.
+PAN_QUESTIONS = {
+    "join_guesses": "SELECT g FROM payments p JOIN generate_series(0, 99) g "
+                    "ON p.card_number = '41111111111111' || lpad(g::text, 2, '0') "
+                    "WHERE p.id = 1",
+    "join_computed": "SELECT 1 FROM payments p JOIN (SELECT CASE WHEN id = 2 THEN "
+                     "'4111111111111111' ELSE card_number END AS card_number FROM payments "
+                     "WHERE id = 2) q ON q.card_number = p.card_number WHERE p.id = 1",
+    "using": "SELECT v.n FROM payments p JOIN (VALUES ('4111111111111111', 1)) "
+             "v(card_number, n) USING (card_number) WHERE p.id = 1",
+    "natural": "SELECT v.n FROM payments p NATURAL JOIN (VALUES ('4111111111111111', 1)) "
+               "v(card_number, n) WHERE p.id = 1",
+    "having": "SELECT count(*) FROM payments WHERE id = 1 "
+              "HAVING max(card_number) > '4'",
+    "order_limit": "SELECT id FROM payments WHERE id IN (1, 2) "
+                   "ORDER BY substr(card_number, 1, 1) = '4' DESC LIMIT 1",
+    "intersect": "SELECT card_number FROM payments WHERE id = 1 "
+                 "INTERSECT SELECT '4111111111111111'",
 }
 
 
-@pytest.mark.parametrize("form", list(PAN_CONDITIONS))
+@pytest.mark.parametrize("form", [*PAN_CONDITIONS, *PAN_QUESTIONS])
 def test_conditions_on_a_card_number_that_reveal_digits_are_refused(
         stack: LocalStack, seed: Seed, mode: str, form: str) -> None:
     """A row back or none answers a question about a card number's digits,
     however the output is masked; repeated, that rebuilds it. A masked
     identity may only look a card up by equality with one value (found in
     the ninth session: every form here ran for fraud-readers before)."""
-    sql = f"SELECT id FROM payments WHERE id = 1 AND {PAN_CONDITIONS[form]}"
+    sql = PAN_QUESTIONS.get(form) or f"SELECT id FROM payments WHERE id = 1 AND {PAN_CONDITIONS[form]}"
     outcome = psycopg_run(stack, mode, sql, binary=False, runs=1)
     assert not outcome.ok and outcome.sqlstate == "42501", (
         f"{form} ({mode}): SQLSTATE {outcome.sqlstate!r}, not refused")
-    assert "other than equality with one value" in outcome.output, f"{form} ({mode})"
-    lookup = psycopg_run(stack, mode, "SELECT id FROM payments WHERE card_number = "
-                         f"'{seed.by_id[1]}'", binary=False, runs=1)
-    assert lookup.ok and lookup.rows == [(1,)], f"lookup ({mode}): SQLSTATE {lookup.sqlstate}"
+    said = ("other than equality with one value" in outcome.output
+            or "UNION, INTERSECT or EXCEPT" in outcome.output)
+    assert said, f"{form} ({mode}): refused for another reason"
+
+
+@pytest.mark.parametrize("form", ["literal", "parameter", "join", "order"])
+def test_card_number_lookups_and_joins_are_served(stack: LocalStack, seed: Seed, mode: str,
+                                                  form: str) -> None:
+    """What stays: a lookup of a card the agent holds, a join of two card
+    number columns, ordering by one."""
+    pan = seed.by_id[1]
+    if form == "parameter":
+        with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack),
+                             autocommit=True) as conn:
+            rows = conn.execute("SELECT id FROM payments WHERE card_number = %s",
+                                (pan,)).fetchall()
+        assert rows == [(1,)], f"parameter lookup ({mode})"
+        return
+    sql = {"literal": f"SELECT id FROM payments WHERE card_number = '{pan}'",
+           "join": "SELECT q.id FROM payments p JOIN payments q "
+                   "ON q.card_number = p.card_number WHERE p.id = 1 LIMIT 5",
+           "order": "SELECT id, card_number FROM payments WHERE id IN (1, 2) "
+                    "ORDER BY card_number"}[form]
+    outcome = psycopg_run(stack, mode, sql, binary=False, runs=1)
+    assert outcome.ok, f"{form} ({mode}): SQLSTATE {outcome.sqlstate}"
+    assert_no_pan(seed, outcome.output, f"{form} ({mode})")
+    if form == "literal":
+        assert outcome.rows == [(1,)], f"literal lookup ({mode})"
 
 
 @pytest.fixture(scope="module")

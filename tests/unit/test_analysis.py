@@ -229,6 +229,63 @@ def test_bounded_reads() -> None:
     assert not rel(s, "payments")["bounded"] and rel(s, "customers")["bounded"]
 
 
+def _terms(sql: str, column: str) -> list[tuple[str, bool, list[str] | None]]:
+    """(op, disjunctive, other_sources) of the terms on ``column``."""
+    return [(c["op"], c["disjunctive"], c.get("other_sources"))
+            for c in one(sql)["comparisons"] if column in c["sources"]]
+
+
+PAN = "public.payments.card_number"
+
+
+def test_conditions_outside_where_are_terms_too() -> None:
+    """JOIN ON, USING, NATURAL, HAVING and key expressions answer questions
+    about a column like a WHERE does (a policy refuses them on a card
+    number); a join's terms bound nothing (outer joins)."""
+    guesses = ("select g from payments p join generate_series(0, 9) g "
+               "on p.card_number = '41111111111111' || lpad(g::text, 2, '0') where p.id = 5")
+    assert _terms(guesses, PAN) == [("=", True, None)]
+    assert _terms("select v.n from payments p join (values ('1', 1)) v(card_number, n) "
+                  "using (card_number) where p.id = 5", PAN) == [("ref", True, None)]
+    natural = one("select 1 from payments p natural join (values ('1')) v(card_number) "
+                  "where p.id = 5")
+    assert any(c["sources"] == ["public.payments.*"] and c["op"] == "ref"
+               for c in natural["comparisons"])
+    assert _terms("select card_number from payments where id < 9 group by card_number "
+                  "having max(card_number) > '4'", PAN) == [("ref", True, None)]
+    assert _terms("select id from payments where id < 9 "
+                  "order by substr(card_number, 1, 1) = '4' limit 1", PAN) == [("ref", True, None)]
+    for plain in ("order by card_number", "order by 1", "group by card_number"):
+        assert _terms(f"select card_number from payments where id < 9 {plain}", PAN) == []
+
+
+def test_column_equality_carries_the_other_side() -> None:
+    on = _terms("select 1 from payments p join customers c on c.card_number = p.card_number "
+                "where p.id = 1", PAN)
+    assert on == [("=", True, ["public.customers.card_number"])]
+    where = _terms("select 1 from payments p, customers c where p.card_number = c.card_number "
+                   "and p.id = 1", PAN)
+    assert where == [("=", False, ["public.customers.card_number"])]
+    assert _terms("select 1 from payments where card_number = $1", PAN) == [("=", False, None)]
+    plain = [c.get("other_plain") for c in one(
+        "select 1 from payments p join customers c on c.card_number = p.card_number "
+        "where p.id = 1")["comparisons"] if PAN in c["sources"]]
+    assert plain == [True]
+    guess = ("select 1 from payments p join (select case when id = 1 then '4111111111111111' "
+             "else card_number end as card_number from customers) c "
+             "on c.card_number = p.card_number where p.id = 1")
+    assert [c.get("other_plain") for c in one(guess)["comparisons"]
+            if "other_sources" in c] == [False, False]
+
+
+def test_set_operation_sources() -> None:
+    s = one("select card_number from payments where id = 5 intersect select '4111111111111111'")
+    assert s["set_operation_sources"] == [PAN]
+    s = one("select * from (select id from payments except select 1) t")
+    assert s["set_operation_sources"] == ["public.payments.id"]
+    assert "set_operation_sources" not in one("select card_number from payments where id = 1")
+
+
 def test_comparisons_literals_params_and_negation() -> None:
     s = one("select * from payments where amount > 10000")
     assert s["comparisons"][0] | {} == {
