@@ -85,7 +85,8 @@ _FOUR = np.arange(4, dtype=np.int64)
 _DIGITS_TO_X_TABLE = np.frombuffer(bytes(range(256)).translate(DIGITS_TO_X), dtype=np.uint8)
 # What a value that does not match its declared type can raise while being
 # decoded; reported as ValueError (the row is refused, never forwarded).
-_MALFORMED = (struct.error, IndexError, OverflowError)
+# What decoding a malformed binary value raises (the caller refuses the value).
+MALFORMED = (struct.error, IndexError, OverflowError)
 
 
 class MaskError(Exception):
@@ -221,7 +222,7 @@ class RowMasker:
                         out[op.index] = new
                         counts[k] += 1
                 k += 1
-        except _MALFORMED as exc:
+        except MALFORMED as exc:
             raise ValueError("malformed binary value") from exc
         return out
 
@@ -249,7 +250,7 @@ class RowMasker:
     def _column(self, k: int, op: _Op, col: list[bytes | None]) -> list[bytes | None]:
         try:
             return self._column_unchecked(k, op, col)
-        except _MALFORMED as exc:
+        except MALFORMED as exc:
             raise ValueError("malformed binary value") from exc
 
     def _column_unchecked(self, k: int, op: _Op, col: list[bytes | None]) -> list[bytes | None]:
@@ -350,7 +351,7 @@ class RowMasker:
                 self._counts[k] += n
             self.rows += hi - lo - len(flagged)
             return b"".join(pieces)
-        except (ValueError, *_MALFORMED):
+        except (ValueError, *MALFORMED):
             self._counts, self.rows = saved
             return None
 
@@ -533,7 +534,7 @@ class RowMasker:
                     pieces.append(_I32.pack(len(new)))
                     pieces.append(new)
                 done = pos
-        except _MALFORMED as exc:
+        except MALFORMED as exc:
             raise ValueError("truncated DataRow or malformed binary value") from exc
         if pos != len(body):
             raise ValueError("DataRow length mismatch")
@@ -760,7 +761,7 @@ class Masker:
                     if after is not new and after is not None:
                         state.stats.add("copy", "strict", 1)
                         new = after
-        except _MALFORMED as exc:
+        except MALFORMED as exc:
             raise MaskError("malformed binary value in COPY data") from exc
         return new
 
@@ -772,7 +773,7 @@ class Masker:
             state.rule_fns[(style, oid)] = fn
         try:
             new = fn(v)
-        except _MALFORMED as exc:
+        except MALFORMED as exc:
             raise MaskError("malformed binary value in COPY data") from exc
         if new is None:
             raise MaskError("a COPY field could not be masked")
@@ -795,13 +796,9 @@ _CARRY_CHARS = b"0123456789 -\\uUxXabcdefABCDEF"
 def _guess_binary(v: bytes) -> bytes:
     """Binary COPY field of unknown type: int8-sized, numeric-shaped, or
     scanned as text (containers are walked by the generic content fn)."""
-    if len(v) == 8:
-        return _int8_fn(v) or v
-    if len(v) >= 12 and (len(v) - 8) % 2 == 0:
-        ndigits = struct.unpack_from(">h", v)[0]
-        if ndigits * 2 + 8 == len(v) and _decode_numeric_safe(v):
-            return _numeric_fn(v) or v
-    return _unknown_fn(v) or v
+    oid = _guess_binary_type(v)
+    fn = _int8_fn if oid == Oid.INT8 else _numeric_fn if oid == Oid.NUMERIC else _unknown_fn
+    return fn(v) or v
 
 
 _strict_u = strict_fn(0, 1)

@@ -626,11 +626,8 @@ class _Statement:
                     for i, (name, lsrc) in enumerate(left)]
             # UNION/INTERSECT/EXCEPT compare rows (and sort them together):
             # with chosen values on one side, a question about the other's
-            right_only = [src for _, src in right[len(left):]]
             found = set(self.details.get("set_operation_sources", []))
-            for _, src in cols:
-                found |= src
-            for src in right_only:
+            for _, src in (*left, *right):
                 found |= src
             self.details["set_operation_sources"] = sorted(found)
             # A set operation's outputs have no column identity.
@@ -1443,6 +1440,15 @@ class _Statement:
                 if isinstance(value, (dict, list)):
                     self._refs(value, scope)
 
+    def _column_as_stored(self, fields: list[Node], scope: _Scope) -> tuple[list[str], bool]:
+        """A column reference's sources, and whether it is a column as
+        stored (not one computed in a subquery, CTE or function in FROM)."""
+        saved, self.shape = self.shape, PLAIN
+        sources = sorted(self._column(fields, scope, record_refs=False))
+        plain = self.shape == PLAIN
+        self.shape = max(saved, self.shape)
+        return sources, plain
+
     def _comparison(self, col: Node, op: str, other: Node, scope: _Scope,
                     negated: bool, disjunctive: bool, *, known: bool = True) -> None:
         while "TypeCast" in col:
@@ -1451,10 +1457,7 @@ class _Statement:
         names = _strings(fields)
         if not names:
             return
-        saved, self.shape = self.shape, PLAIN
-        sources = sorted(self._column(fields, scope, record_refs=False))
-        plain = self.shape == PLAIN
-        self.shape = max(saved, self.shape)
+        sources, plain = self._column_as_stored(fields, scope)
         entry: dict[str, Any] = {"column": names[-1], "sources": sources, "op": op,
                                  "negated": negated, "disjunctive": disjunctive,
                                  "level": scope.level, "param": None}
@@ -1462,14 +1465,12 @@ class _Statement:
         while "TypeCast" in inner:
             inner = inner["TypeCast"].get("arg", {})
         if "ColumnRef" in inner:
-            # the other side is a column too: its sources, and whether it is
-            # one as stored (not computed in a subquery or CTE)
-            saved, self.shape = self.shape, PLAIN
-            entry["other_sources"] = sorted(self._column(inner["ColumnRef"].get("fields", []),
-                                                         scope, record_refs=False))
-            # both sides stored as they are (not computed in a subquery)
-            entry["other_plain"] = plain and self.shape == PLAIN
-            self.shape = max(saved, self.shape)
+            # the other side is a column too: its sources, and whether both
+            # sides are columns as stored (not computed in a subquery or CTE)
+            other_sources, other_plain = self._column_as_stored(
+                inner["ColumnRef"].get("fields", []), scope)
+            entry["other_sources"] = other_sources
+            entry["other_plain"] = plain and other_plain
         if "ParamRef" in inner:
             number = inner["ParamRef"].get("number", 0)
             self._param(number)

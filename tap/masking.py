@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maskd.detect import digit_count, mask_pans, may_contain_pan, strict_mask
-from maskd.engine import ColumnMeta, CopyState, Masker, MaskError, MaskStats, RowMasker
+from maskd.engine import (
+    MALFORMED,
+    ColumnMeta,
+    CopyState,
+    Masker,
+    MaskError,
+    MaskStats,
+    RowMasker,
+)
 from maskd.styles import ValueFn, strict_fn, strict_needs_digits
 from tap import protocol as pg
 from tap.hooks import Decision, MaskPlan
@@ -177,7 +185,7 @@ class ResultMasker:
                 continue
             try:
                 masked = fn(v)
-            except (struct.error, IndexError, OverflowError) as exc:
+            except MALFORMED as exc:
                 raise MaskError("malformed binary value in a computed column") from exc
             if masked is not v:
                 values[index] = masked

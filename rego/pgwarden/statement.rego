@@ -124,16 +124,7 @@ derived_columns contains o.position if {
 # An output computed from a PAN column, or from a whole row that has one.
 derived_from_pan(o) if {
 	o.kind == "expression"
-	some src in o.sources
-	cls.is_column(src, "pan")
-}
-
-derived_from_pan(o) if {
-	o.kind == "expression"
-	some src in o.sources
-	endswith(src, ".*")
-	table := trim_suffix(src, ".*")
-	count(cls.table_columns(table, "pan")) > 0
+	carries_pan(o)
 }
 
 # A card number reshaped past content detection (translate(), encode(),
