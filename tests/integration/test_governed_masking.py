@@ -576,9 +576,10 @@ def test_binary_copy_of_a_star_with_a_pan_is_refused(stack: LocalStack, mode: st
     assert NON_LUHN[:12].encode() not in data
 
 
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
 @pytest.mark.parametrize("cast", ["numeric", "bigint", "numeric[]", "text"])
 def test_a_binary_cursor_of_a_cast_pan_column_is_masked_whatever_its_digits(
-        stack: LocalStack, mode: str, non_luhn_row: int, cast: str) -> None:
+        stack: LocalStack, mode: str, non_luhn_row: int, cast: str, protocol: str) -> None:
     """DECLARE c BINARY CURSOR FOR SELECT card_number::numeric: FETCH's rows
     have no column identity and a computed column's strict rule only looked
     for ASCII digits, so the binary numeric of a non-Luhn stored value came
@@ -590,7 +591,11 @@ def test_a_binary_cursor_of_a_cast_pan_column_is_masked_whatever_its_digits(
         for sql in ("BEGIN", f"DECLARE pgw_cast BINARY CURSOR FOR SELECT {expr} "
                              f"FROM payments WHERE id = {non_luhn_row}",
                     "FETCH ALL FROM pgw_cast", "COMMIT"):
-            res = pgconn.exec_(sql.encode())
+            if protocol == "extended" and sql.startswith("FETCH"):
+                # Parse/Bind/Execute, binary results asked for in Bind
+                res = pgconn.exec_params(sql.encode(), [], result_format=pq.Format.BINARY)
+            else:
+                res = pgconn.exec_(sql.encode())
             assert res.status in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK), (
                 f"{sql[:30]!r} ({mode}): {res.error_field(pq.DiagnosticField.SQLSTATE)!r}")
             values += [bytes(v) for r in range(res.ntuples)
