@@ -1341,6 +1341,12 @@ class _Statement:
             if _is_column(node):
                 self._comparison(node, "ref", {}, scope, True, True)
             return
+        if "NullTest" in node and _is_column(node["NullTest"].get("arg", {})):
+            # col IS [NOT] NULL: whether there is a value, none of its content
+            test = node["NullTest"]
+            op = "is_not_null" if test.get("nulltesttype") == "IS_NOT_NULL" else "is_null"
+            self._comparison(test["arg"], op, {}, scope, negated, disjunctive, known=False)
+            return
         # Anything else (function, CASE, IS NULL, IS TRUE, cast, ...): what is
         # inside does not bound the result the way it reads.
         for value in node.values():

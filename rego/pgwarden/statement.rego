@@ -169,7 +169,8 @@ deny_reasons contains msg if {
 # with generated guesses. Repeated, or over many guesses at once, that
 # rebuilds the number. A masked identity may compare a card number only
 # for equality with one given value (a literal or a parameter: looking up
-# a card it already holds) or with another card number column (a join).
+# a card it already holds) or with another card number column (a join),
+# and test whether it is there at all (IS NULL, IS NOT NULL).
 # The analysis reports the conditions of WHERE, JOIN (ON, USING, NATURAL)
 # and HAVING, and expressions in ORDER BY, GROUP BY, DISTINCT ON and
 # WINDOW keys, in subqueries and CTEs too.
@@ -181,6 +182,7 @@ deny_reasons contains msg if {
 	pan_source(src)
 	not single_value_lookup(c)
 	not pan_join(c)
+	not c.op in {"is_null", "is_not_null"}
 	msg := sprintf("statement %d: a condition on %s other than equality with one value would reveal its digits; look a card up with card_number = <value>", [i + 1, src])
 }
 

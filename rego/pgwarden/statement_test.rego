@@ -308,6 +308,10 @@ test_a_card_number_lookup_and_unmasked_conditions_are_served if {
 	mixed := object.union(join, {"other_sources": ["public.customers.card_number", "public.customers.id"]})
 	decide(["fraud-readers"], [pan_condition(mixed)]).verdict == "deny"
 	decide(["dba"], [pan_condition(f.cmp("public.payments.card_number", "like", "4%"))]).verdict == "allow"
+	every op in ["is_null", "is_not_null"] {
+		presence := object.union(f.cmp("public.payments.card_number", op, null), {"known": false, "negated": true, "disjunctive": true})
+		decide(["fraud-readers"], [pan_condition(presence)]).verdict == "allow"
+	}
 	decide(["fraud-readers"], [pan_condition(f.cmp("public.payments.merchant", "like", "4%"))]).verdict == "allow"
 }
 

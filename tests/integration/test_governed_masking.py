@@ -815,6 +815,7 @@ PAN_CONDITIONS = {
                 "AND q.card_number LIKE '4%')",
     "reshaped": "translate(card_number, '0123456789', 'abcdefghij')::int > 0",
     "computed_guess": "card_number = '41111111111111' || lpad(id::text, 2, '0')",
+    "null_test_of_digits": "nullif(substr(card_number, 1, 1), '4') IS NULL",
 }
 # Forms that do not fit "WHERE id = 1 AND <condition>": form -> statement.
 PAN_QUESTIONS = {
@@ -853,11 +854,11 @@ def test_conditions_on_a_card_number_that_reveal_digits_are_refused(
     assert said, f"{form} ({mode}): refused for another reason"
 
 
-@pytest.mark.parametrize("form", ["literal", "parameter", "join", "order"])
+@pytest.mark.parametrize("form", ["literal", "parameter", "join", "order", "presence"])
 def test_card_number_lookups_and_joins_are_served(stack: LocalStack, seed: Seed, mode: str,
                                                   form: str) -> None:
     """What stays: a lookup of a card the agent holds, a join of two card
-    number columns, ordering by one."""
+    number columns, ordering by one, whether there is one."""
     pan = seed.by_id[1]
     if form == "parameter":
         with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack),
@@ -870,12 +871,16 @@ def test_card_number_lookups_and_joins_are_served(stack: LocalStack, seed: Seed,
            "join": "SELECT q.id FROM payments p JOIN payments q "
                    "ON q.card_number = p.card_number WHERE p.id = 1 LIMIT 5",
            "order": "SELECT id, card_number FROM payments WHERE id IN (1, 2) "
-                    "ORDER BY card_number"}[form]
+                    "ORDER BY card_number",
+           "presence": "SELECT id FROM payments WHERE id IN (1, 2) "
+                       "AND card_number IS NOT NULL ORDER BY id"}[form]
     outcome = psycopg_run(stack, mode, sql, binary=False, runs=1)
     assert outcome.ok, f"{form} ({mode}): SQLSTATE {outcome.sqlstate}"
     assert_no_pan(seed, outcome.output, f"{form} ({mode})")
     if form == "literal":
         assert outcome.rows == [(1,)], f"literal lookup ({mode})"
+    if form == "presence":
+        assert outcome.rows == [(1,), (2,)], f"IS NOT NULL ({mode})"
 
 
 @pytest.fixture(scope="module")

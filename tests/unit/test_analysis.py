@@ -259,6 +259,22 @@ def test_conditions_outside_where_are_terms_too() -> None:
         assert _terms(f"select card_number from payments where id < 9 {plain}", PAN) == []
 
 
+def test_null_tests_on_a_column_say_so() -> None:
+    """Whether a card number is there reveals none of its digits: the
+    policy tells IS [NOT] NULL on the column from a test on an expression
+    of it (substr(...)::date IS NULL can fail on the digits)."""
+    assert _terms("select id from payments where card_number is null", PAN) == [
+        ("is_null", False, None)]
+    assert _terms("select id from payments where id = 1 or card_number::text is not null",
+                  PAN) == [("is_not_null", True, None)]
+    assert _terms("select id from payments where substr(card_number, 1, 8)::date is null",
+                  PAN) == [("ref", True, None)]
+    # IS [NOT] DISTINCT FROM compares values: not a null test
+    assert _terms("select id from payments p join customers c "
+                  "on c.card_number is not distinct from p.card_number where p.id = 1",
+                  PAN) == [("ref", True, None)]
+
+
 def test_column_equality_carries_the_other_side() -> None:
     on = _terms("select 1 from payments p join customers c on c.card_number = p.card_number "
                 "where p.id = 1", PAN)
