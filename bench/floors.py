@@ -23,6 +23,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +39,13 @@ from pgwarden import stack as st  # noqa: E402
 
 DB = "pgwarden_floors"
 TARGETS = ("direct", "envoy_tcp", "inline", "extproc")
+# The shape of make bench's masked fetch (200,000 rows of id, card number,
+# cardholder, amount), here unmasked: what moving the rows alone costs.
+FETCH_SETUP = ("CREATE TABLE rows_out AS SELECT i AS id, "
+               "lpad((4000000000000000 + i * 7919)::text, 16, '0') AS card_number, "
+               "'Cardholder ' || i AS cardholder, (i % 50000)::numeric(12, 2) AS amount "
+               "FROM generate_series(1, 3000) i")
+FETCH = "SELECT id, card_number, cardholder, amount FROM rows_out, generate_series(1, 67) g LIMIT 200000"
 
 
 def one_stack(label: str, seconds: int, samples: dict[tuple[str, str, str], list[float]]) -> None:
@@ -61,6 +69,8 @@ def one_stack(label: str, seconds: int, samples: dict[tuple[str, str, str], list
             init = bench_run.pgbench(["-i", "-q", "-s", "1"], dsns["direct"], timeout=600)
             if init.returncode != 0:
                 raise RuntimeError(init.stderr[-500:])
+            with psycopg.connect(dsns["direct"], autocommit=True) as conn:
+                conn.execute(FETCH_SETUP)
             for target in TARGETS:
                 for kind, opts in (("c1", ["-c", "1"]), ("c8", ["-c", "8", "-j", "2"])):
                     run = bench_run.pgbench(["-S", "-n", *opts, "-T", str(seconds)],
@@ -70,6 +80,14 @@ def one_stack(label: str, seconds: int, samples: dict[tuple[str, str, str], list
                         ms if kind == "c1" else tps)
                     print(f"[floors] {label} {target} {kind}: {tps:.0f} tps, {ms:.3f} ms",
                           flush=True)
+                with psycopg.connect(dsns[target]) as conn:
+                    started = time.perf_counter()
+                    got = len(conn.execute(FETCH).fetchall())
+                    took = time.perf_counter() - started
+                if got != 200_000:
+                    raise RuntimeError(f"{label} {target}: fetched {got} rows")
+                samples.setdefault((label, target, "fetch"), []).append(took)
+                print(f"[floors] {label} {target} fetch: {took:.2f} s", flush=True)
     finally:
         os.environ.pop("PGWARDEN_TAP_COMMAND", None)
 
@@ -97,6 +115,12 @@ def main() -> int:
                                 + samples[("echo", "envoy_tcp", "c8")])
         print(f"{target}: c8 throughput vs envoy_tcp: tap {tap / tcp:.2f}, floor {echo / tcp:.2f};"
               f" tap / floor {tap / echo:.2f}")
+        tap_f = statistics.median(samples[("tap", target, "fetch")])
+        echo_f = statistics.median(samples[("echo", target, "fetch")])
+        tcp_f = statistics.median(samples[("tap", "envoy_tcp", "fetch")]
+                                  + samples[("echo", "envoy_tcp", "fetch")])
+        print(f"{target}: 200,000-row fetch vs envoy_tcp: tap (unmasked) {tap_f / tcp_f:.2f}x,"
+              f" floor {echo_f / tcp_f:.2f}x")
     return 0
 
 
