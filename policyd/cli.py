@@ -102,6 +102,8 @@ def show_input(
     role: str = typer.Option("", help="upstream role ($user in search_path)"),
     search_path: str = typer.Option('"$user", public'),
     param: list[str] = typer.Option([], "--param", "-p", help="Bind value $1, $2, ... (repeat)"),  # noqa: B008
+    card_lookups: int = typer.Option(0, help="card lookups this identity made in the window "
+                                              "(input.history)"),
 ) -> None:
     """Print the policy input document for SQL (pipe into `opa eval -I`)."""
     from policyd.analysis import analyse
@@ -113,8 +115,11 @@ def show_input(
         session=SessionInfo(session_id="cli", database=database, upstream_role=role,
                             search_path=search_path),
         sql=sql, params=tuple(param) if param else None)
+    from policyd.lookups import WINDOW_SECONDS
+
     analysis = analyse(sql, search_path=search_path, user=role, params=request.params)
-    typer.echo(json.dumps(statement_input(request, analysis), indent=2))
+    history = {"card_lookups": card_lookups, "window_seconds": round(WINDOW_SECONDS)}
+    typer.echo(json.dumps(statement_input(request, analysis, history=history), indent=2))
 
 
 @app.command()

@@ -66,8 +66,11 @@ def identity_input(identity: Identity) -> dict[str, Any]:
     }
 
 
-def statement_input(request: StatementRequest, analysis: Analysis) -> dict[str, Any]:
-    """The ``input`` document for ``data.pgwarden.statement.decision``."""
+def statement_input(request: StatementRequest, analysis: Analysis, *,
+                    history: dict[str, int]) -> dict[str, Any]:
+    """The ``input`` document for ``data.pgwarden.statement.decision``;
+    ``history`` is what policyd remembers of the identity
+    (:meth:`policyd.lookups.LookupLedger.history`)."""
     session = request.session
     return {
         "identity": identity_input(request.identity),
@@ -78,6 +81,7 @@ def statement_input(request: StatementRequest, analysis: Analysis) -> dict[str, 
             "param_count": None if request.params is None else len(request.params),
         },
         "analysis": analysis.to_input(),
+        "history": history,
     }
 
 

@@ -30,6 +30,7 @@ from pgwarden._proto import policy_pb2_grpc as pb_grpc
 from policyd import decision as dec
 from policyd.analysis import Analysis, analyse
 from policyd.convert import decision_to_pb, identity_from_pb, request_from_pb, session_from_pb
+from policyd.lookups import LookupLedger
 from policyd.opa import CONNECT_PACKAGE, STATEMENT_PACKAGE, OpaEngine, OpaUnavailable
 from tap.hooks import Verdict
 
@@ -77,9 +78,11 @@ class AnalysisCache:
 class PolicyService(pb_grpc.PolicyServiceServicer):
     """The decision point. Every error path ends in a DENY, never an ALLOW."""
 
-    def __init__(self, engine: OpaEngine, *, analysis_cache_size: int = 4096) -> None:
+    def __init__(self, engine: OpaEngine, *, analysis_cache_size: int = 4096,
+                 lookups: LookupLedger | None = None) -> None:
         self.engine = engine
         self.analyses = AnalysisCache(analysis_cache_size)
+        self.lookups = lookups or LookupLedger()
 
     async def decide(self, request: pb.DecideRequest) -> pb.DecideResponse:
         req = request_from_pb(request)
@@ -87,9 +90,11 @@ class PolicyService(pb_grpc.PolicyServiceServicer):
         analysis = self.analyses.get(req.sql, req.session.search_path, role, req.params)
         params_read = dec.params_read(analysis)
         revision = self.engine.revision
+        who = (req.identity.issuer, req.identity.subject)
+        policy_input = dec.statement_input(req, analysis, history=self.lookups.history(who))
         started = time.perf_counter()
         try:
-            doc = await self.engine.query(STATEMENT_PACKAGE, dec.statement_input(req, analysis))
+            doc = await self.engine.query(STATEMENT_PACKAGE, policy_input)
         except OpaUnavailable as exc:
             OPA_UNAVAILABLE.inc()
             DECISIONS.labels(verdict="deny").inc()
@@ -101,6 +106,11 @@ class PolicyService(pb_grpc.PolicyServiceServicer):
             return decision_to_pb(decision, params_read=params_read, cacheable=False)
         OPA_SECONDS.observe(time.perf_counter() - started)
         decision = dec.from_document(doc, revision=revision, analysis=analysis)
+        if (decision.verdict is not Verdict.DENY and isinstance(doc, dict)
+                and doc.get("card_lookup") is True):
+            # The policy counts this statement against the identity's
+            # lookups (input.history of its next decisions).
+            self.lookups.add(who)
         DECISIONS.labels(verdict=decision.verdict.value).inc()
         self._log(req.session.session_id, decision.decision_id, decision.verdict, revision,
                   analysis)

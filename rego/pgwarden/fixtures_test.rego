@@ -57,6 +57,7 @@ message(groups, statements) := {
 	"session": {"id": "s1", "database": "shop", "user": "agent", "upstream_role": "fraud_reader", "client_addr": "127.0.0.1", "application_name": "t", "tls": true, "search_path": ["$user", "public"], "transaction_status": "I"},
 	"request": {"path": "simple", "statement_name": "", "param_count": null},
 	"analysis": {"parseable": true, "error": "", "fingerprint": "f", "statement_count": count(statements), "statements": statements, "params_used": []},
+	"history": {"card_lookups": 0, "window_seconds": 3600},
 }
 
 select_payments(comparisons, bounded) := statement({

@@ -186,6 +186,66 @@ deny_reasons contains msg if {
 	msg := sprintf("statement %d: a condition on %s other than equality with one value would reveal its digits; look a card up with card_number = <value>", [i + 1, src])
 }
 
+# Each lookup by value asks whether one guess is a card number. Enough of
+# them enumerate what the mask hides (the middle six digits of a card whose
+# first six and last four are known are some 10^5 candidates), so a masked
+# identity has a budget of lookups per window. OPA keeps no state: policyd
+# counts the decisions that say card_lookup and passes the count of the
+# window in input.history. Such a decision depends on that count, which no
+# cache key holds, so it is never reused (cacheable: false).
+default card_lookup := false
+
+card_lookup if {
+	not unmasked
+	some s in statements
+	some c in s.comparisons
+	some src in c.sources
+	pan_source(src)
+	single_value_lookup(c)
+}
+
+deny_reasons contains msg if {
+	card_lookup
+	used := input.history.card_lookups
+	used >= rules.card_lookups_per_window
+	msg := sprintf("this identity looked up %d card numbers by value in the last %d seconds, the limit is %d; lookups resume as the window moves on (every one is in the audit trail)", [used, input.history.window_seconds, rules.card_lookups_per_window])
+}
+
+# A prepared lookup runs again and again with new values: it is decided
+# with its value at each execution. At a protocol Parse the value is not
+# known yet; a hold there makes the gateway prepare the statement and ask
+# again at every Bind, with the value (as for a large-amount read by
+# parameter). SQL-level PREPARE is decided at each EXECUTE, whose analysis
+# carries the arguments.
+approval_reasons contains "a card lookup by parameter is decided at each execution, with its value" if lookup_awaits_value
+
+lookup_awaits_value if {
+	card_lookup
+	input.request.path == "parse"
+	some s in statements
+	some c in s.comparisons
+	some src in c.sources
+	pan_source(src)
+	single_value_lookup(c)
+	is_number(c.param)
+	not c.known
+}
+
+# What policyd counts: a lookup that runs with this decision (not the hold
+# of a Parse that waits for its values).
+default counted_lookup := false
+
+counted_lookup if {
+	card_lookup
+	not lookup_awaits_value
+}
+
+# Without the count the budget cannot be checked: fail closed.
+deny_reasons contains "the policy input carries no count of this identity's card lookups (input.history); a lookup cannot be checked against its limit" if {
+	card_lookup
+	not is_number(object.get(input, ["history", "card_lookups"], null))
+}
+
 # UNION, INTERSECT and EXCEPT compare rows and sort them together: with
 # chosen values on one side they answer the same questions.
 deny_reasons contains msg if {
@@ -368,6 +428,12 @@ decision := {
 	"record_rows": record_rows,
 	"sqlstate": rules.sqlstate,
 	"max_result_bytes": max_result_bytes,
+	"card_lookup": counted_lookup,
+	"cacheable": not_card_lookup,
 }
+
+default not_card_lookup := true
+
+not_card_lookup := false if card_lookup
 
 default needs_approval := false

@@ -300,7 +300,13 @@ test_conditions_on_a_card_number_that_reveal_digits_refused if {
 test_a_card_number_lookup_and_unmasked_conditions_are_served if {
 	decide(["fraud-readers"], [pan_condition(f.cmp("public.payments.card_number", "=", "[redacted]"))]).verdict == "allow"
 	by_param := object.union(f.cmp("public.payments.card_number", "=", null), {"known": false, "param": 1})
-	decide(["fraud-readers"], [pan_condition(by_param)]).verdict == "allow"
+	at_parse := statement.decision with input as object.union(f.message(["fraud-readers"], [pan_condition(by_param)]), {"request": {"path": "parse", "statement_name": "", "param_count": null}})
+	at_parse.verdict == "hold"
+	at_parse.approval.reason == "a card lookup by parameter is decided at each execution, with its value"
+	not at_parse.card_lookup # counted at each Bind, not at Parse
+	at_parse.cacheable == false
+	at_bind := object.union(by_param, {"known": true, "value": "[redacted]"})
+	decide(["fraud-readers"], [pan_condition(at_bind)]).verdict == "allow"
 	join := object.union(f.cmp("public.payments.card_number", "=", null), {"known": false, "disjunctive": true, "other_plain": true, "other_sources": ["app.customers.card_number", "public.customers.card_number"]})
 	decide(["fraud-readers"], [pan_condition(join)]).verdict == "allow"
 	computed := object.union(join, {"other_plain": false})
@@ -313,6 +319,45 @@ test_a_card_number_lookup_and_unmasked_conditions_are_served if {
 		decide(["fraud-readers"], [pan_condition(presence)]).verdict == "allow"
 	}
 	decide(["fraud-readers"], [pan_condition(f.cmp("public.payments.merchant", "like", "4%"))]).verdict == "allow"
+}
+
+lookup_by_value := pan_condition(f.cmp("public.payments.card_number", "=", "[redacted]"))
+
+with_history(groups, statements, history) := object.union(f.message(groups, statements), {"history": history})
+
+test_card_lookups_are_counted_and_limited if {
+	d := decide(["fraud-readers"], [lookup_by_value])
+	d.verdict == "allow"
+	d.card_lookup
+	d.cacheable == false
+	limit := data.pgwarden_data.rules.card_lookups_per_window
+	spent := statement.decision with input as with_history(["fraud-readers"], [lookup_by_value], {"card_lookups": limit, "window_seconds": 3600})
+	spent.verdict == "deny"
+	spent.reasons == [sprintf("this identity looked up %d card numbers by value in the last 3600 seconds, the limit is %d; lookups resume as the window moves on (every one is in the audit trail)", [limit, limit])]
+	last := statement.decision with input as with_history(["fraud-readers"], [lookup_by_value], {"card_lookups": limit - 1, "window_seconds": 3600})
+	last.verdict == "allow"
+}
+
+test_a_card_lookup_without_history_is_refused if {
+	msg := object.remove(f.message(["fraud-readers"], [lookup_by_value]), ["history"])
+	d := statement.decision with input as msg
+	d.verdict == "deny"
+	d.reasons == ["the policy input carries no count of this identity's card lookups (input.history); a lookup cannot be checked against its limit"]
+}
+
+test_what_is_not_a_card_lookup_is_not_counted if {
+	limit := data.pgwarden_data.rules.card_lookups_per_window
+	spent := {"card_lookups": limit, "window_seconds": 3600}
+	join := object.union(f.cmp("public.payments.card_number", "=", null), {"known": false, "disjunctive": true, "other_plain": true, "other_sources": ["public.customers.card_number"]})
+	every st in [pan_condition(join), pan_condition(f.cmp("public.payments.id", "=", 5))] {
+		d := statement.decision with input as with_history(["fraud-readers"], [st], spent)
+		d.verdict == "allow"
+		not d.card_lookup
+		d.cacheable
+	}
+	dba := statement.decision with input as with_history(["dba"], [lookup_by_value], spent)
+	dba.verdict == "allow"
+	not dba.card_lookup
 }
 
 test_set_operations_over_card_numbers_refused_for_masked_identities if {

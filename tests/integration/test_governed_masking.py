@@ -883,6 +883,32 @@ def test_card_number_lookups_and_joins_are_served(stack: LocalStack, seed: Seed,
         assert outcome.rows == [(1,), (2,)], f"IS NOT NULL ({mode})"
 
 
+def test_card_lookups_run_out(stack: LocalStack, seed: Seed, mode: str) -> None:
+    """One lookup by value is one guess: an identity gets the pack's
+    budget of them per window (rego/pgwarden_data/rules.json), then its
+    lookups are refused with the reason; the session, its other
+    statements and other identities go on."""
+    rules = Path(__file__).resolve().parents[2] / "rego" / "pgwarden_data" / "rules.json"
+    limit = json.loads(rules.read_text())[
+        "rules"]["card_lookups_per_window"]
+    sub = f"enumerator-{mode}-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(agent_dsn(stack, mode), password=mint(stack, sub, READER_GROUPS),
+                         autocommit=True) as conn:
+        for n in range(limit):
+            guess = f"4111110000{n:06d}"
+            conn.execute("SELECT id FROM payments WHERE card_number = %s", (guess,)).fetchall()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+            conn.execute("SELECT id FROM payments WHERE card_number = %s", (seed.by_id[1],))
+        assert f"looked up {limit} card numbers by value" in str(refused.value)
+        assert seed.by_id[1] not in str(refused.value)
+        assert conn.execute("SELECT id FROM payments WHERE id = 1").fetchall() == [(1,)]
+    with psycopg.connect(agent_dsn(stack, mode), password=reader_token(stack),
+                         autocommit=True) as other:
+        rows = other.execute("SELECT id FROM payments WHERE card_number = %s",
+                             (seed.by_id[1],)).fetchall()
+    assert (1,) in rows, f"({mode}): another identity's lookup was refused"
+
+
 @pytest.fixture(scope="module")
 def unique_probe(stack: LocalStack) -> Iterator[str]:
     """No column of the demo schema that holds a PAN is UNIQUE (payments and

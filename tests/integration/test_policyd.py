@@ -127,6 +127,41 @@ async def test_warm_path_stays_in_process_and_is_keyed_right(opa: OpaProcess) ->
         assert (await c.decide(req(by_amount, params=("5",)))) is small
 
 
+async def test_card_lookups_are_limited_per_identity(rego_copy: Path) -> None:
+    """Each lookup of a card by value is a guess; policyd counts the ones
+    the policy marks and the policy refuses the one over the budget (3 in
+    this copy of the pack). Never cached: the answer depends on the count."""
+    rules = rego_copy / "pgwarden_data" / "rules.json"
+    data = json.loads(rules.read_text())
+    data["rules"]["card_lookups_per_window"] = 3
+    rules.write_text(json.dumps(data))
+    lookup = "SELECT id FROM payments WHERE card_number = $1"
+    guesses = [f"41111111111{n:05d}" for n in range(4)]
+    with OpaProcess(paths=[rego_copy]) as opa:
+        async with policyd(opa.url) as server, client(server.target) as c:
+            answers = [await c.decide(req(lookup, params=(g,))) for g in guesses]
+            assert [a.verdict for a in answers] == [Verdict.ALLOW] * 3 + [Verdict.DENY]
+            assert any("looked up 3 card numbers by value" in r and "the limit is 3" in r
+                       for r in answers[3].reasons), answers[3].reasons
+            assert not any(g in r for r in answers[3].reasons for g in guesses)
+            # A literal is a lookup too; so is a repeat (nothing is cached).
+            literal = await c.decide(req(f"SELECT id FROM payments WHERE card_number = '{guesses[0]}'"))
+            assert literal.verdict is Verdict.DENY
+            assert (await c.decide(req(lookup, params=(guesses[0],)))).verdict is Verdict.DENY
+            assert c.cache.hits == 0
+            # Statements that are not lookups, other identities, unmasked groups:
+            # not affected.
+            assert (await c.decide(req("SELECT id FROM payments WHERE id = 1"))).verdict \
+                is Verdict.ALLOW
+            other = Identity(subject="another-bot", groups=("fraud-readers",), issuer="https://idp")
+            assert (await c.decide(req(lookup, other, params=(guesses[0],)))).verdict \
+                is Verdict.ALLOW
+            dba = Identity(subject="fraud-bot", groups=("dba",), issuer="https://idp")
+            assert (await c.decide(req(lookup, dba, params=(guesses[0],)))).verdict \
+                is Verdict.ALLOW
+            assert server.service.lookups.count(("https://idp", "fraud-bot")) == 3
+
+
 async def test_decide_connect(opa: OpaProcess) -> None:
     async with policyd(opa.url) as server, client(server.target) as c:
         ok = await c.decide_connect(READER, "shop")

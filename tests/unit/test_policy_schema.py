@@ -12,6 +12,7 @@ import jsonschema
 
 from policyd.analysis import analyse
 from policyd.decision import statement_input
+from policyd.lookups import LookupLedger
 from tap.hooks import Identity, SessionInfo, StatementRequest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -39,6 +40,7 @@ def test_every_corpus_input_matches_the_schema() -> None:
             identity=Identity(subject="a", groups=("fraud-readers",), actor="b<-c"),
             session=SessionInfo("s", database="shop", upstream_role="fraud_reader"),
             sql=entry.sql, params=entry.params)
-        doc = statement_input(req, analyse(req.sql, user="fraud_reader", params=req.params))
+        doc = statement_input(req, analyse(req.sql, user="fraud_reader", params=req.params),
+                              history=LookupLedger().history(("https://idp", "a")))
         errors = [e.message for e in validator.iter_errors(doc)]
         assert not errors, (entry.sql, errors)
