@@ -6,9 +6,9 @@ numbers; enough of them enumerate the digits the mask hides (the middle six
 of a card whose first six and last four are known are 10^5 candidates after
 the Luhn check). The pack therefore limits lookups per identity in a sliding
 window. OPA keeps no state between queries, so policyd counts: the decision
-document says ``"card_lookup": true`` for a statement that looks a card up,
-policyd remembers when it allowed one, and puts the count of the window into
-the next input (``input.history``).
+document says how many lookups a message makes (``"card_lookups": n``),
+policyd remembers when it allowed them, and puts the count of the window
+into the next input (``input.history``).
 
 Limits of this memory, documented in docs/policy-authors.md: it lives in one
 policyd process (a restart or a second replica starts from zero), and
@@ -55,7 +55,8 @@ class LookupLedger:
             return 0
         return len(times)
 
-    def add(self, key: tuple[str, str]) -> None:
+    def add(self, key: tuple[str, str], n: int = 1) -> None:
+        """Count ``n`` lookups of ``key`` now."""
         times = self._seen.get(key)
         if times is None:
             times = self._seen[key] = deque(maxlen=self.max_per_identity)
@@ -63,7 +64,7 @@ class LookupLedger:
                 self._seen.popitem(last=False)
         else:
             self._seen.move_to_end(key)
-        times.append(self.clock())
+        times.extend([self.clock()] * min(n, self.max_per_identity))
 
     def history(self, key: tuple[str, str]) -> dict[str, int]:
         """``input.history`` for a decision of ``key``."""

@@ -106,11 +106,12 @@ class PolicyService(pb_grpc.PolicyServiceServicer):
             return decision_to_pb(decision, params_read=params_read, cacheable=False)
         OPA_SECONDS.observe(time.perf_counter() - started)
         decision = dec.from_document(doc, revision=revision, analysis=analysis)
-        if (decision.verdict is not Verdict.DENY and isinstance(doc, dict)
-                and doc.get("card_lookup") is True):
-            # The policy counts this statement against the identity's
-            # lookups (input.history of its next decisions).
-            self.lookups.add(who)
+        looked_up = doc.get("card_lookups") if isinstance(doc, dict) else None
+        if (decision.verdict is not Verdict.DENY and isinstance(looked_up, int)
+                and not isinstance(looked_up, bool) and looked_up > 0):
+            # Lookups the policy counts against the identity (input.history
+            # of its next decisions).
+            self.lookups.add(who, looked_up)
         DECISIONS.labels(verdict=decision.verdict.value).inc()
         self._log(req.session.session_id, decision.decision_id, decision.verdict, revision,
                   analysis)

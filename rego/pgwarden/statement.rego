@@ -189,26 +189,32 @@ deny_reasons contains msg if {
 # Each lookup by value asks whether one guess is a card number. Enough of
 # them enumerate what the mask hides (the middle six digits of a card whose
 # first six and last four are known are some 10^5 candidates), so a masked
-# identity has a budget of lookups per window. OPA keeps no state: policyd
-# counts the decisions that say card_lookup and passes the count of the
-# window in input.history. Such a decision depends on that count, which no
-# cache key holds, so it is never reused (cacheable: false).
-default card_lookup := false
-
-card_lookup if {
+# identity has a budget of lookups per window. OPA keeps no state: the
+# decision says how many lookups the message makes (card_lookups, every
+# lookup term of every statement: ten lookups in one message, or joined by
+# UNION ALL, count ten), policyd adds them up per identity and passes the
+# count of the window in input.history. Such a decision depends on that
+# count, which no cache key holds, so it is never reused (cacheable: false).
+lookup_terms := {[i, j] |
 	not unmasked
-	some s in statements
-	some c in s.comparisons
+	some i, s in statements
+	some j, c in s.comparisons
+	lookup_term(c)
+}
+
+lookup_term(c) if {
 	some src in c.sources
 	pan_source(src)
 	single_value_lookup(c)
 }
 
+card_lookup if count(lookup_terms) > 0
+
 deny_reasons contains msg if {
 	card_lookup
 	used := input.history.card_lookups
-	used >= rules.card_lookups_per_window
-	msg := sprintf("this identity looked up %d card numbers by value in the last %d seconds, the limit is %d; lookups resume as the window moves on (every one is in the audit trail)", [used, input.history.window_seconds, rules.card_lookups_per_window])
+	used + count(lookup_terms) > rules.card_lookups_per_window
+	msg := sprintf("this message looks up %d card numbers by value and this identity looked up %d in the last %d seconds, the limit is %d; lookups resume as the window moves on (every one is in the audit trail)", [count(lookup_terms), used, input.history.window_seconds, rules.card_lookups_per_window])
 }
 
 # A prepared lookup runs again and again with new values: it is decided
@@ -220,25 +226,18 @@ deny_reasons contains msg if {
 approval_reasons contains "a card lookup by parameter is decided at each execution, with its value" if lookup_awaits_value
 
 lookup_awaits_value if {
-	card_lookup
 	input.request.path == "parse"
-	some s in statements
-	some c in s.comparisons
-	some src in c.sources
-	pan_source(src)
-	single_value_lookup(c)
+	some [i, j] in lookup_terms
+	c := statements[i].comparisons[j]
 	is_number(c.param)
 	not c.known
 }
 
-# What policyd counts: a lookup that runs with this decision (not the hold
-# of a Parse that waits for its values).
-default counted_lookup := false
+# What policyd counts: the lookups that run with this decision (none for the
+# hold of a Parse that waits for its values).
+default counted_lookups := 0
 
-counted_lookup if {
-	card_lookup
-	not lookup_awaits_value
-}
+counted_lookups := count(lookup_terms) if not lookup_awaits_value
 
 # Without the count the budget cannot be checked: fail closed.
 deny_reasons contains "the policy input carries no count of this identity's card lookups (input.history); a lookup cannot be checked against its limit" if {
@@ -428,12 +427,8 @@ decision := {
 	"record_rows": record_rows,
 	"sqlstate": rules.sqlstate,
 	"max_result_bytes": max_result_bytes,
-	"card_lookup": counted_lookup,
-	"cacheable": not_card_lookup,
+	"card_lookups": counted_lookups,
+	"cacheable": count(lookup_terms) == 0,
 }
-
-default not_card_lookup := true
-
-not_card_lookup := false if card_lookup
 
 default needs_approval := false

@@ -303,7 +303,7 @@ test_a_card_number_lookup_and_unmasked_conditions_are_served if {
 	at_parse := statement.decision with input as object.union(f.message(["fraud-readers"], [pan_condition(by_param)]), {"request": {"path": "parse", "statement_name": "", "param_count": null}})
 	at_parse.verdict == "hold"
 	at_parse.approval.reason == "a card lookup by parameter is decided at each execution, with its value"
-	not at_parse.card_lookup # counted at each Bind, not at Parse
+	at_parse.card_lookups == 0 # counted at each Bind, not at Parse
 	at_parse.cacheable == false
 	at_bind := object.union(by_param, {"known": true, "value": "[redacted]"})
 	decide(["fraud-readers"], [pan_condition(at_bind)]).verdict == "allow"
@@ -328,14 +328,28 @@ with_history(groups, statements, history) := object.union(f.message(groups, stat
 test_card_lookups_are_counted_and_limited if {
 	d := decide(["fraud-readers"], [lookup_by_value])
 	d.verdict == "allow"
-	d.card_lookup
+	d.card_lookups == 1
 	d.cacheable == false
 	limit := data.pgwarden_data.rules.card_lookups_per_window
 	spent := statement.decision with input as with_history(["fraud-readers"], [lookup_by_value], {"card_lookups": limit, "window_seconds": 3600})
 	spent.verdict == "deny"
-	spent.reasons == [sprintf("this identity looked up %d card numbers by value in the last 3600 seconds, the limit is %d; lookups resume as the window moves on (every one is in the audit trail)", [limit, limit])]
+	spent.reasons == [sprintf("this message looks up 1 card numbers by value and this identity looked up %d in the last 3600 seconds, the limit is %d; lookups resume as the window moves on (every one is in the audit trail)", [limit, limit])]
 	last := statement.decision with input as with_history(["fraud-readers"], [lookup_by_value], {"card_lookups": limit - 1, "window_seconds": 3600})
 	last.verdict == "allow"
+}
+
+test_every_lookup_of_a_message_counts if {
+	two_terms := f.statement({
+		"relations": [f.rel("public.payments", "read", ["id", "card_number"], true)],
+		"comparisons": [f.cmp("public.payments.card_number", "=", "[redacted]"), f.cmp("public.payments.card_number", "=", "[redacted]")],
+		"outputs": [id_output],
+	})
+	d := decide(["fraud-readers"], [lookup_by_value, lookup_by_value, two_terms])
+	d.verdict == "allow"
+	d.card_lookups == 4
+	limit := data.pgwarden_data.rules.card_lookups_per_window
+	over := statement.decision with input as with_history(["fraud-readers"], [lookup_by_value, two_terms], {"card_lookups": limit - 2, "window_seconds": 3600})
+	over.verdict == "deny"
 }
 
 test_a_card_lookup_without_history_is_refused if {
@@ -352,12 +366,12 @@ test_what_is_not_a_card_lookup_is_not_counted if {
 	every st in [pan_condition(join), pan_condition(f.cmp("public.payments.id", "=", 5))] {
 		d := statement.decision with input as with_history(["fraud-readers"], [st], spent)
 		d.verdict == "allow"
-		not d.card_lookup
+		d.card_lookups == 0
 		d.cacheable
 	}
 	dba := statement.decision with input as with_history(["dba"], [lookup_by_value], spent)
 	dba.verdict == "allow"
-	not dba.card_lookup
+	dba.card_lookups == 0
 }
 
 test_set_operations_over_card_numbers_refused_for_masked_identities if {

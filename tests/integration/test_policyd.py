@@ -141,8 +141,8 @@ async def test_card_lookups_are_limited_per_identity(rego_copy: Path) -> None:
         async with policyd(opa.url) as server, client(server.target) as c:
             answers = [await c.decide(req(lookup, params=(g,))) for g in guesses]
             assert [a.verdict for a in answers] == [Verdict.ALLOW] * 3 + [Verdict.DENY]
-            assert any("looked up 3 card numbers by value" in r and "the limit is 3" in r
-                       for r in answers[3].reasons), answers[3].reasons
+            assert any("identity looked up 3 in the last 3600 seconds" in r
+                       and "the limit is 3" in r for r in answers[3].reasons), answers[3].reasons
             assert not any(g in r for r in answers[3].reasons for g in guesses)
             # A literal is a lookup too; so is a repeat (nothing is cached).
             literal = await c.decide(req(f"SELECT id FROM payments WHERE card_number = '{guesses[0]}'"))
@@ -160,6 +160,17 @@ async def test_card_lookups_are_limited_per_identity(rego_copy: Path) -> None:
             assert (await c.decide(req(lookup, dba, params=(guesses[0],)))).verdict \
                 is Verdict.ALLOW
             assert server.service.lookups.count(("https://idp", "fraud-bot")) == 3
+            # Every lookup of a message counts: two statements, a UNION ALL.
+            many = Identity(subject="many-bot", groups=("fraud-readers",), issuer="https://idp")
+            two = "; ".join(f"SELECT id FROM payments WHERE card_number = '{g}'"
+                            for g in guesses[:2])
+            assert (await c.decide(req(two, many))).verdict is Verdict.ALLOW
+            union = (f"SELECT id FROM payments WHERE card_number = '{guesses[2]}' UNION ALL "
+                     f"SELECT id FROM payments WHERE card_number = '{guesses[3]}'")
+            over = await c.decide(req(union, many))
+            assert over.verdict is Verdict.DENY
+            assert any("this message looks up 2 card numbers" in r for r in over.reasons)
+            assert server.service.lookups.count(("https://idp", "many-bot")) == 2
 
 
 async def test_decide_connect(opa: OpaProcess) -> None:

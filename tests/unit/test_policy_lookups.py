@@ -28,6 +28,8 @@ def test_counts_within_the_window_only() -> None:
     assert ledger.count(ME) == 1
     clock.now += 30
     assert ledger.count(ME) == 0
+    ledger.add(ME, 3)  # three lookups in one message
+    assert ledger.count(ME) == 3
 
 
 def test_memory_is_bounded() -> None:
