@@ -108,19 +108,21 @@ def main() -> int:
             tps = statistics.median(samples[(label, target, "c8")])
             print(f"{label:<5} {target:<8} c1 {ms:.3f} ms (+{ms - direct:.3f} over direct)  "
                   f"c8 {tps:.0f} tps")
+    def vs_tcp(target: str, kind: str) -> tuple[float, float]:
+        """(tap, floor) of ``kind`` through ``target`` as ratios to tcp_proxy
+        (its samples of both stacks together)."""
+        tcp = statistics.median(samples[("tap", "envoy_tcp", kind)]
+                                + samples[("echo", "envoy_tcp", kind)])
+        return (statistics.median(samples[("tap", target, kind)]) / tcp,
+                statistics.median(samples[("echo", target, kind)]) / tcp)
+
     for target in ("inline", "extproc"):
-        tap = statistics.median(samples[("tap", target, "c8")])
-        echo = statistics.median(samples[("echo", target, "c8")])
-        tcp = statistics.median(samples[("tap", "envoy_tcp", "c8")]
-                                + samples[("echo", "envoy_tcp", "c8")])
-        print(f"{target}: c8 throughput vs envoy_tcp: tap {tap / tcp:.2f}, floor {echo / tcp:.2f};"
+        tap, echo = vs_tcp(target, "c8")
+        print(f"{target}: c8 throughput vs envoy_tcp: tap {tap:.2f}, floor {echo:.2f};"
               f" tap / floor {tap / echo:.2f}")
-        tap_f = statistics.median(samples[("tap", target, "fetch")])
-        echo_f = statistics.median(samples[("echo", target, "fetch")])
-        tcp_f = statistics.median(samples[("tap", "envoy_tcp", "fetch")]
-                                  + samples[("echo", "envoy_tcp", "fetch")])
-        print(f"{target}: 200,000-row fetch vs envoy_tcp: tap (unmasked) {tap_f / tcp_f:.2f}x,"
-              f" floor {echo_f / tcp_f:.2f}x")
+        tap, echo = vs_tcp(target, "fetch")
+        print(f"{target}: 200,000-row fetch vs envoy_tcp: tap (unmasked) {tap:.2f}x,"
+              f" floor {echo:.2f}x")
     return 0
 
 

@@ -224,6 +224,11 @@ ALLOW: dict[str, Allowed] = {
                                       "its figures are quoted in bench/RESULTS.md",
                                       ("bench/floors.py", "bench/echo_tap.py",
                                        "bench/RESULTS.md")),
+    "python bench/latency_floor.py": Allowed("a measurement taking minutes (one client "
+                                             "against five targets); its figures are quoted "
+                                             "in bench/RESULTS.md",
+                                             ("bench/latency_floor.py", "bench/echo_tap.py",
+                                              "bench/RESULTS.md")),
     "python bench/core_bench.py": Allowed("a measurement (the tap's Python per transaction, "
                                           "in-process); its figures are quoted in "
                                           "bench/RESULTS.md",
@@ -780,6 +785,8 @@ def run_policyd_input(ctx: Ctx, case: Case) -> None:
     assert doc["identity"]["groups"] == READERS
     assert doc["session"]["upstream_role"] == "fraud_reader"
     assert [s["command"] for s in doc["analysis"]["statements"]] == ["select"]
+    spent = re.search(r"--card-lookups (\d+)", case.template)
+    assert doc["history"]["card_lookups"] == (int(spent.group(1)) if spent else 0)
 
 
 def run_opa_eval(ctx: Ctx, case: Case) -> None:
