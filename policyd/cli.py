@@ -115,11 +115,11 @@ def show_input(
         session=SessionInfo(session_id="cli", database=database, upstream_role=role,
                             search_path=search_path),
         sql=sql, params=tuple(param) if param else None)
-    from policyd.lookups import WINDOW_SECONDS
+    from policyd.lookups import history_input
 
     analysis = analyse(sql, search_path=search_path, user=role, params=request.params)
-    history = {"card_lookups": card_lookups, "window_seconds": round(WINDOW_SECONDS)}
-    typer.echo(json.dumps(statement_input(request, analysis, history=history), indent=2))
+    typer.echo(json.dumps(statement_input(request, analysis, history=history_input(card_lookups)),
+                          indent=2))
 
 
 @app.command()

@@ -68,4 +68,9 @@ class LookupLedger:
 
     def history(self, key: tuple[str, str]) -> dict[str, int]:
         """``input.history`` for a decision of ``key``."""
-        return {"card_lookups": self.count(key), "window_seconds": round(self.window)}
+        return history_input(self.count(key), self.window)
+
+
+def history_input(card_lookups: int, window: float = WINDOW_SECONDS) -> dict[str, int]:
+    """The ``input.history`` document (docs/policy-input.schema.json)."""
+    return {"card_lookups": card_lookups, "window_seconds": round(window)}

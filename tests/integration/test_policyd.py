@@ -171,6 +171,15 @@ async def test_card_lookups_are_limited_per_identity(rego_copy: Path) -> None:
             assert over.verdict is Verdict.DENY
             assert any("this message looks up 2 card numbers" in r for r in over.reasons)
             assert server.service.lookups.count(("https://idp", "many-bot")) == 2
+            # A lookup inside COPY, a cursor or a CTE is a lookup too.
+            wrapped = Identity(subject="wrapped-bot", groups=("fraud-readers",),
+                               issuer="https://idp")
+            inner = f"SELECT id FROM payments WHERE card_number = '{guesses[0]}'"
+            for sql in (f"COPY ({inner}) TO STDOUT", f"DECLARE c CURSOR FOR {inner}",
+                        f"WITH x AS ({inner}) SELECT * FROM x"):
+                assert (await c.decide(req(sql, wrapped))).verdict is Verdict.ALLOW, sql
+            assert server.service.lookups.count(("https://idp", "wrapped-bot")) == 3
+            assert (await c.decide(req(inner, wrapped))).verdict is Verdict.DENY
 
 
 async def test_decide_connect(opa: OpaProcess) -> None:
