@@ -121,6 +121,8 @@ class Runtime:
         started = time.perf_counter()
         decision = await self.decider(request)
         metrics.DECISION_LATENCY.labels(source="policyd").observe(time.perf_counter() - started)
+        if decision.verdict is Verdict.DENY and decision.sqlstate == UNAVAILABLE_SQLSTATE:
+            metrics.POLICY_UNAVAILABLE.inc()  # policyd or OPA did not answer: refused
         if not await self._catalog_ready(decision, request.session.database):
             return replace(decision, verdict=Verdict.DENY, sqlstate="55000", reasons=(
                 *decision.reasons, "the gateway cannot apply this statement's column masking "
@@ -137,18 +139,24 @@ class Runtime:
                 *decision.reasons, "this statement needs a human approval, and no approval "
                 "service is configured for this gateway"))
         self.holding.add(request.session.session_id)
+        metrics.APPROVALS_PENDING.inc()
+        outcome = "cancelled"  # the client went away or cancelled while it waited
         try:
             held: Decision = await self.approvals.hold(request, decision)
+            outcome = _hold_outcome(held)
             return held
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # fail closed
+            outcome = "unavailable"
             self.log.error("approval_service_failed", session_id=request.session.session_id,
                            error=exc.__class__.__name__)
             return replace(decision, verdict=Verdict.DENY,
                            reasons=(*decision.reasons, "the approval service is unavailable"))
         finally:
             self.holding.discard(request.session.session_id)
+            metrics.APPROVALS_PENDING.dec()
+            metrics.APPROVALS_RESOLVED.labels(outcome=outcome).inc()
 
     def needs_catalog(self, decision: Decision, database: str) -> bool:
         """Column rules apply by the identity the catalog gives a result
@@ -247,6 +255,19 @@ class Runtime:
 # the hot path.
 _NOT_LOGGED = frozenset({"statement", "statement_end", "statement_error", "statement_refused",
                          "auth", "cancel_request"})
+
+
+# SQLSTATEs of a held statement's end (policyd/approvals/client.py) and of a
+# decision point that did not answer (policyd/decision.py, 58000 for both).
+UNAVAILABLE_SQLSTATE = "58000"
+_HOLD_OUTCOMES = {"PW001": "rejected", "PW002": "expired", "PW003": "cancelled",
+                  UNAVAILABLE_SQLSTATE: "unavailable"}
+
+
+def _hold_outcome(decision: Decision) -> str:
+    if decision.verdict is Verdict.ALLOW:
+        return "approved"
+    return _HOLD_OUTCOMES.get(decision.sqlstate, "rejected")
 
 
 _STATEMENT_SERIES: dict[Any, Any] = {}

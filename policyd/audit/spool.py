@@ -240,6 +240,20 @@ class Spool:
             self._older += old
             self._dirty = False
 
+    def first_base(self) -> int:
+        """The number just before the oldest event still in the spool
+        (the oldest segment's header; 0 for a legacy file)."""
+        for idx in list_segments(self.path):
+            if idx == 0:
+                return 0
+            try:
+                with open(_segment_path(self.path, idx), "rb") as fh:
+                    head = json.loads(fh.readline())
+            except (FileNotFoundError, ValueError):
+                continue  # removed by the reader meanwhile, or torn
+            return int(head.get("base", 0))
+        return self.last_n
+
     def sync(self) -> None:
         """fsync if anything was appended since the last call."""
         with self._sync_lock:
@@ -333,6 +347,20 @@ class SpoolReader:
                     _segment_path(self.path, idx).unlink()
                 except FileNotFoundError:
                     pass
+
+    def pending_bytes(self) -> int:
+        """Bytes of the spool after the committed cursor: what is not yet
+        stored (segment headers included). From the files, for a gauge."""
+        total = 0
+        for idx in list_segments(self.path):
+            if self._seg is not None and idx < self._seg:
+                continue
+            try:
+                size = _segment_path(self.path, idx).stat().st_size
+            except FileNotFoundError:
+                continue  # deleted meanwhile: stored
+            total += size - self._off if idx == self._seg else size
+        return max(total, 0)
 
     def close(self) -> None:
         if self._lock_fd >= 0:

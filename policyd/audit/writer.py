@@ -38,6 +38,7 @@ from pathlib import Path
 
 import structlog
 
+from pgwarden import metrics
 from policyd.audit.chain import CheckpointLog, checkpoints_path, key_path, load_or_create_key
 from policyd.audit.events import Event, GatewayEvent, event_to_json, parse_event
 from policyd.audit.scrub import scrub_event
@@ -306,6 +307,7 @@ class SpoolShipper:
         self._pending_gateway.append(event)
 
     def _outage(self, exc: Exception) -> None:
+        metrics.AUDIT_WRITE_ERRORS.labels(component=self.component).inc()
         if self._outage_since is not None:
             return
         self._outage_since = time.monotonic()
@@ -478,6 +480,36 @@ class AuditWriter:
     def in_outage(self) -> bool:
         return self.shipper is not None and self.shipper.in_outage
 
+    def pending_events(self) -> int:
+        """Events accepted but not known to be stored: spooled past the
+        store's position, plus any held in memory behind a spool failure.
+        Before the store has answered once, the whole spool counts."""
+        shipper = self.shipper
+        if shipper is None:
+            return 0
+        stored = shipper.stored_n
+        base = self.spool.first_base() if stored is None else stored
+        return max(self.spool.last_n - base, 0) + len(self._memory)
+
+    def pending_bytes(self) -> int:
+        """Bytes of the spool not yet stored (0 when no event is pending)."""
+        shipper = self.shipper
+        if shipper is None or self.pending_events() == 0:
+            return 0
+        return shipper.reader.pending_bytes()
+
+    def _expose(self, live: bool) -> None:
+        """The backlog gauges of this component follow this writer (read
+        when scraped, nothing on the data path); zero once it is closed."""
+        depth = metrics.AUDIT_QUEUE_DEPTH.labels(component=self.component)
+        size = metrics.AUDIT_SPOOL_BYTES.labels(component=self.component)
+        if live:
+            depth.set_function(self.pending_events)
+            size.set_function(self.pending_bytes)
+        else:
+            depth.set_function(lambda: 0)
+            size.set_function(lambda: 0)
+
     @property
     def checkpoints(self) -> int:
         sink = self._sink
@@ -521,6 +553,8 @@ class AuditWriter:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        if self.shipper is not None:
+            self._expose(True)
         return self
 
     def _memory_batch(self, limit: int) -> list[Event]:
@@ -568,6 +602,8 @@ class AuditWriter:
             self.shipper.notify()
         for t in self._threads:
             t.join(timeout=5)
+        if self.shipper is not None:
+            self._expose(False)
         self.spool.close()
         if self.shipper is not None:
             try:

@@ -23,7 +23,10 @@ runs to its end. Then, once the tap's spool has drained (bounded wait):
 - the tap recorded the outage (``sink_outage``, naming the store, not
   policyd, as what failed) and the recovery (``sink_recovered``) in the
   audit trail (10.2.1.6);
-- ``pgwarden audit verify`` passes on the store.
+- ``pgwarden audit verify`` passes on the store;
+- the tap's /metrics showed the outage while it lasted (store write errors,
+  a backlog in events and spool bytes: what docs/metrics.md pages on) and
+  shows no backlog once the spool has drained.
 
 PGWARDEN_OUTAGE_LOAD_SECONDS sets the pgbench run (30 s by default), of
 which about OUTAGE_SECONDS are spent with the store down.
@@ -40,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -164,6 +168,7 @@ class OutageGateway:
     spool_dir: Path
     dsn: dict[str, str]
     tap_listen: dict[str, str]
+    metrics: dict[str, str] = field(default_factory=dict)  # the taps' /metrics URLs
     procs: list[st.Proc] = field(default_factory=list)
 
     def spool(self, mode: str) -> Path:
@@ -206,8 +211,11 @@ def gateway(stack: LocalStack, audit_pg: AuditPostgres,
         for mode in st.TAP_MODES:
             taps[mode] = st.free_port()
             gw.tap_listen[mode] = f"{st.HOST}:{taps[mode]}"
+            metrics_port = st.free_port()
+            gw.metrics[mode] = f"http://{st.HOST}:{metrics_port}/metrics"
             gw.procs.append(st.start_tap(mode, taps[mode], stack.postgres.port, None,
-                                         ["--config", str(cfg)], workdir=work,
+                                         ["--config", str(cfg), "--metrics-addr",
+                                          f"{st.HOST}:{metrics_port}"], workdir=work,
                                          name=f"outage-tap-{mode}"))
         values: dict[str, object] = {
             "ADMIN_PORT": st.free_port(), "ENVOY_TCP_PORT": st.free_port(),
@@ -322,6 +330,18 @@ def gateway_events(url: str, writer_id: str) -> list[tuple[int, str, str, dict[s
             for s, a, t, d in rows]
 
 
+def audit_series(url: str) -> dict[str, float]:
+    """The tap's audit series (component "tap") from its /metrics."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = resp.read().decode()
+    out: dict[str, float] = {}
+    for name in ("pgwarden_audit_write_errors_total", "pgwarden_audit_queue_depth",
+                 "pgwarden_audit_spool_bytes"):
+        m = re.search(rf'^{name}\{{component="tap"\}} (\S+)$', body, re.MULTILINE)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
+
+
 def _wait_until(check: Any, timeout: float, what: str, pgbench: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -353,6 +373,7 @@ def test_audit_store_outage_under_load_loses_nothing_and_keeps_order(
     spool = gateway.spool(mode)
     writer_id = Path(str(spool) + ".id").read_text().strip()
     before = gateway_events(gateway.store_url, writer_id)
+    errors_before = audit_series(gateway.metrics[mode])["pgwarden_audit_write_errors_total"]
 
     mark = stack.pg_log_mark()
     pgbench = subprocess.Popen(
@@ -372,6 +393,14 @@ def test_audit_store_outage_under_load_loses_nothing_and_keeps_order(
                              connect_timeout=30, autocommit=True) as probe:
             for k in PROBES:
                 assert probe.execute(probe_sql(k)).fetchone() is not None
+        # What an operator sees meanwhile: failed store writes and a backlog.
+        series = audit_series(gateway.metrics[mode])
+        while not (series["pgwarden_audit_write_errors_total"] > errors_before
+                   and series["pgwarden_audit_queue_depth"] > 0
+                   and series["pgwarden_audit_spool_bytes"] > 0):
+            assert time.monotonic() - began < OUTAGE_SECONDS, series
+            time.sleep(0.2)
+            series = audit_series(gateway.metrics[mode])
         time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - began)))
         during = executed_calls(stack.pg_log_since(outage_mark), app)
         assert pgbench.poll() is None, "the load ended before the store came back: raise " \
@@ -409,6 +438,13 @@ def test_audit_store_outage_under_load_loses_nothing_and_keeps_order(
     assert drained, (f"the tap's spool did not drain: stored up to "
                      f"{stored_position(gateway.store_url, spool)} of {spool_last_n(spool)}")
     assert got.results == total, f"PostgreSQL executed {total}, the audit trail holds {got.results}"
+    # The backlog gauges fall back once everything is stored (read right
+    # after a drained spool: the next ship interval stores what came since).
+    deadline = time.monotonic() + 30
+    while (series := audit_series(gateway.metrics[mode]))["pgwarden_audit_queue_depth"] > 0:
+        assert time.monotonic() < deadline, series
+        time.sleep(0.5)
+    assert series["pgwarden_audit_spool_bytes"] == 0, series
 
     # Per session: the statements in the order that backend executed them,
     # each followed by its result, on a gap-free session chain.

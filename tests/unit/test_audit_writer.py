@@ -78,6 +78,38 @@ def test_outage_and_recovery_keep_order_and_lose_nothing(tmp_path: Path) -> None
     assert actions == ["start", "sink_outage", "sink_recovered", "stop"]
 
 
+def test_backlog_and_store_errors_are_exposed_while_the_store_is_down(tmp_path: Path) -> None:
+    """docs/metrics.md pages on the spool not draining: the gauges must show
+    the backlog while the store is down and fall to zero once it is stored;
+    each failed attempt counts as a store write error."""
+    from prometheus_client import REGISTRY
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"component": "unit-writer"}) or 0.0
+
+    errors0 = sample("pgwarden_audit_write_errors_total")
+    blocker = tmp_path / "store"
+    blocker.write_text("not a directory")
+    url = f"sqlite:///{blocker / 'a.db'}"
+    w = writer(tmp_path, url, batch_size=7, component="unit-writer").start()
+    for k in range(10):
+        assert w.submit(stmts("s", 10, start=k * 10 + 1))
+    assert not w.flush(timeout=1.0)
+    # the writer's start record, the 100 statements and its sink_outage
+    # record wait in the spool
+    assert sample("pgwarden_audit_queue_depth") == 102
+    on_disk = sum(f.stat().st_size for f in tmp_path.glob("spool.jsonl*")
+                  if not f.name.endswith((".lock", ".id")))
+    assert 0 < sample("pgwarden_audit_spool_bytes") <= on_disk
+    assert sample("pgwarden_audit_write_errors_total") > errors0
+    blocker.unlink()
+    assert w.flush(timeout=30)
+    assert sample("pgwarden_audit_queue_depth") == 0
+    assert sample("pgwarden_audit_spool_bytes") == 0
+    assert w.close()
+    assert sample("pgwarden_audit_queue_depth") == 0
+
+
 def test_spool_replay_after_kill_9_is_exactly_once(tmp_path: Path) -> None:
     """A producer killed with SIGKILL right after submit() returned loses
     nothing: the next writer on the same spool stores every event once."""
