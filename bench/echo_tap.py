@@ -3,7 +3,12 @@ Python process on the gateway's path costs.
 
 ``extproc`` serves Envoy's network ext_proc service and answers every chunk
 with the same bytes (read_data to upstream, write_data to the client);
-``inline`` is a bare uvloop byte pipe to ``--upstream``. It takes the tap's
+``inline`` is a bare uvloop byte pipe to ``--upstream``. Given ``--tls-cert``
+and ``--tls-key`` (the local stack passes the tap's), the pipe also answers a
+client's SSLRequest, terminates that TLS session with uvloop's ``start_tls``
+and opens its own TLS session to PostgreSQL (SSLRequest, no certificate
+check): the least any gateway that reads the bytes of an encrypted session
+must do, with no PostgreSQL protocol work at all. It takes the tap's
 command line shape (``MODE --listen HOST:PORT [--upstream HOST:PORT] ...``,
 other options ignored), so the local stack runs it in the tap's place with
 ``PGWARDEN_TAP_COMMAND="python bench/echo_tap.py"`` (bench/floors.py does).
@@ -13,6 +18,8 @@ The ext_proc server gets the tap's gRPC options (``SERVER_OPTIONS``).
 from __future__ import annotations
 
 import asyncio
+import ssl
+import struct
 import sys
 from pathlib import Path
 
@@ -53,31 +60,85 @@ async def serve_echo(listen: str) -> None:
     await server.wait_for_termination()
 
 
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+
+
 class _Side(asyncio.Protocol):
+    """One end of the pipe. Bytes go to the peer once the peer is ``live``
+    (connected, and through its TLS handshake when there is one); until then
+    they wait in ``early``."""
+
     def __init__(self) -> None:
         self.peer: _Side | None = None
         self.transport: asyncio.Transport | None = None
+        self.live = False
         self.early: list[bytes] = []
+        self.answer: asyncio.Future[bytes] | None = None  # the server's reply to SSLRequest
+        self.tls: ssl.SSLContext | None = None  # client side: offer TLS with this context
+        self.mode: str | None = None  # client side: "plain" or "tls" once the first bytes came
+        self.is_client = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.peer is not None and self.peer.early:
-            self.transport.write(b"".join(self.peer.early))  # type: ignore[union-attr]
-            self.peer.early.clear()
+
+    def go_live(self, transport: asyncio.Transport) -> None:
+        self.transport, self.live = transport, True
+        peer = self.peer
+        if peer is not None and peer.early:
+            transport.write(b"".join(peer.early))
+            peer.early.clear()
 
     def data_received(self, data: bytes) -> None:
-        assert self.peer is not None
-        if self.peer.transport is None:
-            self.early.append(data)  # the upstream connection is on its way
+        if self.answer is not None:
+            fut, self.answer = self.answer, None
+            fut.set_result(data)
+            return
+        peer = self.peer
+        assert peer is not None
+        if self.is_client and self.mode is None:  # the client's first bytes
+            if self.tls is not None and data == SSL_REQUEST:
+                self.mode, self.live = "tls", False
+                asyncio.get_running_loop().create_task(self._start_tls(self.tls))
+                return
+            self.mode, self.live = "plain", True
+            if peer.transport is not None:
+                peer.go_live(peer.transport)
+        if peer.live:
+            peer.transport.write(data)  # type: ignore[union-attr]
         else:
-            self.peer.transport.write(data)
+            self.early.append(data)
+
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        upstream = self.peer
+        assert self.transport is not None and upstream is not None
+        self.transport.write(b"S")
+        plain = await loop.start_tls(self.transport, self, ctx, server_side=True)
+        assert plain is not None
+        self.transport = plain
+        while upstream.transport is None:
+            await asyncio.sleep(0.001)
+        up_tls = ssl.create_default_context()
+        up_tls.check_hostname = False
+        up_tls.verify_mode = ssl.CERT_NONE
+        answer: asyncio.Future[bytes] = loop.create_future()
+        upstream.answer = answer
+        upstream.transport.write(SSL_REQUEST)
+        if await answer != b"S":
+            plain.close()
+            upstream.transport.close()
+            return
+        wrapped = await loop.start_tls(upstream.transport, upstream, up_tls)
+        assert wrapped is not None
+        upstream.go_live(wrapped)
+        self.go_live(plain)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
 
 
-async def serve_pipe(listen: str, upstream: str) -> None:
+async def serve_pipe(listen: str, upstream: str, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
     up_host, up_port = upstream.rsplit(":", 1)
     connecting: set[asyncio.Task[object]] = set()
@@ -85,7 +146,15 @@ async def serve_pipe(listen: str, upstream: str) -> None:
     def factory() -> _Side:
         client, server = _Side(), _Side()
         client.peer, server.peer = server, client
-        task = loop.create_task(loop.create_connection(lambda: server, up_host, int(up_port)))
+        client.tls, client.is_client = tls, True
+
+        async def connect() -> None:
+            await loop.create_connection(lambda: server, up_host, int(up_port))
+            if client.mode == "plain":
+                assert server.transport is not None
+                server.go_live(server.transport)
+
+        task = loop.create_task(connect())
         connecting.add(task)
         task.add_done_callback(connecting.discard)
         return client
@@ -101,7 +170,12 @@ def main(argv: list[str]) -> None:
     if mode == "extproc":
         uvloop.run(serve_echo(listen))
     else:
-        uvloop.run(serve_pipe(listen, argv[argv.index("--upstream") + 1]))
+        tls = None
+        if "--tls-cert" in argv and "--tls-key" in argv:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(argv[argv.index("--tls-cert") + 1],
+                                argv[argv.index("--tls-key") + 1])
+        uvloop.run(serve_pipe(listen, argv[argv.index("--upstream") + 1], tls))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ Envoy tcp_proxy alone and both gateways:
 
     .venv/bin/python bench/floors.py [--seconds 6] [--rounds 2]
 
+With TLS on both legs (``tls_c8``, ``tls_c1``: ``pgbench -S -n -M prepared``,
+client ``sslmode=require``) it also measures what terminating an encrypted
+session costs, against Envoy tcp_proxy with PostgreSQL doing the TLS: the
+echo's pipe then terminates the client's TLS and opens its own to PostgreSQL
+(the shape of the governed gateway, none of its work), while the data-path
+tap terminates only the client's (its upstream leg is plaintext here). The
+ext_proc echo has no TLS of its own and is left out of these two.
+
 Prints medians per target; nothing is written. Figures are quoted, with the
 date, in bench/RESULTS.md. Issue 2 calibrates its targets with the same two
 floors (a bare uvloop pipe behind Envoy 0.50 of tcp_proxy, a bare Python
@@ -45,6 +53,10 @@ FETCH_SETUP = ("CREATE TABLE rows_out AS SELECT i AS id, "
                "lpad((4000000000000000 + i * 7919)::text, 16, '0') AS card_number, "
                "'Cardholder ' || i AS cardholder, (i % 50000)::numeric(12, 2) AS amount "
                "FROM generate_series(1, 3000) i")
+KINDS = (("c1", ["-c", "1"]), ("c8", ["-c", "8", "-j", "2"]),
+         ("tls_c1", ["-M", "prepared", "-c", "1"]),
+         ("tls_c8", ["-M", "prepared", "-c", "8", "-j", "2"]))
+TLS_TARGETS = ("envoy_tcp", "inline")
 FETCH = "SELECT id, card_number, cardholder, amount FROM rows_out, generate_series(1, 67) g LIMIT 200000"
 
 
@@ -71,13 +83,17 @@ def one_stack(label: str, seconds: int, samples: dict[tuple[str, str, str], list
                 raise RuntimeError(init.stderr[-500:])
             with psycopg.connect(dsns["direct"], autocommit=True) as conn:
                 conn.execute(FETCH_SETUP)
+            tls = {k: make_conninfo(v, sslmode="require") for k, v in dsns.items()}
             for target in TARGETS:
-                for kind, opts in (("c1", ["-c", "1"]), ("c8", ["-c", "8", "-j", "2"])):
+                for kind, opts in KINDS:
+                    if kind.startswith("tls") and target not in TLS_TARGETS:
+                        continue
+                    dsn = tls[target] if kind.startswith("tls") else dsns[target]
                     run = bench_run.pgbench(["-S", "-n", *opts, "-T", str(seconds)],
-                                            dsns[target], timeout=seconds * 4 + 60)
+                                            dsn, timeout=seconds * 4 + 60)
                     tps, ms = bench_run.parse(run.stdout)
                     samples.setdefault((label, target, kind), []).append(
-                        ms if kind == "c1" else tps)
+                        ms if kind.endswith("c1") else tps)
                     print(f"[floors] {label} {target} {kind}: {tps:.0f} tps, {ms:.3f} ms",
                           flush=True)
                 with psycopg.connect(dsns[target]) as conn:
@@ -123,6 +139,15 @@ def main() -> int:
         tap, echo = vs_tcp(target, "fetch")
         print(f"{target}: 200,000-row fetch vs envoy_tcp: tap (unmasked) {tap:.2f}x,"
               f" floor {echo:.2f}x")
+    tap, echo = vs_tcp("inline", "tls_c8")
+    print(f"inline with TLS: c8 throughput vs envoy_tcp with TLS: tap (client leg only) "
+          f"{tap:.2f}, floor (both legs) {echo:.2f}")
+    tcp = statistics.median(samples[("tap", "envoy_tcp", "tls_c1")]
+                            + samples[("echo", "envoy_tcp", "tls_c1")])
+    for label in ("tap", "echo"):
+        ms = statistics.median(samples[(label, "inline", "tls_c1")])
+        print(f"{label:<5} inline with TLS: c1 {ms:.3f} ms (+{ms - tcp:.3f} over envoy_tcp "
+              f"with TLS)")
     return 0
 
 
