@@ -62,7 +62,9 @@ def write_config(stack: st.LocalStack, *, policyd_port: int, tap_listen: str,
                       "checkpoint_file": str(stack.workdir / "audit-checkpoints.jsonl"),
                       "signing_key_file": str(stack.workdir / "identity" / "audit-signing.key")},
         },
-        "policyd": {"listen": f"{st.HOST}:{policyd_port}",
+        # A shared 2-core machine answers in far less, but not always
+        # within OPA's 0.5 s default.
+        "policyd": {"listen": f"{st.HOST}:{policyd_port}", "opa_deadline_seconds": 2.0,
                     **({"opa_url": opa_url} if opa_url else {})},
         "identity": identity,
     }
@@ -93,12 +95,9 @@ def _start(stack: st.LocalStack, contribution: st.ServiceContribution) -> st.Ser
     policyd_port = st.free_port()
     config = write_config(stack, policyd_port=policyd_port, tap_listen=f"{st.HOST}:0",
                           opa_url=f"http://{st.HOST}:{opa_port}")
-    policyd = st.spawn("policyd", [*_policyd_command(), "serve", "--listen",
-                                   f"{st.HOST}:{policyd_port}", "--opa-url",
-                                   f"http://{st.HOST}:{opa_port}",
-                                   # A shared 2-core machine answers in far less, but
-                                   # not always within OPA's 0.5 s default.
-                                   "--opa-deadline", "2.0", "--policy-dir",
+    # Where it listens, its OPA and OPA's deadline come from the config's
+    # `policyd` section, as in a deployment.
+    policyd = st.spawn("policyd", [*_policyd_command(), "serve", "--policy-dir",
                                    str(repo / "rego"), "--config", str(config)],
                        workdir / "policyd.log")
     policyd.ports["grpc"] = policyd_port

@@ -13,14 +13,34 @@ import typer
 if TYPE_CHECKING:
     import grpc
 
+    from pgwarden.config import PgwardenConfig
+
 app = typer.Typer(no_args_is_help=True)
+
+
+def serve_settings(listen: str | None, opa_url: str | None, opa_deadline: float | None,
+                   cfg: PgwardenConfig | None) -> tuple[str, str, float]:
+    """Where policyd listens, its OPA and OPA's deadline: a command-line
+    option wins, then the configuration file's ``policyd`` section, then
+    that section's defaults."""
+    from pgwarden.config import PolicydConfig
+
+    section = cfg.policyd if cfg is not None else PolicydConfig()
+    return (listen or section.listen, opa_url or section.opa_url,
+            opa_deadline if opa_deadline is not None else section.opa_deadline_seconds)
 
 
 @app.command()
 def serve(
-    listen: str = typer.Option("127.0.0.1:50061", help="unix:/path.sock or host:port"),
-    opa_url: str = typer.Option("http://127.0.0.1:8181", help="OPA REST API base URL"),
-    opa_deadline: float = typer.Option(0.5, help="seconds per OPA query; past it: deny"),
+    listen: str | None = typer.Option(
+        None, help="unix:/path.sock or host:port [default: policyd.listen of --config, "
+        "else 127.0.0.1:50061]"),
+    opa_url: str | None = typer.Option(
+        None, help="OPA REST API base URL [default: policyd.opa_url of --config, "
+        "else http://127.0.0.1:8181]"),
+    opa_deadline: float | None = typer.Option(
+        None, help="seconds per OPA query; past it: deny [default: "
+        "policyd.opa_deadline_seconds of --config, else 0.5]"),
     revision_interval: float = typer.Option(1.0, help="seconds between policy revision polls"),
     policy_dir: Path | None = typer.Option(  # noqa: B008
         None, help="the folder OPA watches, if visible here: cheaper revision polling"),
@@ -35,7 +55,9 @@ def serve(
     from policyd.server import PolicyServer
 
     configure(log_level)
-    extra = [_approval_service(config)] if config is not None else []
+    cfg = _load(config) if config is not None else None
+    listen, opa_url, opa_deadline = serve_settings(listen, opa_url, opa_deadline, cfg)
+    extra = [_approval_service(cfg)] if cfg is not None else []
     server = PolicyServer(listen, opa_url, opa_deadline=opa_deadline,
                           revision_interval=revision_interval, policy_dir=policy_dir,
                           extra_services=extra)
@@ -54,18 +76,23 @@ def serve(
             exposition.close()
 
 
-def _approval_service(config_path: Path) -> Callable[[grpc.aio.Server], None]:
-    """Host ApprovalService next to PolicyService, from the pgwarden config."""
+def _load(config_path: Path) -> PgwardenConfig:
     from pgwarden.config import ConfigError, load
+
+    try:
+        return load(config_path)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+
+
+def _approval_service(cfg: PgwardenConfig) -> Callable[[grpc.aio.Server], None]:
+    """Host ApprovalService (and the taps' AuditSink) next to PolicyService,
+    from the pgwarden config."""
     from policyd.approvals.service import add_to_server
     from policyd.approvals.settings import ApprovalSettings
     from policyd.audit.writer import AuditWriter
     from policyd.identity import IdentitySettings, TokenValidator
 
-    try:
-        cfg = load(config_path)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--config") from exc
     if cfg.identity is None or cfg.tap.audit is None:
         raise typer.BadParameter("the approval service needs `identity` and `tap.audit` sections",
                                  param_hint="--config")

@@ -125,3 +125,23 @@ def test_unsafe_but_valid_settings_are_warned(tmp_path: Path) -> None:
     text = "\n".join(report.warnings)
     for setting in ("tap.auth_mode", "tap.upstream_tls.sslmode", "tap.audit.on_spool_failure"):
         assert setting in text
+
+
+def test_policyd_serve_takes_its_section_of_the_config_and_options_win(tmp_path: Path) -> None:
+    """`policyd serve --config` uses the file's `policyd` section (a key the
+    file documents must not be ignored); a command-line option wins."""
+    from pgwarden.config import load
+    from policyd.cli import serve_settings
+
+    path = tmp_path / "pgwarden.yaml"
+    path.write_text("policyd:\n  listen: 127.0.0.1:50999\n  opa_url: http://opa.internal:8181\n"
+                    "  opa_deadline_seconds: 1.5\n")
+    cfg = load(path, environ={})
+    assert serve_settings(None, None, None, cfg) == ("127.0.0.1:50999", "http://opa.internal:8181",
+                                                     1.5)
+    assert serve_settings("0.0.0.0:50061", None, 0.25, cfg) == (
+        "0.0.0.0:50061", "http://opa.internal:8181", 0.25)
+    assert serve_settings(None, None, None, None) == ("127.0.0.1:50061", "http://127.0.0.1:8181",
+                                                      0.5)
+    env = load(path, environ={"PGWARDEN__POLICYD__OPA_DEADLINE_SECONDS": "3"})
+    assert serve_settings(None, None, None, env)[2] == 3.0

@@ -305,3 +305,66 @@ def test_dockerfile_is_pinned_non_root_and_runs_pgwarden() -> None:
     for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.MULTILINE):
         for source in line.split()[:-1]:
             assert (ROOT / source).exists(), source
+
+
+# ------------------------------------------- what the tap relies on in policyd
+
+
+def _policyd_needs() -> tuple[list[str], list[str]]:
+    """(files policyd reads, folders it writes) when it hosts the approval
+    service and the audit sink for the production configuration."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from pgwarden.config import load
+
+    cfg = load(ROOT / "examples" / "pgwarden.yaml", environ={})
+    audit = cfg.tap.audit
+    assert audit is not None
+    # The tap depends on policyd for both (the defaults the example keeps).
+    assert audit.ship_to == "policyd" and cfg.tap.approvals
+    query = parse_qs(urlsplit(audit.url).query)
+    reads = ["/etc/pgwarden/pgwarden.yaml", str(audit.signing_key_file),
+             *query.get("passfile", []), *query.get("sslrootcert", [])]
+    writes = [str(audit.spool_dir), str(Path(str(audit.checkpoint_file)).parent)]
+    return reads, writes
+
+
+def _under(path: str, mounts: list[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def test_policyd_in_kubernetes_hosts_what_the_taps_rely_on() -> None:
+    """The taps ship their audit spool to policyd and hold statements through
+    its approval service: without --config policyd serves neither, and the
+    taps' spools fill until every statement is refused."""
+    policyd = next(d for d in of_kind("Deployment") if d["metadata"]["name"] == "pgwarden-policyd")
+    main = next(c for c in containers(policyd) if c["name"] == "policyd")
+    args = main["args"]
+    assert args[args.index("--config") + 1] == "/etc/pgwarden/pgwarden.yaml"
+    mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+    reads, writes = _policyd_needs()
+    for path in reads:
+        assert _under(path, list(mounts)), f"policyd cannot read {path}"
+    for path in writes:
+        writable = [p for p, m in mounts.items() if not m.get("readOnly")]
+        assert _under(path, writable), f"policyd cannot write {path}"
+    # It gets the audit store's secrets, not the upstream credentials or the masking key.
+    volumes = {v["name"]: v for v in policyd["spec"]["template"]["spec"]["volumes"]}
+    keys = {i["key"] for i in volumes["secrets-source"]["secret"]["items"]}
+    assert keys == {"audit-signing.key", "audit.pgpass"}
+
+
+def test_policyd_in_compose_hosts_what_the_tap_relies_on() -> None:
+    service = compose()["services"]["policyd"]
+    command = service["command"]
+    assert command[command.index("--config") + 1] == "/etc/pgwarden/pgwarden.yaml"
+    mounts = {v.split(":")[1]: v for v in service["volumes"]}
+    mounts.update({s["target"]: s["target"] for s in service["secrets"]})
+    reads, writes = _policyd_needs()
+    for path in reads:
+        assert _under(path, list(mounts)), f"policyd cannot read {path}"
+    for path in writes:
+        writable = [p for p, v in mounts.items() if not str(v).endswith(":ro") and ":" in str(v)]
+        assert _under(path, writable), f"policyd cannot write {path}"
+    assert "audit-db" in service["depends_on"]
+    assert set(service["networks"]) & set(compose()["services"]["audit-db"]["networks"])
