@@ -3,6 +3,7 @@ policy sees, or run a local OPA on rego/."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     import grpc
 
     from pgwarden.config import PgwardenConfig
+    from policyd.audit.writer import AuditWriter
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -57,23 +59,61 @@ def serve(
     configure(log_level)
     cfg = _load(config) if config is not None else None
     listen, opa_url, opa_deadline = serve_settings(listen, opa_url, opa_deadline, cfg)
-    extra = [_approval_service(cfg)] if cfg is not None else []
+    extra = []
+    writer = None
+    if cfg is not None:
+        add, writer = _approval_service(cfg)
+        extra.append(add)
     server = PolicyServer(listen, opa_url, opa_deadline=opa_deadline,
                           revision_interval=revision_interval, policy_dir=policy_dir,
                           extra_services=extra)
+    if writer is not None:
+        writer.start()
+        server.engine.on_change = policy_change_recorder(writer)
     exposition = None
     if metrics_addr:
         from pgwarden.metrics import serve as serve_metrics
 
         # ready: OPA answers; a policyd without OPA refuses every statement.
         exposition = serve_metrics(metrics_addr, ready=lambda: server.engine.ready)
+    async def until_signalled() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            running.add_signal_handler(sig, stop.set)
+        await server.serve_forever(stop)
+
     try:
         from pgwarden import loop
 
-        loop.run(server.serve_forever())
+        # SIGTERM (a rollout, `pgwarden down`) stops the server cleanly, so
+        # the audit writer below records policyd's stop.
+        loop.run(until_signalled())
     finally:
         if exposition is not None:
             exposition.close()
+        if writer is not None:
+            writer.close(timeout=10)  # records policyd's stop (PCI DSS 10.2.1.6)
+
+
+def policy_change_recorder(writer: AuditWriter) -> Callable[[str, str], None]:
+    """Record every policy revision policyd starts deciding with (the first
+    one and each reload) as a gateway ``policy_reload`` event: which policy
+    was in force from when is evidence, next to the revision each statement
+    decision carries (PCI DSS 10.2.1, 10.2.2)."""
+    import socket
+
+    from policyd.audit.events import GatewayEvent
+
+    instance = socket.gethostname()
+
+    def record(previous: str, revision: str) -> None:
+        writer.submit([GatewayEvent(action="policy_reload", component="policyd",
+                                    instance=instance, policy_revision=revision,
+                                    detail={"previous_revision": previous or None})])
+    return record
 
 
 def _load(config_path: Path) -> PgwardenConfig:
@@ -85,9 +125,11 @@ def _load(config_path: Path) -> PgwardenConfig:
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
 
 
-def _approval_service(cfg: PgwardenConfig) -> Callable[[grpc.aio.Server], None]:
+def _approval_service(cfg: PgwardenConfig
+                      ) -> tuple[Callable[[grpc.aio.Server], None], AuditWriter]:
     """Host ApprovalService (and the taps' AuditSink) next to PolicyService,
-    from the pgwarden config."""
+    from the pgwarden config; policyd's own audit writer (started by the
+    caller) records approvals and policyd's own events."""
     from policyd.approvals.service import add_to_server
     from policyd.approvals.settings import ApprovalSettings
     from policyd.audit.writer import AuditWriter
@@ -109,7 +151,6 @@ def _approval_service(cfg: PgwardenConfig) -> Callable[[grpc.aio.Server], None]:
         from policyd.audit.store import AuditStore
         from policyd.audit.writer import store_sink
 
-        writer.start()
         add_to_server(server, settings.store(audit.url), writer, validator,
                       notifier=settings.notifier())
         # The taps ship their spools here: one process owns the store writes
@@ -118,7 +159,7 @@ def _approval_service(cfg: PgwardenConfig) -> Callable[[grpc.aio.Server], None]:
                                   checkpoint_file=audit.checkpoint_file,
                                   writer_id="policyd-sink").checkpointer
         add_audit_sink(server, AuditStore(audit.url), checkpointer)
-    return add
+    return add, writer
 
 
 @app.command("input")

@@ -34,7 +34,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -81,6 +81,9 @@ class OpaEngine:
         self._ready = False
         self._changed = asyncio.Event()
         self._poller: asyncio.Task[None] | None = None
+        # Called with (previous, new) whenever the revision changes, the
+        # first one included (previous ""): policyd records it as evidence.
+        self.on_change: Callable[[str, str], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -154,6 +157,11 @@ class OpaEngine:
         if revision != self._revision:
             if self._revision:
                 log.info("policy_reloaded", previous=self._revision, policy_revision=revision)
+            if self.on_change is not None:
+                try:
+                    self.on_change(self._revision, revision)
+                except Exception as exc:  # the record failing must not stop decisions
+                    log.error("policy_change_not_recorded", error=type(exc).__name__)
             self._revision = revision
             self._changed.set()
             self._changed = asyncio.Event()

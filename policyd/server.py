@@ -244,10 +244,14 @@ class PolicyServer:
         await self.engine.close()
         log.info("policyd_stopped")
 
-    async def serve_forever(self) -> None:
+    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until the server terminates or ``stop`` is set (SIGTERM)."""
         await self.start()
         try:
             assert self.server is not None
-            await self.server.wait_for_termination()
+            if stop is None:
+                await self.server.wait_for_termination()
+            else:
+                await stop.wait()
         finally:
             await self.stop()
