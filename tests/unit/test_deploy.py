@@ -368,3 +368,20 @@ def test_policyd_in_compose_hosts_what_the_tap_relies_on() -> None:
         assert _under(path, writable), f"policyd cannot write {path}"
     assert "audit-db" in service["depends_on"]
     assert set(service["networks"]) & set(compose()["services"]["audit-db"]["networks"])
+
+
+def test_compose_lets_token_checkers_reach_the_identity_provider_and_nothing_else_out() -> None:
+    """The tap (agents' tokens) and policyd (approvers' tokens) fetch the
+    issuer's keys from identity.jwks_url: on internal networks only, every
+    token would be refused. Databases stay on internal networks."""
+    from pgwarden.config import load
+
+    cfg = load(ROOT / "examples" / "pgwarden.yaml", environ={})
+    assert cfg.identity is not None and str(cfg.identity["jwks_url"]).startswith("https://")
+    spec = compose()
+    internal = {n for n, v in spec["networks"].items() if (v or {}).get("internal")}
+    services = spec["services"]
+    for name in ("tap", "policyd"):
+        assert set(services[name]["networks"]) - internal, f"{name} cannot reach the JWKS"
+    for name in ("postgres", "audit-db", "maskd", "opa"):
+        assert set(services[name].get("networks", [])) <= internal, name
