@@ -163,6 +163,24 @@ MASKED_FETCH = ("SELECT id, card_number, cardholder, amount FROM payments, "
                 "generate_series(1, 67) g LIMIT 200000")
 
 
+def extproc_chunks(admin_port: int) -> int | None:
+    """Server chunks Envoy's network ext_proc filter has sent to the tap
+    (its ``write_data_sent`` counter): one gRPC message each. How Envoy cut
+    PostgreSQL's output decides most of an ext_proc fetch's time (the tap's
+    cost per chunk is mostly fixed), so each masked fetch reports it."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{st.HOST}:{admin_port}/stats?filter="
+                                    "write_data_sent", timeout=5) as resp:
+            body = resp.read().decode()
+    except OSError:
+        return None
+    found = re.search(r"^network_ext_proc\.gateway_extproc\.write_data_sent: (\d+)$", body,
+                      re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
 def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float | None]],
                                                        dict[str, object]]:
     """The product as agents use it: token auth, policy on every statement
@@ -177,7 +195,9 @@ def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float
     tps: dict[str, list[float]] = {t: [] for t in GOVERNED}
     lat: dict[str, list[float]] = {t: [] for t in GOVERNED}
     fetch: dict[str, list[float]] = {t: [] for t in GOVERNED}
+    chunks: list[int] = []  # per ext_proc masked fetch
     with st.running_stack(workdir, pg_settings=QUIET_PG) as stack:
+        admin = stack.procs["envoy-agent"].ports["admin"]
         from psycopg.conninfo import conninfo_to_dict
 
         from pgwarden.devissuer import ensure_dev_keys
@@ -216,6 +236,7 @@ def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float
                     bucket[target].append(t if clients == 8 else ms)
                     print(f"[bench] governed round {rnd + 1} c{clients} {target}: {t:.0f} tps, "
                           f"{ms:.3f} ms", flush=True)
+                sent = extproc_chunks(admin)
                 with psycopg.connect(dsns[target]) as conn:
                     started = _time.perf_counter()
                     rows = conn.execute(MASKED_FETCH).fetchall()
@@ -224,8 +245,13 @@ def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float
                     print(f"[bench] masked fetch {target}: {len(rows)} rows", flush=True)
                     continue
                 fetch[target].append(took)
-                print(f"[bench] governed round {rnd + 1} masked fetch {target}: {took:.2f} s",
-                      flush=True)
+                note = ""
+                after = extproc_chunks(admin)
+                if target == "gateway_extproc" and sent is not None and after is not None:
+                    chunks.append(after - sent)
+                    note = f" ({after - sent} chunks from Envoy)"
+                print(f"[bench] governed round {rnd + 1} masked fetch {target}: {took:.2f} s"
+                      f"{note}", flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
 
     def median(values: list[float]) -> float | None:
@@ -236,7 +262,8 @@ def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float
         "governed_point_read_c1_latency_ms": {t: median(lat[t]) for t in GOVERNED},
         "masked_fetch_seconds": {t: median(fetch[t]) for t in GOVERNED},
     }
-    return results, {"governed_samples": {"tps": tps, "latency": lat, "fetch": fetch}}
+    return results, {"governed_samples": {"tps": tps, "latency": lat, "fetch": fetch,
+                                          "extproc_fetch_chunks": chunks}}
 
 
 def render_governed(results: dict[str, dict[str, float | None]], meta: dict[str, object]) -> str:
@@ -270,6 +297,11 @@ def render_governed(results: dict[str, dict[str, float | None]], meta: dict[str,
             f"{f'{lat[t]:.3f}' if lat.get(t) else 'failed'} | {added} | "
             f"{f'{fetch[t]:.2f}' if fetch.get(t) else 'failed'} | "
             f"{ratio(fetch.get(t), fetch.get('envoy_tcp'))} |")
+    samples = meta.get("governed_samples")
+    chunks = samples.get("extproc_fetch_chunks") if isinstance(samples, dict) else None
+    if chunks:
+        lines += ["", "Chunks Envoy's network ext_proc filter sent the tap per masked fetch "
+                  f"(one gRPC message each), by round: {', '.join(map(str, chunks))}."]
     lines += ["", GOV_END]
     return "\n".join(lines)
 
