@@ -85,6 +85,10 @@ class Targets:
     upstream_login: UpstreamLoginTarget | None = None
     expected_revision: str | None = None
     timeout: float = 3.0
+    # Services of policyd the taps' configuration relies on besides
+    # decisions: "approval service" (tap.approvals), "audit sink"
+    # (tap.audit.ship_to: policyd). policyd hosts them only with --config.
+    policyd_hosts: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------ small helpers
@@ -295,8 +299,35 @@ def policyd_revision(target: str, timeout: float) -> tuple[str, bool]:
     return str(first.policy_revision), bool(first.opa_ready)
 
 
+# A method of each service policyd may host, called with an empty request:
+# a server without the service answers UNIMPLEMENTED; one with it answers
+# otherwise (UNAUTHENTICATED for the approval service: no token, nothing
+# read or recorded; the store's position of no writer for the audit sink).
+_HOSTED_PROBES = {
+    "approval service": "/pgwarden.approvals.v1.ApprovalService/Get",
+    "audit sink": "/pgwarden.audit.v1.AuditSink/Position",
+}
+
+
+def policyd_missing(target: str, services: Sequence[str], timeout: float) -> list[str]:
+    """Which of ``services`` policyd does not host."""
+    import grpc
+
+    missing = []
+    with grpc.insecure_channel(target) as channel:
+        for name in services:
+            call = channel.unary_unary(_HOSTED_PROBES[name])
+            try:
+                call(b"", timeout=timeout)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    missing.append(name)
+    return missing
+
+
 def check_policyd(target: str, opa_url: str | None, expected: str | None,
-                  timeout: float) -> CheckResult:
+                  timeout: float, needs: Sequence[str] = ()) -> CheckResult:
     from policyd.server import SERVICE_NAME
 
     status, problem = _grpc_health(target, SERVICE_NAME, timeout)
@@ -326,6 +357,14 @@ def check_policyd(target: str, opa_url: str | None, expected: str | None,
                            "policyd is pointed at another OPA, or has not noticed a reload yet "
                            "(it polls every second): run doctor again, then check "
                            "policyd.opa_url")
+    missing = policyd_missing(target, needs, timeout)
+    if missing:
+        return CheckResult("policyd", "FAIL",
+                           f"{target} does not host the {' and the '.join(missing)} the taps' "
+                           "configuration relies on",
+                           "start policyd with --config (the same file as the taps); until "
+                           "then held statements are refused and the taps' audit spools grow "
+                           "until they refuse every statement")
     return CheckResult("policyd", "OK", f"{target}: SERVING, policy revision {revision}")
 
 
@@ -487,7 +526,8 @@ def run_checks(targets: Targets) -> list[CheckResult]:
         plan.append((f"tap {mode}", _bind_tap(mode, address, targets.tap_health, t)))
     if not targets.taps:
         plan.append(("tap", None))
-    plan.append(("policyd", (lambda: check_policyd(policyd, opa, targets.expected_revision, t))
+    plan.append(("policyd", (lambda: check_policyd(policyd, opa, targets.expected_revision, t,
+                                                   targets.policyd_hosts))
                  if policyd else None))
     plan.append(("opa", (lambda: check_opa(opa, t)) if opa else None))
     plan.append(("maskd", (lambda: check_maskd(maskd, t)) if maskd else None))
@@ -581,6 +621,11 @@ def targets_from(config_path: Path | None, *, envoy_admin: str | None, taps: Seq
         upstream_login=login,
         expected_revision=expect_revision,
         timeout=timeout,
+        policyd_hosts=tuple(
+            name for name, needed in (
+                ("approval service", tap.policyd is not None and tap.approvals),
+                ("audit sink", tap.audit is not None and tap.audit.ship_to == "policyd"))
+            if needed),
     )
 
 

@@ -121,7 +121,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 "upstream_tls": {"sslmode": "verify-full", "ca_file": str(stack.ca_file)},
                 "secrets_file": str(stack.secrets.file),
                 "policyd": {"target": f"127.0.0.1:{policyd_port}"},
-                "audit": {"url": audit_url},
+                # policyd here runs without --config (decisions only): the
+                # taps write their own audit store and hold nothing.
+                "approvals": False,
+                "audit": {"url": audit_url, "ship_to": "store"},
             },
             "policyd": {"opa_url": opa.url},
         }))
@@ -175,6 +178,25 @@ def test_unexpected_policy_revision_is_named(deployment: Deployment) -> None:
     assert result.returncode == 1
     assert lines(result)["policyd"] == "FAIL", result.stdout
     assert "sha256:00" in result.stdout and "serves policy revision sha256:" in result.stdout
+
+
+def test_a_policyd_without_the_services_the_taps_rely_on_is_named(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """With the defaults (tap.approvals, tap.audit.ship_to: policyd) the taps
+    hold statements through policyd and ship their spools to it; a policyd
+    started without --config hosts neither: the doctor says so."""
+    config = yaml.safe_load(deployment.config.read_text())
+    del config["tap"]["approvals"], config["tap"]["audit"]["ship_to"]
+    relying = tmp_path / "pgwarden.yaml"
+    relying.write_text(yaml.safe_dump(config))
+    args = list(deployment.args)
+    args[args.index("--config") + 1] = str(relying)
+    result = doctor(Deployment(deployment.stack, deployment.opa, deployment.policyd,
+                               deployment.maskd, relying, args))
+    assert result.returncode == 1
+    assert lines(result)["policyd"] == "FAIL", result.stdout
+    assert "does not host the approval service and the audit sink" in result.stdout
+    assert "--config" in result.stdout
 
 
 def test_killed_opa_is_named_and_its_return_restores_service(deployment: Deployment) -> None:
