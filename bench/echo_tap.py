@@ -61,6 +61,8 @@ async def serve_echo(listen: str) -> None:
 
 
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+# The event loop keeps only weak references to tasks: hold the TLS set-ups.
+_TASKS: set[asyncio.Task[None]] = set()
 
 
 class _Side(asyncio.Protocol):
@@ -98,7 +100,9 @@ class _Side(asyncio.Protocol):
         if self.is_client and self.mode is None:  # the client's first bytes
             if self.tls is not None and data == SSL_REQUEST:
                 self.mode, self.live = "tls", False
-                asyncio.get_running_loop().create_task(self._start_tls(self.tls))
+                task = asyncio.get_running_loop().create_task(self._start_tls(self.tls))
+                _TASKS.add(task)
+                task.add_done_callback(_TASKS.discard)
                 return
             self.mode, self.live = "plain", True
             if peer.transport is not None:

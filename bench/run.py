@@ -236,7 +236,8 @@ def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float
                     bucket[target].append(t if clients == 8 else ms)
                     print(f"[bench] governed round {rnd + 1} c{clients} {target}: {t:.0f} tps, "
                           f"{ms:.3f} ms", flush=True)
-                sent = extproc_chunks(admin)
+                counted = target == "gateway_extproc"
+                sent = extproc_chunks(admin) if counted else None
                 with psycopg.connect(dsns[target]) as conn:
                     started = _time.perf_counter()
                     rows = conn.execute(MASKED_FETCH).fetchall()
@@ -246,8 +247,8 @@ def governed_phase(seconds: int, rounds: int) -> tuple[dict[str, dict[str, float
                     continue
                 fetch[target].append(took)
                 note = ""
-                after = extproc_chunks(admin)
-                if target == "gateway_extproc" and sent is not None and after is not None:
+                after = extproc_chunks(admin) if counted else None
+                if sent is not None and after is not None:
                     chunks.append(after - sent)
                     note = f" ({after - sent} chunks from Envoy)"
                 print(f"[bench] governed round {rnd + 1} masked fetch {target}: {took:.2f} s"

@@ -121,7 +121,7 @@ class Runtime:
         started = time.perf_counter()
         decision = await self.decider(request)
         metrics.DECISION_LATENCY.labels(source="policyd").observe(time.perf_counter() - started)
-        if decision.verdict is Verdict.DENY and decision.sqlstate == UNAVAILABLE_SQLSTATE:
+        if decision.verdict is Verdict.DENY and decision.sqlstate == pg.SYSTEM_ERROR:
             metrics.POLICY_UNAVAILABLE.inc()  # policyd or OPA did not answer: refused
         if not await self._catalog_ready(decision, request.session.database):
             return replace(decision, verdict=Verdict.DENY, sqlstate="55000", reasons=(
@@ -257,11 +257,10 @@ _NOT_LOGGED = frozenset({"statement", "statement_end", "statement_error", "state
                          "auth", "cancel_request"})
 
 
-# SQLSTATEs of a held statement's end (policyd/approvals/client.py) and of a
-# decision point that did not answer (policyd/decision.py, 58000 for both).
-UNAVAILABLE_SQLSTATE = "58000"
-_HOLD_OUTCOMES = {"PW001": "rejected", "PW002": "expired", "PW003": "cancelled",
-                  UNAVAILABLE_SQLSTATE: "unavailable"}
+# How a held statement ended, by the SQLSTATE of its final decision
+# (SYSTEM_ERROR: the approval service did not answer).
+_HOLD_OUTCOMES = {pg.APPROVAL_DENIED: "rejected", pg.APPROVAL_EXPIRED: "expired",
+                  pg.APPROVAL_CANCELLED: "cancelled", pg.SYSTEM_ERROR: "unavailable"}
 
 
 def _hold_outcome(decision: Decision) -> str:
