@@ -52,6 +52,11 @@ from maskd.styles import (
 from maskd.wire import build_datarow
 from tap.hooks import MaskPlan
 
+try:  # the rule walk in C (tap/_wire.c); _rules_loop and _rules_vectorized are its twins
+    from tap import _wire as _native
+except ImportError:  # pragma: no cover - a source tree without the build
+    _native = None  # type: ignore[assignment]
+
 __all__ = [
     "ColumnMeta",
     "CopyState",
@@ -159,8 +164,8 @@ class _Op:
 class RowMasker:
     """A Masker bound to one result shape. Not thread-safe; one per result."""
 
-    __slots__ = ("_by_index", "_counts", "_digit_skip", "_ops", "_run_rules", "_run_scan",
-                 "columns", "needs_work", "rows")
+    __slots__ = ("_by_index", "_counts", "_digit_skip", "_ops", "_run_kinds", "_run_rules",
+                 "_run_scan", "columns", "needs_work", "rows")
 
     def __init__(self, ops: list[_Op], columns: tuple[ColumnMeta, ...], digit_skip: bool) -> None:
         self._ops = ops
@@ -182,6 +187,10 @@ class RowMasker:
         self._run_rules: tuple[tuple[int, ValueFn] | None, ...] | None = (
             tuple(None if e is None or not e[1].always else (e[0], e[1].fn) for e in by_index)
             if runnable else None)
+        # The same per column for tap/_wire.c's walk_rules: 0 no rule, 1
+        # last4 on text (applied there), 2 a rule applied here.
+        self._run_kinds = bytes(
+            0 if r is None else 1 if r[1] is last4_text else 2 for r in self._run_rules or ())
         self._run_scan = any(not op.always for op in ops)
 
     @property
@@ -313,7 +322,9 @@ class RowMasker:
         found = [0] * len(self._ops)
         saved = (list(self._counts), self.rows)
         try:
-            if hi - lo >= VECTOR_MIN_ROWS:
+            if _native is not None:
+                rewritten = self._rules_native(block, frames, lo, hi, found)
+            elif hi - lo >= VECTOR_MIN_ROWS:
                 rewritten = self._rules_vectorized(block, frames, lo, hi, found)
             else:
                 rewritten = self._rules_loop(block, frames, lo, hi, found)
@@ -354,6 +365,34 @@ class RowMasker:
         except (ValueError, *MALFORMED):
             self._counts, self.rows = saved
             return None
+
+    def _rules_native(self, block: bytes, frames: Sequence[tuple[int, int, int]],
+                      lo: int, hi: int, found: list[int]) -> bytes | None:
+        """:meth:`_rules_loop` with the walk and ``last4``'s common case in C
+        (``tap/_wire.c``); any other rule value is handled here."""
+        assert self._run_rules is not None and _native is not None
+        rules = self._run_rules
+        walked = _native.walk_rules(block, frames, lo, hi, self._run_kinds, _RUN_MAX_MESSAGE)
+        if walked is None:
+            return None
+        rewritten, counts, pending = walked
+        for rule, n in zip(rules, counts, strict=True):
+            if rule is not None:
+                found[rule[0]] += n
+        first = frames[lo][1]
+        if rewritten is None:
+            return block[first:frames[hi - 1][2]]
+        if not pending:
+            return rewritten
+        buf = bytearray(rewritten)
+        for column, pos, length in pending:
+            rule = rules[column]
+            assert rule is not None
+            new = rule[1](block[pos:pos + length])
+            if new is None or len(new) != length:
+                return None
+            buf[pos - first:pos - first + length] = new
+        return bytes(buf)
 
     def _rules_loop(self, block: bytes, frames: Sequence[tuple[int, int, int]],
                     lo: int, hi: int, found: list[int]) -> bytes | None:

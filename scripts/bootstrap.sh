@@ -36,14 +36,15 @@ if [ "${#apt_wanted[@]}" -gt 0 ]; then
     apt-get install -y --no-install-recommends "${apt_wanted[@]}" </dev/null
 fi
 
-# --- Python virtualenv, re-installed only when pyproject.toml changed
+# --- Python virtualenv, re-installed only when pyproject.toml or tap/_wire.c changed
 py="$(command -v "${PYTHON}" || true)"
 if [ -z "${py}" ]; then
     py="$(ls -1 "${HOME:-/root}"/.pyenv/versions/3.11*/bin/python3.11 2>/dev/null | tail -n1 || true)"
 fi
 [ -n "${py}" ] || { log "no ${PYTHON} found"; exit 1; }
 stamp=.venv/.pgwarden-install.sha256
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+# (and when the C module changed: pip install -e builds it in place)
+want="$(cat pyproject.toml tap/_wire.c | sha256sum | cut -d' ' -f1)"
 if [ ! -x .venv/bin/python ] || [ "$(cat "${stamp}" 2>/dev/null || true)" != "${want}" ]; then
     log "installing Python dependencies into .venv"
     [ -x .venv/bin/python ] || "${py}" -m venv .venv

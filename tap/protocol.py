@@ -12,6 +12,11 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+try:  # the C twins of the per-message loops (tap/_wire.c), built by pip install
+    from tap import _wire as _native
+except ImportError:  # pragma: no cover - a source tree without the build
+    _native = None  # type: ignore[assignment]
+
 # Special startup-phase request codes (sent in place of a protocol version).
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
@@ -105,6 +110,43 @@ class StartupReader:
 _FRAME_HEADER = struct.Struct("!Bi")  # type byte, length
 
 
+def _bad_length(length: int, max_size: int) -> ProtocolError:
+    if length < 4:
+        return ProtocolError("invalid message length")
+    return ProtocolError(f"message of {length} bytes exceeds the gateway limit of {max_size}")
+
+
+def split_frames(data: bytes | bytearray, max_size: int) -> tuple[list[tuple[int, int, int]], int]:
+    """Frame every complete message at the start of ``data``: a list of
+    ``(type_byte, start, end)`` and the offset of the first incomplete one.
+    A length below 4 or above ``max_size`` raises :class:`ProtocolError`.
+    The reference for ``tap/_wire.c``'s ``split_frames``."""
+    frames: list[tuple[int, int, int]] = []
+    append = frames.append
+    header = _FRAME_HEADER.unpack_from
+    pos = 0
+    end = len(data)
+    while end - pos >= 5:
+        kind, length = header(data, pos)
+        if not 4 <= length <= max_size:
+            raise _bad_length(length, max_size)
+        stop = pos + 1 + length
+        if stop > end:
+            break
+        append((kind, pos, stop))
+        pos = stop
+    return frames, pos
+
+
+def _native_split(data: bytes | bytearray,
+                  max_size: int) -> tuple[list[tuple[int, int, int]], int]:
+    assert _native is not None
+    frames, pos, bad = _native.split_frames(data, max_size)
+    if bad is not None:
+        raise _bad_length(bad, max_size)
+    return frames, pos
+
+
 class MessageReader:
     """Reassembles typed messages from arbitrary chunks.
 
@@ -157,31 +199,14 @@ class MessageReader:
             block_src: bytes | bytearray = self._buf
         else:
             block_src = data
-        frames: list[tuple[int, int, int]] = []
-        append = frames.append
-        header = _FRAME_HEADER.unpack_from
-        pos = 0
-        end = len(block_src)
-        max_size = self.max_size
-        while end - pos >= 5:
-            kind, length = header(block_src, pos)
-            if not 4 <= length <= max_size:
-                if length < 4:
-                    raise ProtocolError("invalid message length")
-                raise ProtocolError(
-                    f"message of {length} bytes exceeds the gateway limit of {max_size}"
-                )
-            stop = pos + 1 + length
-            if stop > end:
-                break
-            append((kind, pos, stop))
-            pos = stop
+        frames, pos = (split_frames if _native is None else _native_split)(block_src,
+                                                                           self.max_size)
         if block_src is self._buf:
             block = bytes(self._buf[:pos])
             del self._buf[:pos]
         else:
-            block = data[:pos] if pos != end else data
-            if pos != end:
+            block = data[:pos] if pos != len(data) else data
+            if pos != len(data):
                 self._buf += data[pos:]
         return frames, block
 

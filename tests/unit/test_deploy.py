@@ -307,6 +307,21 @@ def test_dockerfile_is_pinned_non_root_and_runs_pgwarden() -> None:
             assert (ROOT / source).exists(), source
 
 
+
+def test_dockerfile_compiles_the_c_module_in_the_build_stage_only() -> None:
+    import tomllib
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    build, runtime = re.split(r"^FROM .*$", text, flags=re.MULTILINE)[1:3]
+    modules = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "ext-modules"]
+    assert [m["name"] for m in modules] == ["tap._wire"]
+    # pip wheel builds pgwarden's own wheel from source: it needs a compiler
+    # before that step; the image that runs has none.
+    assert re.search(r"apt-get install[^\n]*\bgcc\b[\s\S]*pip wheel", build)
+    assert "gcc" not in runtime
+
+
 # ------------------------------------------- what the tap relies on in policyd
 
 

@@ -45,19 +45,29 @@ value = st.one_of(
                      b"card 4111111111111111 used", b"42.00", b"4111111111111112"]),
     st.binary(max_size=40),
     st.text(alphabet="0123456789 -abc\\", max_size=30).map(str.encode),
+    st.from_regex(rb"[0-9 -]{1,20}[0-9]{4}", fullmatch=True),
 )
 row = st.tuples(value, value, value, value).map(list)
 
 
+MODES = ("native", "numpy", "loop")
+
+
 @contextlib.contextmanager
-def path(vector: bool) -> Iterator[None]:
-    """Force the numpy path (any run length) or the row loop."""
-    saved = engine.VECTOR_MIN_ROWS
-    engine.VECTOR_MIN_ROWS = 1 if vector else 1 << 30
+def path(mode: str) -> Iterator[None]:
+    """Force one of the three rule walks: C (tap/_wire.c), numpy (any run
+    length) or the row loop. The Python ones are what runs where the C
+    module is not built."""
+    saved = engine.VECTOR_MIN_ROWS, engine._native
+    if mode == "native":
+        assert engine._native is not None, "tap._wire is not built"
+    else:
+        engine._native = None
+        engine.VECTOR_MIN_ROWS = 1 if mode == "numpy" else 1 << 30
     try:
         yield
     finally:
-        engine.VECTOR_MIN_ROWS = saved
+        engine.VECTOR_MIN_ROWS, engine._native = saved
 
 
 def frames_of(rows: list[list[bytes | None]]) -> tuple[bytes, list[tuple[int, int, int]]]:
@@ -77,14 +87,14 @@ def per_row(masker: Masker, block: bytes, frames: list[tuple[int, int, int]]) ->
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=st.sampled_from(sorted(PLANS)), rows=st.lists(row, min_size=1, max_size=12),
-       vector=st.booleans())
+       mode=st.sampled_from(MODES))
 def test_a_run_masks_exactly_like_the_per_row_path(plan: str, rows: list[list[bytes | None]],
-                                                   vector: bool) -> None:
+                                                   mode: str) -> None:
     masker = Masker(PLANS[plan], KEY)
     block, frames = frames_of(rows)
     expected, counts, nrows = per_row(masker, block, frames)
     rm = masker.prepare(COLUMNS)
-    with path(vector):
+    with path(mode):
         got = rm.mask_frames(block, frames, 1, len(frames))
     if got is None:
         # Only shapes whose rules change a value's length take the per-row path.
@@ -94,15 +104,15 @@ def test_a_run_masks_exactly_like_the_per_row_path(plan: str, rows: list[list[by
     assert rm._counts == counts and rm.rows == nrows
 
 
-@pytest.mark.parametrize("vector", [False, True])
-def test_a_run_with_pans_everywhere_leaves_none(vector: bool) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_a_run_with_pans_everywhere_leaves_none(mode: str) -> None:
     rows: list[list[bytes | None]] = [[b"%d" % i, PANS[i % 4], b"paid with " + PANS[(i + 1) % 4],
                                        None] for i in range(200)]
     masker = Masker(PLANS["last4"], KEY)
     block, frames = frames_of(rows)
     expected, _, _ = per_row(masker, block, frames)
     rm = masker.prepare(COLUMNS)
-    with path(vector):
+    with path(mode):
         got = rm.mask_frames(block, frames, 1, len(frames))
     assert got == expected and not contains_pan(got)
     assert rm.stats.by_rule == {"last4": 200, "content": 200} and rm.rows == 200
@@ -119,17 +129,17 @@ BAD_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("vector", [False, True])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bad", BAD_ROWS)
 def test_a_malformed_row_sends_the_run_to_the_per_row_path_counting_nothing(
-        vector: bool, bad: bytes) -> None:
+        mode: str, bad: bytes) -> None:
     masker = Masker(PLANS["last4"], KEY)
     good = pg.encode_data_row([b"1", PANS[0], b"x", b"1"])
     block = good * 3 + bad + good
     frames = pg.MessageReader().split(block)[0]
     assert len(frames) == 5
     rm = masker.prepare(COLUMNS)
-    with path(vector):
+    with path(mode):
         assert rm.mask_frames(block, frames, 0, 5) is None
     assert rm.rows == 0 and rm.stats.values == 0
 
@@ -148,10 +158,10 @@ COMPUTED = (*FIELDS[:3], pg.Field("reversed", 0, 0, 25, -1, -1, 0))
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=st.sampled_from(sorted(PLANS)), computed=st.booleans(),
-       rows=st.lists(row, min_size=1, max_size=8), vector=st.booleans())
+       rows=st.lists(row, min_size=1, max_size=8), mode=st.sampled_from(MODES))
 def test_result_masker_run_equals_data_row_per_message(plan: str, computed: bool,
                                                        rows: list[list[bytes | None]],
-                                                       vector: bool) -> None:
+                                                       mode: str) -> None:
     decision = Decision(verdict=Verdict.ALLOW, mask=PLANS[plan])
     fields = COMPUTED if computed else FIELDS
     block, frames = frames_of(rows)
@@ -159,6 +169,6 @@ def test_result_masker_run_equals_data_row_per_message(plan: str, computed: bool
     run = _factory()(decision, fields, "shop")
     assert one is not None and run is not None
     expected = b"".join(one.data_row(block[s + 5:e]) for _, s, e in frames[1:])
-    with path(vector):
+    with path(mode):
         assert run.data_rows(block, frames, 1, len(frames)) == expected
     assert run.stats_dict() == one.stats_dict()

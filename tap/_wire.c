@@ -1,0 +1,254 @@
+/* tap._wire: the two per-message loops of the data path, in C.
+ *
+ * Both have a pure-Python twin that stays the reference and the fallback
+ * when this module is not built (tap/protocol.py MessageReader.split,
+ * maskd/engine.py RowMasker._rules_loop); tests/unit/test_wire_native.py
+ * runs both on the same generated input and compares them.
+ *
+ * The bytes come from PostgreSQL or from a client: every offset is checked
+ * against the buffer before it is read, and no offset read from the bytes is
+ * trusted before that check. Nothing here allocates per byte; the only
+ * Python objects built are the results.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+static int32_t be32(const unsigned char *p)
+{
+    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
+                     ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
+}
+
+static int16_t be16(const unsigned char *p)
+{
+    return (int16_t)(((uint16_t)p[0] << 8) | (uint16_t)p[1]);
+}
+
+/* split_frames(data, max_size) -> (frames, consumed, bad_length)
+ *
+ * Frames every complete message at the start of ``data`` (type byte, int32
+ * length that counts itself, body). ``frames`` is a list of
+ * (type, start, end) with start at the type byte and end exclusive;
+ * ``consumed`` is where the first incomplete message starts. When a length
+ * is below 4 or above ``max_size`` the walk stops there and ``bad_length``
+ * is that length (the caller raises); otherwise it is None. */
+static PyObject *split_frames(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t max_size;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &max_size))
+        return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t end = view.len, pos = 0;
+    PyObject *bad = Py_None;
+    PyObject *frames = PyList_New(0);
+    if (frames == NULL)
+        goto fail;
+    while (end - pos >= 5) {
+        int32_t length = be32(buf + pos + 1);
+        if (length < 4 || (Py_ssize_t)length > max_size) {
+            bad = PyLong_FromLong(length);
+            if (bad == NULL)
+                goto fail;
+            break;
+        }
+        Py_ssize_t stop = pos + 1 + (Py_ssize_t)length;
+        if (stop > end)
+            break;
+        PyObject *frame = Py_BuildValue("(inn)", (int)buf[pos], pos, stop);
+        if (frame == NULL)
+            goto fail;
+        int rc = PyList_Append(frames, frame);
+        Py_DECREF(frame);
+        if (rc < 0)
+            goto fail;
+        pos = stop;
+    }
+    PyBuffer_Release(&view);
+    if (bad == Py_None)
+        Py_INCREF(bad);
+    PyObject *result = Py_BuildValue("(NnN)", frames, pos, bad);
+    return result;
+fail:
+    Py_XDECREF(frames);
+    if (bad != Py_None)
+        Py_XDECREF(bad);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+/* Reads (type, start, end) of one frame; -1 with an exception set when it
+ * is not a tuple of three ints. */
+static int frame_at(PyObject *seq, Py_ssize_t i, Py_ssize_t *start, Py_ssize_t *stop)
+{
+    PyObject *frame = PySequence_Fast_GET_ITEM(seq, i);
+    if (!PyTuple_Check(frame) || PyTuple_GET_SIZE(frame) != 3) {
+        PyErr_SetString(PyExc_TypeError, "a frame is a (type, start, end) tuple");
+        return -1;
+    }
+    *start = PyLong_AsSsize_t(PyTuple_GET_ITEM(frame, 1));
+    if (*start == -1 && PyErr_Occurred())
+        return -1;
+    *stop = PyLong_AsSsize_t(PyTuple_GET_ITEM(frame, 2));
+    if (*stop == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+enum { RULE_NONE = 0, RULE_LAST4 = 1, RULE_OTHER = 2 };
+
+/* walk_rules(block, frames, lo, hi, kinds, max_message)
+ *     -> (rewritten, found, pending) | None
+ *
+ * Walks the DataRows frames[lo:hi] of ``block`` (a contiguous run) field by
+ * field. ``kinds`` has one byte per column: 0 no rule, 1 ``last4`` on text,
+ * 2 a rule the caller applies. For a ``last4`` value longer than four bytes
+ * whose last four bytes are ASCII digits, every other ASCII digit becomes
+ * 'X' in the copy; any other non-NULL value of a rule column is listed in
+ * ``pending`` as (column, offset in block, length) for the caller.
+ * ``found`` counts the non-NULL values of each column. ``rewritten`` is
+ * block[first:last] with those changes, or None when no column has a rule.
+ *
+ * None when any row does not fit: a message of ``max_message`` bytes or
+ * more, a field count other than len(kinds), a field running past its
+ * message, or fields that do not end exactly at the message's end. The
+ * caller then takes the per-row path, which reports the malformed row. */
+static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view, kinds_view;
+    PyObject *frames_obj;
+    Py_ssize_t lo, hi, max_message;
+    if (!PyArg_ParseTuple(args, "y*Onny*n", &view, &frames_obj, &lo, &hi, &kinds_view,
+                          &max_message))
+        return NULL;
+    PyObject *result = NULL, *seq = NULL, *out = NULL, *found = NULL, *pending = NULL;
+    Py_ssize_t *counts = NULL;
+    const unsigned char *block = view.buf;
+    const unsigned char *kinds = kinds_view.buf;
+    Py_ssize_t ncols = kinds_view.len;
+    Py_ssize_t blen = view.len;
+    int has_rules = 0;
+    for (Py_ssize_t c = 0; c < ncols; c++)
+        has_rules |= kinds[c] != RULE_NONE;
+
+    seq = PySequence_Fast(frames_obj, "frames must be a sequence");
+    if (seq == NULL)
+        goto done;
+    Py_ssize_t nframes = PySequence_Fast_GET_SIZE(seq);
+    if (lo < 0 || hi > nframes || hi <= lo || ncols > 0x7fff) {
+        PyErr_SetString(PyExc_ValueError, "bad run bounds or column count");
+        goto done;
+    }
+    Py_ssize_t first, last, ignored;
+    if (frame_at(seq, lo, &first, &ignored) < 0 || frame_at(seq, hi - 1, &ignored, &last) < 0)
+        goto done;
+    if (first < 0 || last > blen || last < first)
+        goto none;
+    unsigned char *dst = NULL;
+    if (has_rules) {
+        out = PyBytes_FromStringAndSize((const char *)block + first, last - first);
+        if (out == NULL)
+            goto done;
+        dst = (unsigned char *)PyBytes_AS_STRING(out);
+    }
+    counts = PyMem_Calloc((size_t)(ncols ? ncols : 1), sizeof(Py_ssize_t));
+    pending = PyList_New(0);
+    if (counts == NULL || pending == NULL) {
+        if (counts == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t expected_start = first;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        Py_ssize_t s, e;
+        if (frame_at(seq, i, &s, &e) < 0)
+            goto done;
+        /* The run is contiguous and inside the block. */
+        if (s != expected_start || e > last || e - s < 7 || e - s >= max_message)
+            goto none;
+        expected_start = e;
+        if (block[s] != 'D' || be16(block + s + 5) != ncols)
+            goto none;
+        Py_ssize_t pos = s + 7;
+        for (Py_ssize_t c = 0; c < ncols; c++) {
+            if (e - pos < 4)
+                goto none;
+            Py_ssize_t length = be32(block + pos);
+            pos += 4;
+            if (length < 0)
+                continue; /* NULL */
+            if (length > e - pos)
+                goto none;
+            unsigned char kind = kinds[c];
+            if (kind != RULE_NONE) {
+                counts[c]++;
+                const unsigned char *v = block + pos;
+                if (kind == RULE_LAST4 && length > 4 &&
+                    v[length - 4] >= '0' && v[length - 4] <= '9' &&
+                    v[length - 3] >= '0' && v[length - 3] <= '9' &&
+                    v[length - 2] >= '0' && v[length - 2] <= '9' &&
+                    v[length - 1] >= '0' && v[length - 1] <= '9') {
+                    unsigned char *w = dst + (pos - first);
+                    for (Py_ssize_t k = 0; k < length - 4; k++)
+                        if (w[k] >= '0' && w[k] <= '9')
+                            w[k] = 'X';
+                } else {
+                    PyObject *item = Py_BuildValue("(nnn)", c, pos, length);
+                    if (item == NULL)
+                        goto done;
+                    int rc = PyList_Append(pending, item);
+                    Py_DECREF(item);
+                    if (rc < 0)
+                        goto done;
+                }
+            }
+            pos += length;
+        }
+        if (pos != e)
+            goto none;
+    }
+    found = PyList_New(ncols);
+    if (found == NULL)
+        goto done;
+    for (Py_ssize_t c = 0; c < ncols; c++) {
+        PyObject *n = PyLong_FromSsize_t(counts[c]);
+        if (n == NULL)
+            goto done;
+        PyList_SET_ITEM(found, c, n);
+    }
+    result = PyTuple_Pack(3, out ? out : Py_None, found, pending);
+    goto done;
+none:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(seq);
+    Py_XDECREF(out);
+    Py_XDECREF(found);
+    Py_XDECREF(pending);
+    PyMem_Free(counts);
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&kinds_view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"split_frames", split_frames, METH_VARARGS,
+     "split_frames(data, max_size) -> (frames, consumed, bad_length)"},
+    {"walk_rules", walk_rules, METH_VARARGS,
+     "walk_rules(block, frames, lo, hi, kinds, max_message) -> (rewritten, found, pending) | None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "tap._wire",
+    .m_doc = "The data path's per-message loops in C (pure-Python twins in tap.protocol and maskd.engine).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__wire(void)
+{
+    return PyModule_Create(&module);
+}
