@@ -187,10 +187,13 @@ class RowMasker:
         self._run_rules: tuple[tuple[int, ValueFn] | None, ...] | None = (
             tuple(None if e is None or not e[1].always else (e[0], e[1].fn) for e in by_index)
             if runnable else None)
-        # The same per column for tap/_wire.c's walk_rules: 0 no rule, 1
-        # last4 on text (applied there), 2 a rule applied here.
-        self._run_kinds = bytes(
-            0 if r is None else 1 if r[1] is last4_text else 2 for r in self._run_rules or ())
+        # The same per column for tap/_wire.c's walk_rules: 0 nothing, 1
+        # last4 on text (applied there), 2 a rule applied here, 3 a content
+        # scan of text (rows that may hold a PAN are flagged there).
+        self._run_kinds = b"" if self._run_rules is None else bytes(
+            (3 if e is not None and not e[1].always else 0) if r is None
+            else 1 if r[1] is last4_text else 2
+            for r, e in zip(self._run_rules, by_index, strict=True))
         self._run_scan = any(not op.always for op in ops)
 
     @property
@@ -314,7 +317,9 @@ class RowMasker:
         :meth:`_datarow`. The prefilter cannot miss a value: a length header
         of a message under 16 MiB starts with a zero byte, which ends any
         digit run, so a candidate value always yields a match inside its own
-        row."""
+        row. With the C walk the prefilter is per scanned value instead
+        (13 ASCII digits or a backslash, see ``tap/_wire.c``), which flags
+        every row the RE2 pass would flag for a scanned column."""
         rules = self._run_rules
         if rules is None or hi <= lo:
             return None
@@ -322,8 +327,10 @@ class RowMasker:
         found = [0] * len(self._ops)
         saved = (list(self._counts), self.rows)
         try:
+            candidates: list[int] | None = None
             if _native is not None:
-                rewritten = self._rules_native(block, frames, lo, hi, found)
+                walked = self._rules_native(block, frames, lo, hi, found)
+                rewritten, candidates = walked if walked is not None else (None, None)
             elif hi - lo >= VECTOR_MIN_ROWS:
                 rewritten = self._rules_vectorized(block, frames, lo, hi, found)
             else:
@@ -332,7 +339,9 @@ class RowMasker:
                 return None
             scanned = rewritten
             flagged: set[int] = set()
-            if self._run_scan:
+            if candidates is not None:
+                flagged.update(candidates)
+            elif self._run_scan:
                 hits = framed_candidate_offsets(scanned)
                 at = scanned.find(b"\\")
                 if hits or at >= 0:
@@ -367,23 +376,24 @@ class RowMasker:
             return None
 
     def _rules_native(self, block: bytes, frames: Sequence[tuple[int, int, int]],
-                      lo: int, hi: int, found: list[int]) -> bytes | None:
+                      lo: int, hi: int, found: list[int]) -> tuple[bytes, list[int]] | None:
         """:meth:`_rules_loop` with the walk and ``last4``'s common case in C
-        (``tap/_wire.c``); any other rule value is handled here."""
+        (``tap/_wire.c``); any other rule value is handled here. Also the
+        rows (offsets from ``lo``) whose scanned values may hold a PAN."""
         assert self._run_rules is not None and _native is not None
         rules = self._run_rules
         walked = _native.walk_rules(block, frames, lo, hi, self._run_kinds, _RUN_MAX_MESSAGE)
         if walked is None:
             return None
-        rewritten, counts, pending = walked
+        rewritten, counts, pending, candidates = walked
         for rule, n in zip(rules, counts, strict=True):
             if rule is not None:
                 found[rule[0]] += n
         first = frames[lo][1]
         if rewritten is None:
-            return block[first:frames[hi - 1][2]]
+            return block[first:frames[hi - 1][2]], candidates
         if not pending:
-            return rewritten
+            return rewritten, candidates
         buf = bytearray(rewritten)
         for column, pos, length in pending:
             rule = rules[column]
@@ -392,7 +402,7 @@ class RowMasker:
             if new is None or len(new) != length:
                 return None
             buf[pos - first:pos - first + length] = new
-        return bytes(buf)
+        return bytes(buf), candidates
 
     def _rules_loop(self, block: bytes, frames: Sequence[tuple[int, int, int]],
                     lo: int, hi: int, found: list[int]) -> bytes | None:

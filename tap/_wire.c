@@ -96,19 +96,27 @@ static int frame_at(PyObject *seq, Py_ssize_t i, Py_ssize_t *start, Py_ssize_t *
     return 0;
 }
 
-enum { RULE_NONE = 0, RULE_LAST4 = 1, RULE_OTHER = 2 };
+enum { RULE_NONE = 0, RULE_LAST4 = 1, RULE_OTHER = 2, SCAN_TEXT = 3 };
+
+/* The fewest ASCII digits a card number has (maskd.detect.MIN_DIGITS). */
+#define PAN_MIN_DIGITS 13
 
 /* walk_rules(block, frames, lo, hi, kinds, max_message)
- *     -> (rewritten, found, pending) | None
+ *     -> (rewritten, found, pending, flagged) | None
  *
  * Walks the DataRows frames[lo:hi] of ``block`` (a contiguous run) field by
- * field. ``kinds`` has one byte per column: 0 no rule, 1 ``last4`` on text,
- * 2 a rule the caller applies. For a ``last4`` value longer than four bytes
- * whose last four bytes are ASCII digits, every other ASCII digit becomes
- * 'X' in the copy; any other non-NULL value of a rule column is listed in
- * ``pending`` as (column, offset in block, length) for the caller.
- * ``found`` counts the non-NULL values of each column. ``rewritten`` is
- * block[first:last] with those changes, or None when no column has a rule.
+ * field. ``kinds`` has one byte per column: 0 nothing to do, 1 ``last4`` on
+ * text, 2 a rule the caller applies, 3 text the caller scans for card
+ * numbers. For a ``last4`` value longer than four bytes whose last four
+ * bytes are ASCII digits, every other ASCII digit becomes 'X' in the copy;
+ * any other non-NULL value of a rule column is listed in ``pending`` as
+ * (column, offset in block, length) for the caller. ``found`` counts the
+ * non-NULL values of each rule column. ``rewritten`` is block[first:last]
+ * with those changes, or None when no column has a rule. ``flagged`` lists
+ * (as offsets from lo, ascending) the rows with a scanned value that could
+ * hold a card number: 13 ASCII digits or more, or a backslash (an escape
+ * or bytea hex may spell digits). A value with fewer digits and no
+ * backslash cannot hold one, so every other row is certain.
  *
  * None when any row does not fit: a message of ``max_message`` bytes or
  * more, a field count other than len(kinds), a field running past its
@@ -123,6 +131,7 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
                           &max_message))
         return NULL;
     PyObject *result = NULL, *seq = NULL, *out = NULL, *found = NULL, *pending = NULL;
+    PyObject *flagged = NULL;
     Py_ssize_t *counts = NULL;
     const unsigned char *block = view.buf;
     const unsigned char *kinds = kinds_view.buf;
@@ -130,7 +139,7 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
     Py_ssize_t blen = view.len;
     int has_rules = 0;
     for (Py_ssize_t c = 0; c < ncols; c++)
-        has_rules |= kinds[c] != RULE_NONE;
+        has_rules |= kinds[c] == RULE_LAST4 || kinds[c] == RULE_OTHER;
 
     seq = PySequence_Fast(frames_obj, "frames must be a sequence");
     if (seq == NULL)
@@ -154,7 +163,8 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
     }
     counts = PyMem_Calloc((size_t)(ncols ? ncols : 1), sizeof(Py_ssize_t));
     pending = PyList_New(0);
-    if (counts == NULL || pending == NULL) {
+    flagged = PyList_New(0);
+    if (counts == NULL || pending == NULL || flagged == NULL) {
         if (counts == NULL)
             PyErr_NoMemory();
         goto done;
@@ -171,6 +181,7 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
         if (block[s] != 'D' || be16(block + s + 5) != ncols)
             goto none;
         Py_ssize_t pos = s + 7;
+        int candidate = 0;
         for (Py_ssize_t c = 0; c < ncols; c++) {
             if (e - pos < 4)
                 goto none;
@@ -181,7 +192,16 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
             if (length > e - pos)
                 goto none;
             unsigned char kind = kinds[c];
-            if (kind != RULE_NONE) {
+            if (kind == SCAN_TEXT) {
+                const unsigned char *v = block + pos;
+                Py_ssize_t digits = 0;
+                for (Py_ssize_t k = 0; k < length && !candidate; k++) {
+                    if (v[k] >= '0' && v[k] <= '9')
+                        candidate = ++digits >= PAN_MIN_DIGITS;
+                    else if (v[k] == '\\')
+                        candidate = 1;
+                }
+            } else if (kind != RULE_NONE) {
                 counts[c]++;
                 const unsigned char *v = block + pos;
                 if (kind == RULE_LAST4 && length > 4 &&
@@ -207,6 +227,15 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
         }
         if (pos != e)
             goto none;
+        if (candidate) {
+            PyObject *row = PyLong_FromSsize_t(i - lo);
+            if (row == NULL)
+                goto done;
+            int rc = PyList_Append(flagged, row);
+            Py_DECREF(row);
+            if (rc < 0)
+                goto done;
+        }
     }
     found = PyList_New(ncols);
     if (found == NULL)
@@ -217,7 +246,7 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
             goto done;
         PyList_SET_ITEM(found, c, n);
     }
-    result = PyTuple_Pack(3, out ? out : Py_None, found, pending);
+    result = PyTuple_Pack(4, out ? out : Py_None, found, pending, flagged);
     goto done;
 none:
     result = Py_NewRef(Py_None);
@@ -226,17 +255,49 @@ done:
     Py_XDECREF(out);
     Py_XDECREF(found);
     Py_XDECREF(pending);
+    Py_XDECREF(flagged);
     PyMem_Free(counts);
     PyBuffer_Release(&view);
     PyBuffer_Release(&kinds_view);
     return result;
 }
 
+/* run_end(frames, i, kind) -> j
+ *
+ * The first index at or after ``i`` whose frame's type is not ``kind`` (or
+ * len(frames)): where a run of messages of one type ends. */
+static PyObject *run_end(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *frames;
+    Py_ssize_t i;
+    long kind;
+    if (!PyArg_ParseTuple(args, "O!nl", &PyList_Type, &frames, &i, &kind))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(frames);
+    if (i < 0)
+        i = 0;
+    for (; i < n; i++) {
+        PyObject *frame = PyList_GET_ITEM(frames, i);
+        if (!PyTuple_Check(frame) || PyTuple_GET_SIZE(frame) < 1) {
+            PyErr_SetString(PyExc_TypeError, "a frame is a (type, start, end) tuple");
+            return NULL;
+        }
+        long t = PyLong_AsLong(PyTuple_GET_ITEM(frame, 0));
+        if (t == -1 && PyErr_Occurred())
+            return NULL;
+        if (t != kind)
+            break;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef methods[] = {
+    {"run_end", run_end, METH_VARARGS, "run_end(frames, i, kind) -> j"},
     {"split_frames", split_frames, METH_VARARGS,
      "split_frames(data, max_size) -> (frames, consumed, bad_length)"},
     {"walk_rules", walk_rules, METH_VARARGS,
-     "walk_rules(block, frames, lo, hi, kinds, max_message) -> (rewritten, found, pending) | None"},
+     "walk_rules(block, frames, lo, hi, kinds, max_message)"
+     " -> (rewritten, found, pending, flagged) | None"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -138,6 +138,19 @@ def split_frames(data: bytes | bytearray, max_size: int) -> tuple[list[tuple[int
     return frames, pos
 
 
+def run_end_py(frames: list[tuple[int, int, int]], i: int, kind: int) -> int:
+    """The first index at or after ``i`` whose frame is not of type ``kind``
+    (or ``len(frames)``): where a run of one message type ends. The
+    reference for ``tap/_wire.c``'s ``run_end``."""
+    n = len(frames)
+    while i < n and frames[i][0] == kind:
+        i += 1
+    return i
+
+
+run_end = run_end_py if _native is None else _native.run_end
+
+
 def _native_split(data: bytes | bytearray,
                   max_size: int) -> tuple[list[tuple[int, int, int]], int]:
     assert _native is not None

@@ -963,9 +963,7 @@ class Session:
             t, s, e = frames[i]
             masker = self._masker
             if t == 0x44 and masker is not None and self._expect:
-                j = i + 1
-                while j < n and frames[j][0] == 0x44:
-                    j += 1
+                j = pg.run_end(frames, i + 1, 0x44)
                 head = self._expect[0]
                 # the run is contiguous in block; past the limit it all stays behind
                 if self._past_limit(head, frames[j - 1][2] - s):

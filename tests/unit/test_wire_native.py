@@ -104,7 +104,8 @@ def walks(masker_plan: MaskPlan, block: bytes, frames: list[tuple[int, int, int]
         rm = Masker(masker_plan, b"k" * 32).prepare(COLUMNS)
         found = [0] * len(rm._ops)
         if use_native:
-            got = rm._rules_native(block, frames, lo, hi, found)
+            walked = rm._rules_native(block, frames, lo, hi, found)
+            got = None if walked is None else walked[0]
         else:
             try:
                 got = rm._rules_loop(block, frames, lo, hi, found)
@@ -140,8 +141,43 @@ def test_walk_rules_keeps_to_the_block_whatever_the_frames_say() -> None:
     for frames in hostile:
         assert native.walk_rules(block, frames, 0, 2, kinds, 1 << 24) is None, frames
     ok = native.walk_rules(block, [(0x44, 0, n), (0x44, n, 2 * n)], 0, 2, kinds, 1 << 24)
-    assert ok is not None and b"4111111111111111" not in ok[0] and ok[1] == [0, 2, 0]
+    assert ok is not None and ok[0] is not None
+    assert b"4111111111111111" not in ok[0] and ok[1] == [0, 2, 0] and ok[3] == []
     with pytest.raises(ValueError):
         native.walk_rules(block, [(0x44, 0, n)], 0, 2, kinds, 1 << 24)
     with pytest.raises(TypeError):
         native.walk_rules(block, [[0x44, 0, n]], 0, 1, kinds, 1 << 24)
+
+
+scan_value = st.one_of(st.none(), st.binary(max_size=30),
+                       st.from_regex(rb"[a-z ]{0,4}[0-9 -]{0,24}[a-z\\]{0,3}", fullmatch=True))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.lists(scan_value, min_size=3, max_size=3), min_size=1, max_size=8))
+def test_walk_rules_flags_exactly_the_rows_whose_scanned_values_could_hold_a_pan(
+        rows: list[list[bytes | None]]) -> None:
+    # Column 0 scanned, column 1 last4, column 2 neither: only column 0
+    # counts. A PAN has at least 13 ASCII digits, or hides them behind a
+    # backslash (an escape, bytea hex).
+    block = b"".join(pg.encode_data_row(r) for r in rows)
+    frames = pg.split_frames(block, MAX)[0]
+    walked = native.walk_rules(block, frames, 0, len(frames), bytes([3, 1, 0]), 1 << 24)
+    assert walked is not None
+    expected = [i for i, r in enumerate(rows) if r[0] is not None and (
+        sum(ch in b"0123456789" for ch in r[0]) >= 13 or b"\\" in r[0])]
+    assert walked[3] == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(kinds=st.lists(st.sampled_from([0x44, 0x43, 0x5A]), max_size=12),
+       start=st.integers(-2, 14), kind=st.sampled_from([0x44, 0x43]))
+def test_run_end_matches_the_python_loop(kinds: list[int], start: int, kind: int) -> None:
+    frames = [(k, 5 * i, 5 * i + 5) for i, k in enumerate(kinds)]
+    i = max(start, 0)
+    while i < len(frames) and frames[i][0] == kind:
+        i += 1
+    assert native.run_end(frames, start, kind) == i
+    assert pg.run_end is native.run_end
+    if start >= 0:
+        assert pg.run_end_py(frames, start, kind) == i
