@@ -25,6 +25,35 @@ static int16_t be16(const unsigned char *p)
     return (int16_t)(((uint16_t)p[0] << 8) | (uint16_t)p[1]);
 }
 
+/* A new tuple of three ints; NULL with an exception set on failure. */
+static PyObject *triple(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c)
+{
+    PyObject *t = PyTuple_New(3);
+    if (t == NULL)
+        return NULL;
+    const Py_ssize_t v[3] = {a, b, c};
+    for (int k = 0; k < 3; k++) {
+        PyObject *n = PyLong_FromSsize_t(v[k]);
+        if (n == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, k, n);
+    }
+    return t;
+}
+
+/* Appends ``item``, a new reference (NULL when building it failed), to
+ * ``list`` and releases it; -1 with an exception set on failure. */
+static int append_new(PyObject *list, PyObject *item)
+{
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
 /* split_frames(data, max_size) -> (frames, consumed, bad_length)
  *
  * Frames every complete message at the start of ``data`` (type byte, int32
@@ -56,12 +85,7 @@ static PyObject *split_frames(PyObject *Py_UNUSED(self), PyObject *args)
         Py_ssize_t stop = pos + 1 + (Py_ssize_t)length;
         if (stop > end)
             break;
-        PyObject *frame = Py_BuildValue("(inn)", (int)buf[pos], pos, stop);
-        if (frame == NULL)
-            goto fail;
-        int rc = PyList_Append(frames, frame);
-        Py_DECREF(frame);
-        if (rc < 0)
+        if (append_new(frames, triple(buf[pos], pos, stop)) < 0)
             goto fail;
         pos = stop;
     }
@@ -214,12 +238,7 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
                         if (w[k] >= '0' && w[k] <= '9')
                             w[k] = 'X';
                 } else {
-                    PyObject *item = Py_BuildValue("(nnn)", c, pos, length);
-                    if (item == NULL)
-                        goto done;
-                    int rc = PyList_Append(pending, item);
-                    Py_DECREF(item);
-                    if (rc < 0)
+                    if (append_new(pending, triple(c, pos, length)) < 0)
                         goto done;
                 }
             }
@@ -227,15 +246,8 @@ static PyObject *walk_rules(PyObject *Py_UNUSED(self), PyObject *args)
         }
         if (pos != e)
             goto none;
-        if (candidate) {
-            PyObject *row = PyLong_FromSsize_t(i - lo);
-            if (row == NULL)
-                goto done;
-            int rc = PyList_Append(flagged, row);
-            Py_DECREF(row);
-            if (rc < 0)
-                goto done;
-        }
+        if (candidate && append_new(flagged, PyLong_FromSsize_t(i - lo)) < 0)
+            goto done;
     }
     found = PyList_New(ncols);
     if (found == NULL)

@@ -160,6 +160,9 @@ def _native_split(data: bytes | bytearray,
     return frames, pos
 
 
+_split = split_frames if _native is None else _native_split
+
+
 class MessageReader:
     """Reassembles typed messages from arbitrary chunks.
 
@@ -212,8 +215,7 @@ class MessageReader:
             block_src: bytes | bytearray = self._buf
         else:
             block_src = data
-        frames, pos = (split_frames if _native is None else _native_split)(block_src,
-                                                                           self.max_size)
+        frames, pos = _split(block_src, self.max_size)
         if block_src is self._buf:
             block = bytes(self._buf[:pos])
             del self._buf[:pos]
